@@ -1,0 +1,32 @@
+"""TensorFlow's session-hook contract (``FinalOpsHook``, ``MonitoredSession``) on PyTorch."""
+
+from lightning_finalops.fetches import to_host
+from lightning_finalops.hooks import FinalOpsHook
+from lightning_finalops.monitored_session import MonitoredSession, StepContext
+from lightning_finalops.session_run_hook import (
+    Coordinator,
+    RawSession,
+    RunMetadata,
+    RunOptions,
+    SessionRunArgs,
+    SessionRunContext,
+    SessionRunHook,
+    SessionRunValues,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Coordinator",
+    "FinalOpsHook",
+    "MonitoredSession",
+    "RawSession",
+    "RunMetadata",
+    "RunOptions",
+    "SessionRunArgs",
+    "SessionRunContext",
+    "SessionRunHook",
+    "SessionRunValues",
+    "StepContext",
+    "to_host",
+]

@@ -1,0 +1,106 @@
+"""``FinalOpsHook``: evaluate tensors, metrics or callables once, when a session ends."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from lightning_finalops.fetches import check_fetches, split_feeds
+from lightning_finalops.session_run_hook import RawSession, SessionRunHook
+
+__all__ = ["FinalOpsHook"]
+
+logger = logging.getLogger("lightning_finalops")
+
+_DEPENDS_ON_INPUT_WARNING = (
+    "An OutOfRangeError or StopIteration exception is raised by the code in FinalOpsHook. "
+    "This typically means the Ops running by the FinalOpsHook have a dependency back to some "
+    "input source, which should not happen. For example, for metrics in "
+    "tf.estimator.Estimator, all metrics functions return two Ops: `value_op` and  "
+    "`update_op`. Estimator.evaluate calls the `update_op` for each batch of the data in input "
+    "source and, once it is exhausted, it call the `value_op` to get the metric values. The "
+    "`value_op` here should have dependency back to variables reading only, rather than "
+    "reading another batch from input. Otherwise, the `value_op`, executed by `FinalOpsHook`, "
+    "triggers another data reading, which ends OutOfRangeError/StopIteration. Please fix that."
+)
+
+
+class FinalOpsHook(SessionRunHook):
+    """Evaluates ``final_ops`` once, in ``end()``, through the raw session (no hooks fire).
+
+    It fetches nothing per run, so it costs nothing per step. ``final_ops`` is a fetch
+    structure (a tensor, a metric with ``compute()``, a callable, a name, or nested
+    list/tuple/dict of them); ``final_ops_values`` keeps its structure, with tensors left on
+    the device they were computed on. Every ``end()`` also appends ``(global_step, values)``
+    to ``final_ops_history``, so a hook reused for several sessions (every validation run
+    under Lightning) keeps each result.
+
+    Args:
+        final_ops: what to evaluate at the end of the session; ``None`` evaluates nothing.
+        final_ops_feed_dict: feeds for that one evaluation: ``{tensor: value}`` overrides a
+            tensor, ``{"name": value}`` is passed to the fetched callables that accept it.
+
+    Raises:
+        TypeError: a leaf of ``final_ops`` cannot be fetched (the message names its position,
+            e.g. ``final_ops['acc'][1]``), or ``final_ops_feed_dict`` is not a mapping of
+            tensor or str keys.
+    """
+
+    def __init__(self, final_ops: Any, final_ops_feed_dict: Optional[Mapping[Any, Any]] = None):
+        check_fetches(final_ops, "final_ops")
+        split_feeds(final_ops_feed_dict, "final_ops_feed_dict")
+        self._final_ops = final_ops
+        self._final_ops_feed_dict = final_ops_feed_dict
+        self._final_ops_values: Any = None
+        self._final_ops_history: List[Tuple[int, Any]] = []
+
+    @property
+    def final_ops(self) -> Any:
+        """The fetch structure evaluated at ``end()``."""
+        return self._final_ops
+
+    @property
+    def final_ops_values(self) -> Any:
+        """The values of the latest ``end()``; ``None`` until an ``end()`` ran."""
+        return self._final_ops_values
+
+    @property
+    def final_ops_history(self) -> List[Tuple[int, Any]]:
+        """``(global_step, values)`` for every ``end()`` that ran, oldest first."""
+        return self._final_ops_history
+
+    def end(self, session: Optional[RawSession]) -> None:
+        """Evaluate ``final_ops`` through the raw session.
+
+        Raises:
+            StopIteration: a final op read from exhausted input (logged with TF's warning).
+        """
+        if self._final_ops is None:
+            return
+        assert session is not None, "FinalOpsHook.end() needs the session it ran in."
+        try:
+            values = session.run(self._final_ops, feed_dict=self._final_ops_feed_dict)
+        except StopIteration:
+            logger.warning(_DEPENDS_ON_INPUT_WARNING)
+            raise
+        self._final_ops_values = values
+        self._final_ops_history.append((session.global_step, values))
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The history of final values, so a resumed run keeps the evaluations before it."""
+        return {"final_ops_history": list(self._final_ops_history)}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore the history; ``final_ops_values`` becomes its latest values.
+
+        Raises:
+            ValueError: ``state_dict`` is not what :meth:`state_dict` returned.
+        """
+        if set(state_dict) != {"final_ops_history"}:
+            raise ValueError(
+                "FinalOpsHook.load_state_dict expects {'final_ops_history': [...]}, got keys "
+                f"{sorted(state_dict)}."
+            )
+        history = [(int(step), values) for step, values in state_dict["final_ops_history"]]
+        self._final_ops_history = history
+        self._final_ops_values = history[-1][1] if history else None

@@ -1,0 +1,343 @@
+"""``MonitoredSession``: TensorFlow's session-hook semantics for hand-written PyTorch loops."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Type
+
+import torch
+
+from lightning_finalops.fetches import (
+    TensorFeeds,
+    accepted_keywords,
+    check_fetches,
+    evaluate,
+    iter_callables,
+    split_feeds,
+)
+from lightning_finalops.hooked_session import HookRunner, PendingRun
+from lightning_finalops.session_run_hook import (
+    Coordinator,
+    RawSession,
+    RunOptions,
+    SessionRunHook,
+)
+
+__all__ = ["MonitoredSession", "StepContext"]
+
+_EMPTY: Mapping[str, Any] = {}
+
+
+def _check_str_feeds_accepted(str_feeds: Mapping[str, Any], *structures: Any) -> None:
+    """Raise unless every string feed is accepted by some callable of the run."""
+    if not str_feeds:
+        return
+    accepted = set()
+    for structure in structures:
+        for fn in iter_callables(structure):
+            accepted.update(accepted_keywords(fn, list(str_feeds)))
+    unused = [name for name in str_feeds if name not in accepted]
+    if unused:
+        raise ValueError(
+            f"feed_dict keys {unused} are str feeds, which are passed as keyword arguments to "
+            "the callables fetched in the run, but no callable of this run accepts them. "
+            "Add the parameter to the step function, or feed a tensor instead."
+        )
+
+
+@contextlib.contextmanager
+def _tensor_feeds_applied(feeds: Mapping[torch.Tensor, Any]) -> Iterator[None]:
+    if not feeds:
+        yield
+        return
+    applied = TensorFeeds(feeds)
+    applied.apply()
+    try:
+        yield
+    finally:  # restored even when the run raises
+        applied.restore()
+
+
+def _trace(pending: PendingRun) -> contextlib.AbstractContextManager:
+    options = pending.options
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if options.trace_level >= RunOptions.HARDWARE_TRACE and torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    profile = torch.profiler.profile(
+        activities=activities,
+        record_shapes=options.record_shapes,
+        profile_memory=options.profile_memory,
+        with_stack=options.with_stack,
+    )
+    pending.run_metadata.profile = profile
+    return profile
+
+
+class _PlainRawSession(RawSession):
+    """The raw session of a :class:`MonitoredSession`: runs on it trigger no hooks.
+
+    Names in its fetches resolve against the dict returned by the latest run.
+    """
+
+    def __init__(self, modules: Any) -> None:
+        self._modules = modules
+        self._global_step = 0
+        self._named_values: Mapping[str, Any] = _EMPTY
+
+    @property
+    def global_step(self) -> int:
+        """Completed runs of the monitored session (restored with its state)."""
+        return self._global_step
+
+    @property
+    def modules(self) -> Any:
+        """The module(s) given to the :class:`MonitoredSession`, as given."""
+        return self._modules
+
+    @property
+    def is_chief(self) -> bool:
+        """A plain loop is one process: always the chief."""
+        return True
+
+    def run(self, fetches: Any, feed_dict: Optional[Mapping[Any, Any]] = None) -> Any:
+        """Evaluate ``fetches`` now, without hooks, with ``feed_dict`` applied for this call.
+
+        Raises:
+            TypeError: an invalid fetch or feed key (the message names its position).
+            KeyError: a name is not in the latest run's returned dict.
+            ValueError: a str feed no fetched callable accepts, or a tensor feed of the wrong shape.
+        """
+        check_fetches(fetches, "fetches")
+        tensor_feeds, str_feeds = split_feeds(feed_dict, "feed_dict")
+        _check_str_feeds_accepted(str_feeds, fetches)
+        with _tensor_feeds_applied(tensor_feeds):
+            return evaluate(fetches, (self._named_values,), str_feeds)
+
+
+class StepContext:
+    """What ``MonitoredSession.run_step_fn`` hands the step function.
+
+    Attributes:
+        session: the raw session (runs on it trigger no hooks).
+    """
+
+    def __init__(self, session: RawSession, run_with_hooks: Callable[..., Any]) -> None:
+        self.session = session
+        self._run_with_hooks = run_with_hooks
+
+    def run_with_hooks(self, *args: Any, **kwargs: Any) -> Any:
+        """``MonitoredSession.run(...)``: the hooks fire for this call."""
+        return self._run_with_hooks(*args, **kwargs)
+
+    def request_stop(self) -> None:
+        """End the iterations now (TF): raises ``StopIteration``, which a ``with`` block ends cleanly.
+
+        Raises:
+            StopIteration: always.
+        """
+        raise StopIteration("step_fn has requested the iterations to stop.")
+
+
+class MonitoredSession:
+    """Runs steps of a plain PyTorch loop with session hooks, with TensorFlow's semantics.
+
+    The constructor calls every hook's ``begin()``, restores ``state`` if given, then calls
+    every hook's ``after_create_session(session, coord)``. Every :meth:`run` calls each hook's
+    ``before_run`` in list order, runs the step, evaluates the hooks' fetches against the
+    step's returned dict, advances :attr:`global_step` and calls each ``after_run`` in list
+    order. Leaving a ``with`` block normally or through ``StopIteration`` (end of data) calls
+    every hook's ``end()``; any other exception skips every ``end()`` and propagates.
+
+    ```python
+    with MonitoredSession(hooks=[StopAtStepHook(last_step=100), final_ops], modules=model) as sess:
+        while not sess.should_stop():
+            sess.run(lambda: train_step(next(batches)))
+    ```
+
+    Args:
+        hooks: the session's hooks, called in this order at every point.
+        modules: the module(s) the loop trains, handed to hooks as ``session.modules``.
+        state: what :meth:`state_dict` returned in an earlier process, restored before
+            ``after_create_session`` so hooks see the restored :attr:`global_step`.
+
+    Raises:
+        TypeError: an item of ``hooks`` is not a :class:`SessionRunHook`.
+    """
+
+    def __init__(
+        self,
+        hooks: Optional[Any] = None,
+        modules: Any = None,
+        *,
+        state: Optional[Mapping[str, Any]] = None,
+    ) -> None:
+        self._runner = HookRunner(hooks, "hooks")
+        self._raw = _PlainRawSession(modules)
+        self._coord = Coordinator()
+        self._closed = False
+        self._runner.begin()
+        if state is not None:
+            self.load_state_dict(state)
+        self._runner.after_create_session(self._raw, self._coord)
+
+    @property
+    def hooks(self) -> tuple[SessionRunHook, ...]:
+        """The session's hooks, in call order."""
+        return self._runner.hooks
+
+    @property
+    def global_step(self) -> int:
+        """Completed runs: without the current run in ``before_run``, with it in ``after_run``."""
+        return self._raw.global_step
+
+    @property
+    def coordinator(self) -> Coordinator:
+        """The coordinator hooks received in ``after_create_session``."""
+        return self._coord
+
+    def raw_session(self) -> RawSession:
+        """The raw session hooks receive: runs on it trigger no hooks."""
+        return self._raw
+
+    def should_stop(self) -> bool:
+        """True once closed, after a hook requested a stop, or when the coordinator stopped."""
+        return self._closed or self._runner.should_stop or self._coord.should_stop()
+
+    def run(
+        self,
+        fetches: Any,
+        feed_dict: Optional[Mapping[Any, Any]] = None,
+        options: Optional[RunOptions] = None,
+    ) -> Any:
+        """Run one step with hooks.
+
+        Args:
+            fetches: a fetch structure; a callable in it is the step and is called once (with
+                the run's str feeds it accepts). If it evaluates to a dict, hooks can fetch
+                its keys by name.
+            feed_dict: ``{tensor: value}`` overrides tensors for this run only (restored
+                afterwards, even if the run raises); ``{"name": value}`` is passed to the
+                callables of the run that accept ``name``.
+            options: :class:`RunOptions` for this run, merged with the hooks' requests.
+
+        Returns:
+            ``fetches`` evaluated (tensors detached, on their own device).
+
+        Raises:
+            RuntimeError: the session is closed, a hook requested a stop in an earlier run
+                (``"Run called even after should_stop requested."``), or feeds conflict.
+            TypeError: an invalid fetch, feed key or option.
+            ValueError: a str feed no callable accepts, or a tensor feed of the wrong shape.
+        """
+        if self._closed:
+            raise RuntimeError("Run called on a closed MonitoredSession.")
+        self._runner.raise_if_stopped()
+        check_fetches(fetches, "fetches")
+        pending = self._runner.before_run(self._raw, fetches, feed_dict, options)
+        str_feeds = pending.str_feeds
+        if str_feeds:
+            _check_str_feeds_accepted(str_feeds, fetches, [f for _, f in pending.hook_fetches])
+        trace = _trace(pending) if pending.wants_trace else contextlib.nullcontext()
+        with trace, _tensor_feeds_applied(pending.tensor_feeds):
+            values = evaluate(fetches, (), str_feeds)
+            named = values if isinstance(values, Mapping) else _EMPTY
+            if pending.hook_fetches:
+                self._runner.evaluate(pending, (named,))
+        raw = self._raw
+        raw._named_values = named
+        raw._global_step += 1
+        self._runner.after_run(pending)
+        return values
+
+    def run_step_fn(self, step_fn: Callable[[StepContext], Any]) -> Any:
+        """Run ``step_fn(step_context)``: hooks fire only for ``step_context.run_with_hooks``.
+
+        Args:
+            step_fn: a function of one argument named ``step_context`` (or a method taking
+                ``self`` and ``step_context``).
+
+        Returns:
+            What ``step_fn`` returned.
+
+        Raises:
+            ValueError: ``step_fn``'s arguments are not ``(step_context)``.
+            StopIteration: ``step_context.request_stop()`` was called (a ``with`` block ends
+                cleanly on it).
+        """
+        try:
+            names = tuple(inspect.signature(step_fn).parameters)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"step_fn must be a function, got {type(step_fn).__name__}.") from e
+        if names not in (("step_context",), ("self", "step_context")):
+            raise ValueError(
+                "`step_fn` may either have one `step_context` argument, or `self` and "
+                "`step_context` arguments if it's an instance method. "
+                f"Got {names} instead."
+            )
+        return step_fn(StepContext(self._raw, self.run))
+
+    def close(self) -> None:
+        """Call every hook's ``end()`` and close the session.
+
+        Closing a closed session calls every ``end(None)`` again, then raises (TF).
+
+        Raises:
+            RuntimeError: ``"Session is already closed."``.
+            BaseException: an exception a thread gave ``coordinator.request_stop(exc)``,
+                re-raised after the hooks' ``end()``.
+        """
+        self._close_internal(None)
+
+    def _close_internal(self, exception_type: Optional[Type[BaseException]]) -> None:
+        try:
+            if exception_type is None:
+                self._runner.end(None if self._closed else self._raw)
+        finally:
+            if self._closed:
+                raise RuntimeError("Session is already closed.")
+            self._closed = True
+            self._coord.request_stop()
+            self._coord.raise_requested_exception()
+
+    def __enter__(self) -> MonitoredSession:
+        return self
+
+    def __exit__(self, exception_type: Optional[Type[BaseException]], *_: Any) -> bool:
+        # Exact type, as TF: a subclass of StopIteration is an error, not the end of data.
+        if exception_type is StopIteration:
+            exception_type = None
+        self._close_internal(exception_type)
+        return exception_type is None
+
+    # -- state -----------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """The session's state: ``{"global_step": int, "hooks": {state_key: hook state}}``."""
+        return {"global_step": self._raw.global_step, "hooks": self._runner.state_dict()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
+        """Restore the global step and every hook's state.
+
+        Pass the state to the constructor (``state=``) to restore it before the hooks'
+        ``after_create_session``, as TF restored a checkpoint at session creation.
+
+        Args:
+            state_dict: what :meth:`state_dict` returned.
+            strict: require the saved hook keys and the session's hook keys to match.
+
+        Raises:
+            TypeError: ``state_dict`` is not a mapping with an int ``global_step``.
+            ValueError: keys are missing, or (with ``strict``) the hooks differ.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}.")
+        missing = [key for key in ("global_step", "hooks") if key not in state_dict]
+        if missing:
+            raise ValueError(
+                f"state_dict lacks {missing}; expected what MonitoredSession.state_dict() returned."
+            )
+        step = state_dict["global_step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise TypeError(f"state_dict['global_step'] must be an int >= 0, got {step!r}.")
+        self._runner.load_state_dict(state_dict["hooks"], strict=strict)
+        self._raw._global_step = step

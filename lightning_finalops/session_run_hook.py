@@ -1,0 +1,297 @@
+"""The session-hook contract: TensorFlow's ``session_run_hook.py`` on PyTorch.
+
+A *session* is one run of a loop with a fixed list of hooks (one ``Trainer.fit``, one
+validation run, one ``with MonitoredSession(...)`` block). A *run* is one step. Hooks are
+called in list order at every point, nothing reversed:
+
+```
+begin()                               # once, before anything exists on the device
+after_create_session(session, coord)  # the session is ready (state restored)
+before_run(run_context) -> SessionRunArgs | None   # before every run
+after_run(run_context, run_values)    # after every run that succeeded
+end(session)                          # once, when the session ends cleanly
+```
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, NamedTuple, Optional
+
+__all__ = [
+    "Coordinator",
+    "RawSession",
+    "RunMetadata",
+    "RunOptions",
+    "SessionRunArgs",
+    "SessionRunContext",
+    "SessionRunHook",
+    "SessionRunValues",
+]
+
+
+class SessionRunHook:
+    """Hook to extend calls to ``MonitoredSession.run()`` or a Lightning loop.
+
+    Every method is a no-op by default; override the ones you need. A hook that keeps state
+    which must survive a restart overrides ``state_dict``/``load_state_dict``; both adapters
+    store it with the session's checkpoint under :attr:`state_key`.
+    """
+
+    def begin(self) -> None:
+        """Called once before the session is created (before the model is on its device)."""
+
+    def after_create_session(self, session: RawSession, coord: Coordinator) -> None:
+        """Called when the session is ready: state restored, model on its device.
+
+        Args:
+            session: the raw session (runs on it trigger no hooks).
+            coord: the session's coordinator.
+        """
+
+    def before_run(self, run_context: SessionRunContext) -> Optional[SessionRunArgs]:
+        """Called before each run.
+
+        Args:
+            run_context: the run's context, shared by every hook of this run.
+
+        Returns:
+            ``None`` or a :class:`SessionRunArgs` with fetches to evaluate after the step,
+            feeds to inject for the step, and options (for example a profiler trace).
+        """
+        return None
+
+    def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
+        """Called after each run that succeeded, with this hook's evaluated fetches.
+
+        Args:
+            run_context: the same context object ``before_run`` received.
+            run_values: ``results`` holds this hook's fetches, evaluated after the step.
+        """
+
+    def end(self, session: Optional[RawSession]) -> None:
+        """Called once at the end of a session that ended cleanly (not after an exception).
+
+        Args:
+            session: the raw session; ``None`` when a closed ``MonitoredSession`` is closed again.
+        """
+
+    @property
+    def state_key(self) -> str:
+        """The key of this hook's state in a checkpoint (unique among the session's hooks).
+
+        Two hooks with the same key in one session get ``#1``, ``#2``... appended in list order.
+        """
+        return type(self).__qualname__
+
+    def state_dict(self) -> Dict[str, Any]:
+        """State that must survive a restart; the base class has none."""
+        return {}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; the base class accepts only ``{}``.
+
+        Raises:
+            ValueError: the base class was handed non-empty state.
+        """
+        if state_dict:
+            raise ValueError(
+                f"{type(self).__qualname__} keeps no state but load_state_dict() was given "
+                f"keys {sorted(state_dict)}; override state_dict()/load_state_dict() to keep state."
+            )
+
+
+class SessionRunArgs(NamedTuple):
+    """What a hook asks for in ``before_run``: fetches, feeds and run options.
+
+    Attributes:
+        fetches: a fetch structure (see the README's fetch rules) or ``None``.
+        feed_dict: ``{tensor: value}`` overrides a tensor for this run only;
+            ``{"name": value}`` passes ``name=value`` to the step (and to fetched callables
+            that accept it). ``None`` or ``{}`` for no feeds.
+        options: a :class:`RunOptions` or ``None``.
+    """
+
+    fetches: Any
+    feed_dict: Optional[Mapping[Any, Any]] = None
+    options: Optional[RunOptions] = None
+
+
+class SessionRunValues(NamedTuple):
+    """What ``after_run`` receives.
+
+    Attributes:
+        results: this hook's fetches evaluated after the step (same structure), or ``None``.
+        options: the merged :class:`RunOptions` of the run (one object for every hook).
+        run_metadata: the run's :class:`RunMetadata` (one object for every hook).
+    """
+
+    results: Any
+    options: RunOptions
+    run_metadata: RunMetadata
+
+
+class SessionRunContext:
+    """The context of one run, shared by every hook's ``before_run`` and ``after_run``.
+
+    Args:
+        original_args: the user's ``SessionRunArgs(fetches, feed_dict)`` for this run.
+        session: the raw session (runs on it trigger no hooks).
+    """
+
+    __slots__ = ("_original_args", "_session", "_stop_requested")
+
+    def __init__(self, original_args: SessionRunArgs, session: RawSession) -> None:
+        self._original_args = original_args
+        self._session = session
+        self._stop_requested = False
+
+    @property
+    def original_args(self) -> SessionRunArgs:
+        """The fetches and feeds the user passed to this run (options always ``None``)."""
+        return self._original_args
+
+    @property
+    def session(self) -> RawSession:
+        """The raw session: running fetches on it triggers no hooks."""
+        return self._session
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether a hook asked to stop in this run."""
+        return self._stop_requested
+
+    def request_stop(self) -> None:
+        """Ask to stop after this run: the run completes and every ``after_run`` still fires."""
+        self._stop_requested = True
+
+
+@dataclass
+class RunOptions:
+    """Per-run options a hook may ask for; merged across hooks as TensorFlow merges them.
+
+    ``trace_level`` takes the maximum over the user and every hook, the flags are OR-ed. A
+    ``trace_level`` above :attr:`NO_TRACE` makes the engine record that run with
+    ``torch.profiler`` (CPU activity; CUDA activity too from :attr:`HARDWARE_TRACE` on, when
+    CUDA is available) and hand the profiler to every hook in ``run_metadata.profile``.
+
+    Attributes:
+        trace_level: one of ``NO_TRACE``, ``SOFTWARE_TRACE``, ``HARDWARE_TRACE``, ``FULL_TRACE``.
+        profile_memory: record tensor allocations in the trace.
+        record_shapes: record operator input shapes in the trace.
+        with_stack: record Python stacks in the trace.
+    """
+
+    NO_TRACE = 0
+    SOFTWARE_TRACE = 1
+    HARDWARE_TRACE = 2
+    FULL_TRACE = 3
+
+    trace_level: int = 0
+    profile_memory: bool = False
+    record_shapes: bool = False
+    with_stack: bool = False
+
+    def __post_init__(self) -> None:
+        if self.trace_level not in (0, 1, 2, 3):
+            raise ValueError(
+                "RunOptions trace_level must be one of NO_TRACE (0), SOFTWARE_TRACE (1), "
+                f"HARDWARE_TRACE (2) or FULL_TRACE (3), got {self.trace_level!r}."
+            )
+
+    def merge_from(self, other: RunOptions) -> None:
+        """Merge ``other`` into these options in place (max of levels, OR of flags).
+
+        Raises:
+            TypeError: ``other`` is not a :class:`RunOptions`.
+        """
+        if not isinstance(other, RunOptions):
+            raise TypeError(f"options must be a RunOptions, got {type(other).__name__}.")
+        self.trace_level = max(self.trace_level, other.trace_level)
+        self.profile_memory = self.profile_memory or other.profile_memory
+        self.record_shapes = self.record_shapes or other.record_shapes
+        self.with_stack = self.with_stack or other.with_stack
+
+
+class RunMetadata:
+    """What the engine recorded during one run.
+
+    Attributes:
+        profile: the finished ``torch.profiler.profile`` of the run when a trace was asked
+            for through :class:`RunOptions`, else ``None``. ``profile.export_chrome_trace(path)``
+            writes a Chrome trace.
+    """
+
+    __slots__ = ("profile",)
+
+    def __init__(self) -> None:
+        self.profile: Any = None
+
+
+class Coordinator:
+    """A thread-safe stop flag shared by a session's hooks and threads (TF's ``Coordinator``).
+
+    A thread that fails calls ``request_stop(exc)``; the session then reports
+    ``should_stop()`` and re-raises ``exc`` when it closes, after every hook's ``end()``.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stop_event = threading.Event()
+        self._exception: Optional[BaseException] = None
+
+    def request_stop(self, ex: Optional[BaseException] = None) -> None:
+        """Ask every participant to stop; the first exception given is kept for ``close()``.
+
+        Args:
+            ex: an exception that caused the stop, re-raised by :meth:`raise_requested_exception`.
+
+        Raises:
+            TypeError: ``ex`` is not an exception.
+        """
+        if ex is not None and not isinstance(ex, BaseException):
+            raise TypeError(f"ex must be an exception or None, got {type(ex).__name__}.")
+        with self._lock:
+            if ex is not None and self._exception is None:
+                self._exception = ex
+            self._stop_event.set()
+
+    def should_stop(self) -> bool:
+        """Whether a stop was requested."""
+        return self._stop_event.is_set()
+
+    def wait_for_stop(self, timeout: Optional[float] = None) -> bool:
+        """Block until a stop is requested or ``timeout`` seconds passed; return ``should_stop()``."""
+        return self._stop_event.wait(timeout)
+
+    def clear_stop(self) -> None:
+        """Forget a stop request and its exception."""
+        with self._lock:
+            self._exception = None
+            self._stop_event.clear()
+
+    def raise_requested_exception(self) -> None:
+        """Re-raise the exception given to :meth:`request_stop`, if any."""
+        with self._lock:
+            ex = self._exception
+        if ex is not None:
+            raise ex
+
+
+class RawSession(abc.ABC):
+    """The engine as a hook sees it: runs on it trigger no hooks.
+
+    Both adapters implement it, so a hook written against it runs unchanged under
+    ``MonitoredSession`` and under ``HookCallback``.
+    """
+
+    @abc.abstractmethod
+    def run(self, fetches: Any, feed_dict: Optional[Mapping[Any, Any]] = None) -> Any:
+        """Evaluate ``fetches`` now, without hooks, with ``feed_dict`` applied for this call."""
+
+    @property
+    @abc.abstractmethod
+    def global_step(self) -> int:
+        """The number of completed training runs."""
