@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny models and synthetic data that train in milliseconds on a CPU."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_lightning() -> None:
+    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def make_batches(n: int = 8, batch_size: int = 4, features: int = 3, seed: int = 0):
+    """A list of ``(x, y)`` batches of a noiseless linear problem."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(features, 1, generator=g)
+    out = []
+    for _ in range(n):
+        x = torch.randn(batch_size, features, generator=g)
+        out.append((x, x @ w))
+    return out
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
