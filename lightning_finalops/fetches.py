@@ -183,10 +183,11 @@ def _evaluate(obj: Any, namespaces: Sequence[Mapping[str, Any]], feeds: Mapping[
         return _rebuild_mapping(
             obj, {k: _evaluate(v, namespaces, feeds, (path, k)) for k, v in obj.items()}
         )
-    if _is_namedtuple(obj):
-        return type(obj)(*(_evaluate(v, namespaces, feeds, (path, i)) for i, v in enumerate(obj)))
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_evaluate(v, namespaces, feeds, (path, i)) for i, v in enumerate(obj))
+        # A list comprehension, not a generator: user code runs here, and a StopIteration it
+        # raises (end of data) must escape as itself, not as PEP 479's RuntimeError.
+        items = [_evaluate(v, namespaces, feeds, (path, i)) for i, v in enumerate(obj)]
+        return type(obj)(*items) if _is_namedtuple(obj) else type(obj)(items)
     raise _bad_leaf(obj, path)
 
 
