@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Coordinator",
     "FinalOpsHook",
+    "HookCallback",
     "MonitoredSession",
     "RawSession",
     "RunMetadata",
@@ -30,3 +31,12 @@ __all__ = [
     "StepContext",
     "to_host",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # HookCallback imports Lightning; plain-loop users do not pay for that import.
+    if name == "HookCallback":
+        from lightning_finalops.lightning import HookCallback
+
+        return HookCallback
+    raise AttributeError(f"module 'lightning_finalops' has no attribute {name!r}")

@@ -1,0 +1,467 @@
+"""``HookCallback``: session hooks inside ``Trainer.fit/validate/test/predict``.
+
+This is the only module that imports Lightning. One class serves both packages: it subclasses
+the ``Callback`` of ``pytorch_lightning`` and, when installed, of ``lightning.pytorch``.
+
+| session | begin | after_create_session | before_run/after_run | end |
+|---|---|---|---|---|
+| training (fit) | setup("fit") | on_train_start | train batch start/end | on_train_end |
+| evaluation | on_validation_start, on_test_start | same | batch start/end | on_*_end |
+| prediction | on_predict_start | same | batch start/end | on_predict_end |
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple
+
+import pytorch_lightning
+
+from lightning_finalops.distributed import any_rank
+from lightning_finalops.fetches import TensorFeeds, check_fetches, evaluate, split_feeds, to_host
+from lightning_finalops.hooked_session import HookRunner, PendingRun, check_hooks, state_keys
+from lightning_finalops.hooks.final_ops import FinalOpsHook
+from lightning_finalops.monitored_session import _check_str_feeds_accepted, _tensor_feeds_applied
+from lightning_finalops.session_run_hook import Coordinator, RawSession, SessionRunHook
+
+try:  # the unified package is optional; its Callback is a distinct class
+    import lightning.pytorch as _lightning_pytorch
+except ImportError:  # pragma: no cover - exercised only without the optional package
+    _lightning_pytorch = None
+
+__all__ = ["HookCallback"]
+
+_CALLBACK_BASES: Tuple[type, ...] = (pytorch_lightning.Callback,) + (
+    (_lightning_pytorch.Callback,) if _lightning_pytorch is not None else ()
+)
+
+TRAINING, EVALUATION, PREDICTION = "training", "evaluation", "prediction"
+
+
+class _LightningRawSession(RawSession):
+    """The raw session hooks receive under Lightning: runs on it trigger no hooks.
+
+    Names in its fetches resolve against ``trainer.callback_metrics`` (at the end of a
+    validation: that validation's aggregated values), then the latest step's outputs. Names in
+    hook fetches of a run resolve the other way round: the step's outputs first.
+    """
+
+    def __init__(self, trainer: Any, pl_module: Any) -> None:
+        self.trainer = trainer
+        self.pl_module = pl_module
+        self._outputs: Mapping[str, Any] = {}
+
+    @property
+    def global_step(self) -> int:
+        """``trainer.global_step``; it does not advance during an evaluation or prediction."""
+        return int(self.trainer.global_step)
+
+    @property
+    def modules(self) -> Any:
+        """The LightningModule."""
+        return self.pl_module
+
+    @property
+    def is_chief(self) -> bool:
+        """Whether this process is global rank 0."""
+        return bool(self.trainer.is_global_zero)
+
+    def step_namespaces(self) -> Tuple[Mapping[str, Any], ...]:
+        """Where names in hook fetches of a run resolve: the step's outputs first."""
+        return (self._outputs, self.trainer.callback_metrics)
+
+    def run(self, fetches: Any, feed_dict: Optional[Mapping[Any, Any]] = None) -> Any:
+        """Evaluate ``fetches`` now, without hooks, with ``feed_dict`` applied for this call.
+
+        Raises:
+            TypeError: an invalid fetch or feed key (the message names its position).
+            KeyError: a name in neither the latest outputs nor ``trainer.callback_metrics``.
+        """
+        check_fetches(fetches, "fetches")
+        tensor_feeds, str_feeds = split_feeds(feed_dict, "feed_dict")
+        _check_str_feeds_accepted(str_feeds, fetches)
+        with _tensor_feeds_applied(tensor_feeds):
+            return evaluate(fetches, (self.trainer.callback_metrics, self._outputs), str_feeds)
+
+
+class _Session:
+    """One open session of one kind: its runner, raw session and the run in flight."""
+
+    __slots__ = ("runner", "raw", "coord", "pending", "feeds", "created")
+
+    def __init__(self, hooks: Sequence[SessionRunHook], trainer: Any, pl_module: Any) -> None:
+        self.runner = HookRunner(hooks)
+        self.raw = _LightningRawSession(trainer, pl_module)
+        self.coord = Coordinator()
+        self.pending: Optional[PendingRun] = None
+        self.feeds: Optional[TensorFeeds] = None
+        self.created = False
+
+    def restore_feeds(self) -> None:
+        if self.feeds is not None:
+            self.feeds.restore()
+            self.feeds = None
+
+
+def _flatten_scalars(values: Any, prefix: str, out: Dict[str, float]) -> None:
+    """Collect the scalar leaves of a host-side structure as ``{"prefix/key": float}``."""
+    if isinstance(values, Mapping):
+        for key, value in values.items():
+            _flatten_scalars(value, f"{prefix}/{key}", out)
+    elif isinstance(values, (list, tuple)):
+        for i, value in enumerate(values):
+            _flatten_scalars(value, f"{prefix}/{i}", out)
+    elif hasattr(values, "numel") and values.numel() == 1:
+        out[prefix] = float(values.reshape(-1)[0])
+    elif isinstance(values, (int, float)) and not isinstance(values, bool):
+        out[prefix] = float(values)
+
+
+class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
+    """Runs TensorFlow-style session hooks inside a Lightning ``Trainer``.
+
+    Each ``fit`` is a training session, each validation run (inside ``fit`` or
+    ``Trainer.validate``) and each ``Trainer.test`` an evaluation session, each
+    ``Trainer.predict`` a prediction session, as ``Estimator.train/evaluate/predict`` built
+    one ``MonitoredSession`` each. Hook fetches that are names resolve against the step's
+    returned dict, then ``trainer.callback_metrics``; feeds with str keys are set on a
+    mapping batch before the step; tensor feeds override the tensor for that batch.
+
+    A hook that calls ``request_stop()`` stops ``fit`` after the current batch (agreed across
+    ranks), or ends the current evaluation/prediction after the current batch. On an
+    exception no hook's ``end()`` runs (TF's rule). The hooks' state goes into Lightning
+    checkpoints and is restored on ``fit(ckpt_path=...)`` before ``after_create_session``.
+
+    Args:
+        training_hooks: hooks of each ``fit`` (``EstimatorSpec.training_hooks``).
+        evaluation_hooks: hooks of each validation and test run (``evaluation_hooks``).
+        prediction_hooks: hooks of each ``predict`` (``prediction_hooks``).
+        final_ops: the common case in one argument: a :class:`FinalOpsHook` over these
+            fetches (for example metric names ``{"acc": "val_acc", "loss": "val_loss"}``) is
+            added to both the training and the evaluation hooks, so its
+            ``final_ops_history`` holds the values at the end of every validation and of
+            ``fit``; it is :attr:`final_ops_hook`.
+        include_sanity_check: make Lightning's sanity-check validation a session too.
+        log_final_ops: write each evaluation's ``FinalOpsHook`` values (scalars) to the
+            trainer's loggers under ``"final_ops/<val|test>/<key>"``, on global rank 0, at
+            the trainer's global step (as ``Estimator.evaluate`` wrote its summary).
+        name: distinguishes two ``HookCallback`` s with the same kinds of hooks in one
+            trainer (it becomes part of :attr:`state_key`).
+
+    Raises:
+        TypeError: a hook list holds something else than :class:`SessionRunHook`, or
+            ``final_ops`` is not a valid fetch structure.
+    """
+
+    def __init__(
+        self,
+        training_hooks: Sequence[SessionRunHook] = (),
+        evaluation_hooks: Sequence[SessionRunHook] = (),
+        prediction_hooks: Sequence[SessionRunHook] = (),
+        *,
+        final_ops: Any = None,
+        include_sanity_check: bool = False,
+        log_final_ops: bool = True,
+        name: Optional[str] = None,
+    ) -> None:
+        training = list(check_hooks(training_hooks, "training_hooks"))
+        evaluation = list(check_hooks(evaluation_hooks, "evaluation_hooks"))
+        prediction = list(check_hooks(prediction_hooks, "prediction_hooks"))
+        self.final_ops_hook: Optional[FinalOpsHook] = None
+        if final_ops is not None:
+            self.final_ops_hook = FinalOpsHook(final_ops)
+            training.append(self.final_ops_hook)
+            evaluation.append(self.final_ops_hook)
+        if name is not None and (not isinstance(name, str) or not name):
+            raise TypeError(f"name must be a non-empty str or None, got {name!r}.")
+        self.training_hooks = training
+        self.evaluation_hooks = evaluation
+        self.prediction_hooks = prediction
+        self.include_sanity_check = bool(include_sanity_check)
+        self.log_final_ops = bool(log_final_ops)
+        self.name = name
+        self._sessions: Dict[str, _Session] = {}
+        self._warned_continue = False
+
+    # -- identity and state ----------------------------------------------------------------
+    def _distinct_hooks(self) -> List[SessionRunHook]:
+        seen: Dict[int, SessionRunHook] = {}
+        for hook in (*self.training_hooks, *self.evaluation_hooks, *self.prediction_hooks):
+            seen.setdefault(id(hook), hook)
+        return list(seen.values())
+
+    @property
+    def state_key(self) -> str:
+        """Built from ``name`` or the hooks' keys, so two callbacks' states do not collide."""
+        if self.name is not None:
+            return f"HookCallback[{self.name}]"
+        return "HookCallback" + repr(
+            {
+                TRAINING: state_keys(self.training_hooks),
+                EVALUATION: state_keys(self.evaluation_hooks),
+                PREDICTION: state_keys(self.prediction_hooks),
+            }
+        )
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Every distinct hook's ``state_dict()`` under its unique key."""
+        hooks = self._distinct_hooks()
+        return {"hooks": {k: h.state_dict() for k, h in zip(state_keys(hooks), hooks)}}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Give every hook its saved state (Lightning calls this on ``ckpt_path=...``).
+
+        Raises:
+            ValueError: the saved hooks differ from this callback's hooks.
+        """
+        hooks = self._distinct_hooks()
+        saved = state_dict.get("hooks", {})
+        keys = state_keys(hooks)
+        if sorted(saved) != sorted(keys):
+            raise ValueError(
+                f"HookCallback state from the checkpoint has hooks {sorted(saved)}, but this "
+                f"callback has {sorted(keys)}: build the callback with the same hooks."
+            )
+        for key, hook in zip(keys, hooks):
+            hook.load_state_dict(saved[key])
+
+    # -- session helpers -------------------------------------------------------------------
+    def _hooks_of(self, kind: str) -> List[SessionRunHook]:
+        return {
+            TRAINING: self.training_hooks,
+            EVALUATION: self.evaluation_hooks,
+            PREDICTION: self.prediction_hooks,
+        }[kind]
+
+    def _open(self, kind: str, trainer: Any, pl_module: Any) -> Optional[_Session]:
+        hooks = self._hooks_of(kind)
+        if not hooks:
+            return None
+        _refuse_spawn_launcher(trainer, hooks)
+        session = _Session(hooks, trainer, pl_module)
+        self._sessions[kind] = session
+        session.runner.begin()
+        return session
+
+    def _create(self, kind: str) -> None:
+        session = self._sessions.get(kind)
+        if session is not None and not session.created:
+            session.created = True
+            session.runner.after_create_session(session.raw, session.coord)
+
+    def _close(self, kind: str) -> Optional[_Session]:
+        """End a session cleanly: every hook's ``end()`` in order."""
+        session = self._sessions.pop(kind, None)
+        if session is None:
+            return None
+        session.restore_feeds()
+        if not session.created:  # Lightning skipped the creation point (stop in on_fit_start)
+            session.created = True
+            session.runner.after_create_session(session.raw, session.coord)
+        session.runner.end(session.raw)
+        return session
+
+    def _before_run(self, kind: str, batch: Any) -> None:
+        session = self._sessions.get(kind)
+        if session is None:
+            return
+        session.restore_feeds()  # a run that got no batch end (Lightning skipped it)
+        runner = session.runner
+        if runner.should_stop:
+            # Lightning keeps training past a stop while min_epochs/min_steps are not met.
+            if not self._warned_continue:
+                self._warned_continue = True
+                warnings.warn(
+                    "A hook requested a stop, but Lightning keeps training to honour "
+                    "min_epochs/min_steps; the hooks keep running for those batches.",
+                    stacklevel=2,
+                )
+            runner.should_stop = False
+        pending = runner.before_run(session.raw)
+        session.pending = pending
+        if pending.str_feeds:
+            if not isinstance(batch, MutableMapping):
+                raise TypeError(
+                    f"Hooks fed {sorted(pending.str_feeds)} (str feed keys), which HookCallback "
+                    f"sets on the batch, but the batch is a {type(batch).__name__}: return a "
+                    "dict from the dataloader (or collate_fn) to use str feeds."
+                )
+            batch.update(pending.str_feeds)
+        if pending.tensor_feeds:
+            session.feeds = TensorFeeds(pending.tensor_feeds)
+            session.feeds.apply()
+
+    def _after_run(self, kind: str, outputs: Any) -> bool:
+        """Finish the run; return whether the session should stop (agreed across ranks)."""
+        session = self._sessions.get(kind)
+        if session is None or session.pending is None:
+            return False
+        pending, session.pending = session.pending, None
+        raw = session.raw
+        raw._outputs = outputs if isinstance(outputs, Mapping) else {}
+        try:
+            if pending.hook_fetches:
+                session.runner.evaluate(pending, raw.step_namespaces())
+        finally:
+            session.restore_feeds()
+        session.runner.after_run(pending)
+        return any_rank(session.runner.should_stop, raw.trainer.world_size)
+
+    def _is_session(self, trainer: Any) -> bool:
+        return self.include_sanity_check or not trainer.sanity_checking
+
+    def _log_final_ops(self, trainer: Any, prefix: str) -> None:
+        if not self.log_final_ops or not trainer.loggers:
+            return
+        hooks = [h for h in self.evaluation_hooks if isinstance(h, FinalOpsHook)]
+        metrics: Dict[str, float] = {}
+        for i, hook in enumerate(hooks):
+            if hook.final_ops_values is None:
+                continue
+            key = prefix if len(hooks) == 1 else f"{prefix}/{i}"
+            _flatten_scalars(to_host(hook.final_ops_values), key, metrics)
+        if metrics and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+
+    # -- training session ------------------------------------------------------------------
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Training session: every training hook's ``begin()`` (``fit`` only)."""
+        if stage == "fit":
+            self._open(TRAINING, trainer, pl_module)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """Training session: ``after_create_session`` (model on device, state restored)."""
+        self._create(TRAINING)
+
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Training session: every hook's ``before_run``; feeds applied."""
+        self._before_run(TRAINING, batch)
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Training session: fetches evaluated, ``after_run``; a stop stops ``fit``."""
+        if self._after_run(TRAINING, outputs):
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        """Training session: every hook's ``end()``, the model still on its device."""
+        self._close(TRAINING)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        """Ends the training session if Lightning skipped ``on_train_end``."""
+        # on_train_end is skipped when a stop is set before training starts: end it here.
+        self._close(TRAINING)
+
+    # -- evaluation sessions ---------------------------------------------------------------
+    def _eval_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._is_session(trainer) and self._open(EVALUATION, trainer, pl_module):
+            self._create(EVALUATION)
+
+    def _eval_batch_end(self, outputs: Any) -> None:
+        if self._after_run(EVALUATION, outputs):
+            # Lightning has no API to end an evaluation early; its evaluation loop ends the
+            # run cleanly on StopIteration (on_*_epoch_end and on_*_end still run).
+            raise StopIteration
+
+    def _eval_end(self, trainer: Any, prefix: str) -> None:
+        if self._close(EVALUATION) is not None:
+            self._log_final_ops(trainer, prefix)
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        """Evaluation session: ``begin()`` and ``after_create_session``."""
+        self._eval_start(trainer, pl_module)
+
+    def on_validation_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """Evaluation session: every hook's ``before_run``."""
+        self._before_run(EVALUATION, batch)
+
+    def on_validation_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Evaluation session: ``after_run``; a stop ends this validation."""
+        self._eval_batch_end(outputs)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        """Evaluation session: every hook's ``end()``, then the values to the loggers."""
+        self._eval_end(trainer, "final_ops/val")
+
+    def on_test_start(self, trainer: Any, pl_module: Any) -> None:
+        """Evaluation session: ``begin()`` and ``after_create_session``."""
+        self._eval_start(trainer, pl_module)
+
+    def on_test_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """Evaluation session: every hook's ``before_run``."""
+        self._before_run(EVALUATION, batch)
+
+    def on_test_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Evaluation session: ``after_run``; a stop ends this test run."""
+        self._eval_batch_end(outputs)
+
+    def on_test_end(self, trainer: Any, pl_module: Any) -> None:
+        """Evaluation session: every hook's ``end()``, then the values to the loggers."""
+        self._eval_end(trainer, "final_ops/test")
+
+    # -- prediction session ----------------------------------------------------------------
+    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
+        """Prediction session: ``begin()`` and ``after_create_session``."""
+        if self._open(PREDICTION, trainer, pl_module):
+            self._create(PREDICTION)
+
+    def on_predict_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """Prediction session: every hook's ``before_run``."""
+        self._before_run(PREDICTION, batch)
+
+    def on_predict_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Prediction session: ``after_run``; a stop ends this prediction run."""
+        if self._after_run(PREDICTION, outputs):
+            raise StopIteration
+
+    def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
+        """Prediction session: every hook's ``end()``."""
+        self._close(PREDICTION)
+
+    # -- failure ---------------------------------------------------------------------------
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """Ends every open session without ``end()`` (TF's rule); restores fed tensors."""
+        # TF's rule: after an exception no hook's end() runs. Undo the feeds of the run in
+        # flight and forget the sessions; never raise here (it would skip Lightning's cleanup).
+        for session in self._sessions.values():
+            try:
+                session.restore_feeds()
+            except Exception as e:  # pragma: no cover - defensive
+                warnings.warn(f"HookCallback could not restore fed tensors: {e!r}", stacklevel=2)
+        self._sessions.clear()
+
+
+def _refuse_spawn_launcher(trainer: Any, hooks: Sequence[SessionRunHook]) -> None:
+    """Refuse spawn-style launchers when hooks hold results the launching process would lose."""
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if type(launcher).__name__ != "_MultiProcessingLauncher":
+        return
+    holders = sorted({type(h).__name__ for h in hooks if isinstance(h, FinalOpsHook)})
+    if holders:
+        raise RuntimeError(
+            f"HookCallback: {holders} collect values in the worker processes of "
+            f"strategy={type(trainer.strategy).__name__} with start method "
+            f"'{launcher._start_method}', and the launching process never sees them (Lightning "
+            "sends back only the model and callback_metrics). Use strategy='ddp' (the "
+            "launching process is rank 0 and keeps its hooks' values), or log the values "
+            "(HookCallback(log_final_ops=True) writes each evaluation's values to the loggers)."
+        )

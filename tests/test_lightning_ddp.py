@@ -1,0 +1,59 @@
+"""HookCallback under strategy="ddp" with 2 real CPU processes (gloo)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_fit_script.py")
+
+
+def _run(tmp_path, mode: str) -> None:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, str(tmp_path), mode], env=env, capture_output=True,
+        text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    _run(out, "ddp")
+    _run(out, "single")
+    return {name[:-3]: torch.load(out / name, weights_only=False) for name in os.listdir(out)}
+
+
+def test_both_ranks_ran_and_agreed_on_a_stop_requested_on_one_rank(results) -> None:
+    assert set(results) == {"ddp-rank0", "ddp-rank1", "single-rank0"}
+    # rank 1 alone asked to stop at step 6; both ranks stopped there, none hung
+    assert results["ddp-rank0"]["global_step"] == results["ddp-rank1"]["global_step"] == 6
+    assert results["single-rank0"]["global_step"] == 6  # the single process plays rank 1
+
+
+def _assert_same(a, b) -> None:
+    assert [step for step, _ in a] == [step for step, _ in b]
+    for (_, x), (_, y) in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert torch.allclose(x[key], y[key], atol=1e-6), (key, x[key], y[key])
+
+
+def test_final_values_are_identical_on_both_ranks(results) -> None:
+    _assert_same(results["ddp-rank0"]["evaluations"], results["ddp-rank1"]["evaluations"])
+    _assert_same(results["ddp-rank0"]["training"], results["ddp-rank1"]["training"])
+
+
+def test_final_values_equal_the_single_process_values_on_the_same_data(results) -> None:
+    ddp, single = results["ddp-rank0"], results["single-rank0"]
+    # end of epoch 0, then the validation Lightning runs when the stop is requested
+    assert [step for step, _ in ddp["evaluations"]] == [4, 6]
+    _assert_same(ddp["evaluations"], single["evaluations"])
+    _assert_same(ddp["training"], single["training"])
