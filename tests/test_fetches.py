@@ -402,14 +402,14 @@ def test_evaluate_on_cuda_does_not_synchronise_and_keeps_values_on_cuda():
     metric = MeanMetric(nan_strategy="disable").to(device)
     metric.update(torch.tensor([1.0, 3.0], device=device))
     buffers = {"loss": (w @ w).sum()}
+    fetches = {
+        "w": w, "norm": lambda: w.norm(), "m": metric, "loss": "loss",
+        "int": torch.arange(3, device=device),
+    }
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        result = evaluate(
-            {"w": w, "norm": lambda: w.norm(), "m": metric, "loss": "loss", "int": torch.arange(
-                3, device=device)},
-            namespaces=(buffers,),
-        )
+        result = evaluate(fetches, namespaces=(buffers,))
     finally:
         torch.cuda.set_sync_debug_mode(0)
     for key in ("w", "norm", "m", "loss", "int"):

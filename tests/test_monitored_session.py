@@ -751,6 +751,7 @@ def test_tensor_feed_is_restored_when_the_step_raises_stop_iteration():
     with MonitoredSession([feeder("h1", log, {x: 3.0})]) as sess:
         sess.run(raise_stop_iteration)
     assert x.item() == 1.0
+    assert calls(log, "end") == ["h1"]  # still a clean end of data, not an error
 
 
 def test_tensor_feed_of_the_wrong_shape_raises_value_error():
