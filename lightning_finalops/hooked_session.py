@@ -67,7 +67,7 @@ def check_hooks(hooks: Any, argument: str) -> Tuple[SessionRunHook, ...]:
 
 
 def state_keys(hooks: Sequence[SessionRunHook]) -> List[str]:
-    """Unique, stable keys for the hooks' state: ``state_key``, then ``#1``, ``#2``... for repeats."""
+    """Stable, unique keys for hook state: ``state_key``, then ``#1``, ``#2``... for repeats."""
     keys: List[str] = []
     counts: Dict[str, int] = {}
     for hook in hooks:

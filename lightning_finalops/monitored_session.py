@@ -131,7 +131,7 @@ class StepContext:
         return self._run_with_hooks(*args, **kwargs)
 
     def request_stop(self) -> None:
-        """End the iterations now (TF): raises ``StopIteration``, which a ``with`` block ends cleanly.
+        """End the iterations now (TF): raise ``StopIteration``, which ends a ``with`` cleanly.
 
         Raises:
             StopIteration: always.

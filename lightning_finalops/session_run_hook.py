@@ -263,7 +263,7 @@ class Coordinator:
         return self._stop_event.is_set()
 
     def wait_for_stop(self, timeout: Optional[float] = None) -> bool:
-        """Block until a stop is requested or ``timeout`` seconds passed; return ``should_stop()``."""
+        """Block until a stop is requested or ``timeout`` seconds pass; return ``should_stop()``."""
         return self._stop_event.wait(timeout)
 
     def clear_stop(self) -> None:
