@@ -12,7 +12,6 @@ from __future__ import annotations
 import warnings
 
 import pytorch_lightning as pl
-import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 from train_lightning import Classifier, synthetic_data

@@ -16,10 +16,9 @@ from pytorch_lightning.cli import LightningCLI
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from train_lightning import Classifier, synthetic_data  # noqa: E402
-
 import pytorch_lightning as pl  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
+from train_lightning import Classifier, synthetic_data  # noqa: E402
 
 
 class SyntheticData(pl.LightningDataModule):
