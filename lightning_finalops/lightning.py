@@ -12,6 +12,7 @@ the ``Callback`` of ``pytorch_lightning`` and, when installed, of ``lightning.py
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple
 
@@ -65,6 +66,24 @@ class _LightningRawSession(RawSession):
     def is_chief(self) -> bool:
         """Whether this process is global rank 0."""
         return bool(self.trainer.is_global_zero)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Send scalars to every logger of the trainer, on global rank 0 only."""
+        if self.trainer.is_global_zero:
+            for logger in self.trainer.loggers:
+                logger.log_metrics(dict(metrics), step=step)
+
+    def save_checkpoint(self, path: str) -> None:
+        """``trainer.save_checkpoint`` (every rank calls it), written atomically by rank 0.
+
+        The file is a Lightning checkpoint: ``fit(ckpt_path=path)`` resumes from it, hooks'
+        state included.
+        """
+        tmp = path + ".tmp"
+        self.trainer.save_checkpoint(tmp)  # a collective: rank 0 writes, all ranks wait
+        if self.trainer.is_global_zero:
+            os.replace(tmp, path)
+        self.trainer.strategy.barrier("lightning_finalops.save_checkpoint")
 
     def step_namespaces(self) -> Tuple[Mapping[str, Any], ...]:
         """Where names in hook fetches of a run resolve: the step's outputs first."""
@@ -310,8 +329,8 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
     def _is_session(self, trainer: Any) -> bool:
         return self.include_sanity_check or not trainer.sanity_checking
 
-    def _log_final_ops(self, trainer: Any, prefix: str) -> None:
-        if not self.log_final_ops or not trainer.loggers:
+    def _log_final_ops(self, raw: _LightningRawSession, prefix: str) -> None:
+        if not self.log_final_ops or not raw.trainer.loggers:
             return
         hooks = [h for h in self.evaluation_hooks if isinstance(h, FinalOpsHook)]
         metrics: Dict[str, float] = {}
@@ -320,9 +339,8 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
                 continue
             key = prefix if len(hooks) == 1 else f"{prefix}/{i}"
             _flatten_scalars(to_host(hook.final_ops_values), key, metrics)
-        if metrics and trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+        if metrics:
+            raw.log_metrics(metrics, step=raw.global_step)
 
     # -- training session ------------------------------------------------------------------
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -367,9 +385,10 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             # run cleanly on StopIteration (on_*_epoch_end and on_*_end still run).
             raise StopIteration
 
-    def _eval_end(self, trainer: Any, prefix: str) -> None:
-        if self._close(EVALUATION) is not None:
-            self._log_final_ops(trainer, prefix)
+    def _eval_end(self, prefix: str) -> None:
+        session = self._close(EVALUATION)
+        if session is not None:
+            self._log_final_ops(session.raw, prefix)
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         """Evaluation session: ``begin()`` and ``after_create_session``."""
@@ -390,7 +409,7 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         """Evaluation session: every hook's ``end()``, then the values to the loggers."""
-        self._eval_end(trainer, "final_ops/val")
+        self._eval_end("final_ops/val")
 
     def on_test_start(self, trainer: Any, pl_module: Any) -> None:
         """Evaluation session: ``begin()`` and ``after_create_session``."""
@@ -411,7 +430,7 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
 
     def on_test_end(self, trainer: Any, pl_module: Any) -> None:
         """Evaluation session: every hook's ``end()``, then the values to the loggers."""
-        self._eval_end(trainer, "final_ops/test")
+        self._eval_end("final_ops/test")
 
     # -- prediction session ----------------------------------------------------------------
     def on_predict_start(self, trainer: Any, pl_module: Any) -> None:

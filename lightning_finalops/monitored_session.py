@@ -8,6 +8,7 @@ from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Type
 
 import torch
 
+from lightning_finalops.checkpoints import atomic_torch_save, latest_checkpoint
 from lightning_finalops.fetches import (
     TensorFeeds,
     accepted_keywords,
@@ -74,14 +75,41 @@ def _trace(pending: PendingRun) -> contextlib.AbstractContextManager:
     return profile
 
 
+def _named(objects: Any, argument: str, kind: type) -> Dict[str, Any]:
+    """``{name: object}`` for one object, a mapping of them, or a list of them."""
+    if objects is None:
+        return {}
+    if isinstance(objects, kind):
+        return {argument.rstrip("s"): objects}
+    if isinstance(objects, Mapping):
+        items = dict(objects)
+    elif isinstance(objects, (list, tuple)):
+        items = {str(i): obj for i, obj in enumerate(objects)}
+    else:
+        raise TypeError(
+            f"{argument} must be a {kind.__name__}, a dict or a list of them, or None; "
+            f"got {type(objects).__name__}."
+        )
+    for name, obj in items.items():
+        if not isinstance(obj, kind):
+            raise TypeError(
+                f"{argument}[{name!r}] must be a {kind.__name__}, got {type(obj).__name__}."
+            )
+    return items
+
+
 class _PlainRawSession(RawSession):
     """The raw session of a :class:`MonitoredSession`: runs on it trigger no hooks.
 
     Names in its fetches resolve against the dict returned by the latest run.
     """
 
-    def __init__(self, modules: Any) -> None:
+    def __init__(self, modules: Any, optimizers: Any,
+                 session_state: Callable[[], Dict[str, Any]]) -> None:
         self._modules = modules
+        self._named_modules = _named(modules, "modules", torch.nn.Module)
+        self._named_optimizers = _named(optimizers, "optimizers", torch.optim.Optimizer)
+        self._session_state = session_state
         self._global_step = 0
         self._named_values: Mapping[str, Any] = _EMPTY
 
@@ -99,6 +127,41 @@ class _PlainRawSession(RawSession):
     def is_chief(self) -> bool:
         """A plain loop is one process: always the chief."""
         return True
+
+    def save_checkpoint(self, path: str) -> None:
+        """Write modules, optimizers, global step and hook state to ``path``, atomically.
+
+        The file holds ``{"global_step", "modules", "optimizers", "session"}`` (state dicts by
+        name); ``MonitoredSession(checkpoint_dir=...)`` restores the latest one.
+        """
+        atomic_torch_save(
+            {
+                "global_step": self._global_step,
+                "modules": {k: m.state_dict() for k, m in self._named_modules.items()},
+                "optimizers": {k: o.state_dict() for k, o in self._named_optimizers.items()},
+                "session": self._session_state(),
+            },
+            path,
+        )
+
+    def restore_checkpoint(self, path: str) -> Dict[str, Any]:
+        """Load modules and optimizers from ``path``; return the saved session state.
+
+        Raises:
+            ValueError: the checkpoint's modules or optimizers are not the session's.
+        """
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        for kind, named in (("modules", self._named_modules),
+                            ("optimizers", self._named_optimizers)):
+            saved = checkpoint.get(kind, {})
+            if sorted(saved) != sorted(named):
+                raise ValueError(
+                    f"Checkpoint {path} holds {kind} {sorted(saved)}, but the session was given "
+                    f"{sorted(named)}: pass the same {kind} to MonitoredSession."
+                )
+            for name, obj in named.items():
+                obj.load_state_dict(saved[name])
+        return checkpoint["session"]
 
     def run(self, fetches: Any, feed_dict: Optional[Mapping[Any, Any]] = None) -> Any:
         """Evaluate ``fetches`` now, without hooks, with ``feed_dict`` applied for this call.
@@ -157,26 +220,46 @@ class MonitoredSession:
 
     Args:
         hooks: the session's hooks, called in this order at every point.
-        modules: the module(s) the loop trains, handed to hooks as ``session.modules``.
+        modules: the module(s) the loop trains (a module, a dict or a list of them), handed
+            to hooks as ``session.modules`` and saved in checkpoints.
+        optimizers: the optimizer(s) (one, a dict or a list), saved in checkpoints.
         state: what :meth:`state_dict` returned in an earlier process, restored before
             ``after_create_session`` so hooks see the restored :attr:`global_step`.
+        checkpoint_dir: restore the latest ``<checkpoint_basename>-<step>`` checkpoint found
+            there (as written by ``CheckpointSaverHook``) at session creation: modules,
+            optimizers, global step and hook state, as ``MonitoredTrainingSession(checkpoint_dir)``
+            did. Nothing is restored when the directory holds none.
+        checkpoint_basename: the checkpoint files' base name.
 
     Raises:
-        TypeError: an item of ``hooks`` is not a :class:`SessionRunHook`.
+        TypeError: an item of ``hooks`` is not a :class:`SessionRunHook`, or ``modules`` /
+            ``optimizers`` hold something else.
+        ValueError: both ``state`` and a checkpoint to restore were given.
     """
 
     def __init__(
         self,
         hooks: Optional[Any] = None,
         modules: Any = None,
+        optimizers: Any = None,
         *,
         state: Optional[Mapping[str, Any]] = None,
+        checkpoint_dir: Optional[str] = None,
+        checkpoint_basename: str = "model.ckpt",
     ) -> None:
         self._runner = HookRunner(hooks, "hooks")
-        self._raw = _PlainRawSession(modules)
+        self._raw = _PlainRawSession(modules, optimizers, self.state_dict)
         self._coord = Coordinator()
         self._closed = False
         self._runner.begin()
+        latest = latest_checkpoint(checkpoint_dir, checkpoint_basename) if checkpoint_dir else None
+        if latest is not None:
+            if state is not None:
+                raise ValueError(
+                    f"Pass either state or a checkpoint_dir to restore from, not both "
+                    f"({latest} exists)."
+                )
+            state = self._raw.restore_checkpoint(latest)
         if state is not None:
             self.load_state_dict(state)
         self._runner.after_create_session(self._raw, self._coord)
@@ -215,7 +298,8 @@ class MonitoredSession:
         Args:
             fetches: a fetch structure; a callable in it is the step and is called once (with
                 the run's str feeds it accepts). If it evaluates to a dict, hooks can fetch
-                its keys by name.
+                its keys by name; names in ``fetches`` itself resolve against the previous
+                run's dict.
             feed_dict: ``{tensor: value}`` overrides tensors for this run only (restored
                 afterwards, even if the run raises); ``{"name": value}`` is passed to the
                 callables of the run that accept ``name``.
@@ -238,13 +322,13 @@ class MonitoredSession:
         str_feeds = pending.str_feeds
         if str_feeds:
             _check_str_feeds_accepted(str_feeds, fetches, [f for _, f in pending.hook_fetches])
+        raw = self._raw
         trace = _trace(pending) if pending.wants_trace else contextlib.nullcontext()
         with trace, _tensor_feeds_applied(pending.tensor_feeds):
-            values = evaluate(fetches, (), str_feeds)
+            values = evaluate(fetches, (raw._named_values,), str_feeds)
             named = values if isinstance(values, Mapping) else _EMPTY
             if pending.hook_fetches:
                 self._runner.evaluate(pending, (named,))
-        raw = self._raw
         raw._named_values = named
         raw._global_step += 1
         self._runner.after_run(pending)

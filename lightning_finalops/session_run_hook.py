@@ -195,7 +195,7 @@ class RunOptions:
     with_stack: bool = False
 
     def __post_init__(self) -> None:
-        if self.trace_level not in (0, 1, 2, 3):
+        if isinstance(self.trace_level, bool) or self.trace_level not in (0, 1, 2, 3):
             raise ValueError(
                 "RunOptions trace_level must be one of NO_TRACE (0), SOFTWARE_TRACE (1), "
                 f"HARDWARE_TRACE (2) or FULL_TRACE (3), got {self.trace_level!r}."
@@ -295,3 +295,24 @@ class RawSession(abc.ABC):
     @abc.abstractmethod
     def global_step(self) -> int:
         """The number of completed training runs."""
+
+    @property
+    def is_chief(self) -> bool:
+        """Whether this process is the chief (global rank 0), which writes shared files."""
+        return True
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:  # noqa: B027
+        """Send scalars to the engine's loggers (Lightning's ``trainer.loggers`` on rank 0).
+
+        A plain loop has no loggers: the default does nothing.
+        """
+
+    def save_checkpoint(self, path: str) -> None:
+        """Write a checkpoint that resumes the whole run to ``path``, atomically.
+
+        Every rank calls it (a distributed engine may need all of them); the chief writes.
+
+        Raises:
+            NotImplementedError: the engine cannot write checkpoints.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot write checkpoints.")

@@ -1,0 +1,68 @@
+"""Checkpoint files: ``<basename>-<global_step>``, written atomically, found by step.
+
+A checkpoint is first written to a temporary file in the same directory, flushed to disk, then
+renamed over its final name: a crash mid-write leaves a stray ``.tmp`` file, never a
+truncated checkpoint under a valid name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from typing import Any, Callable, List, Optional, Tuple
+
+import torch
+
+__all__ = ["checkpoint_path", "latest_checkpoint", "list_checkpoints"]
+
+
+def checkpoint_path(checkpoint_dir: str, basename: str, global_step: int) -> str:
+    """The path of the checkpoint of ``global_step``: ``<dir>/<basename>-<global_step>``."""
+    return os.path.join(checkpoint_dir, f"{basename}-{int(global_step)}")
+
+
+def list_checkpoints(checkpoint_dir: str, basename: str = "model.ckpt") -> List[Tuple[int, str]]:
+    """``(global_step, path)`` of every checkpoint in ``checkpoint_dir``, oldest step first."""
+    if not os.path.isdir(checkpoint_dir):
+        return []
+    pattern = re.compile(re.escape(basename) + r"-(\d+)")
+    found = []
+    for name in os.listdir(checkpoint_dir):
+        match = pattern.fullmatch(name)
+        if match:
+            found.append((int(match.group(1)), os.path.join(checkpoint_dir, name)))
+    return sorted(found)
+
+
+def latest_checkpoint(checkpoint_dir: str, basename: str = "model.ckpt") -> Optional[str]:
+    """The path of the checkpoint with the highest global step, or ``None`` if there is none."""
+    found = list_checkpoints(checkpoint_dir, basename)
+    return found[-1][1] if found else None
+
+
+def atomic_write(path: str, write: Callable[[str], Any]) -> None:
+    """Call ``write(tmp_path)``, then move the finished file to ``path`` in one rename.
+
+    Raises:
+        Exception: whatever ``write`` raised; the temporary file is removed.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
+                               dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save(obj, path)`` through :func:`atomic_write`."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))

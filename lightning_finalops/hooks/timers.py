@@ -1,0 +1,98 @@
+"""``SecondOrStepTimer``: the one trigger schedule every periodic hook shares (TF's rules)."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional, Tuple
+
+__all__ = ["NeverTriggerTimer", "SecondOrStepTimer"]
+
+# Hooks read the time through this name, so tests control time without sleeping
+# (``monkeypatch.setattr(lightning_finalops.hooks.timers, "clock", fake)``).
+clock: Callable[[], float] = time.time
+
+
+class SecondOrStepTimer:
+    """Triggers at most every ``every_secs`` seconds or every ``every_steps`` steps.
+
+    ``should_trigger_for_step(step)`` is True the first time, False for the step it last
+    triggered at, then True once ``every_secs`` seconds or ``every_steps`` steps have passed
+    since it last triggered (``update_last_triggered_step`` records that).
+
+    Args:
+        every_secs: seconds between triggers.
+        every_steps: steps between triggers.
+
+    Raises:
+        ValueError: ``"Either every_secs or every_steps should be provided."`` or
+            ``"Can not provide both every_secs and every_steps."`` (TF's messages).
+    """
+
+    def __init__(self, every_secs: Optional[float] = None,
+                 every_steps: Optional[int] = None) -> None:
+        self.reset()
+        self._every_secs = every_secs
+        self._every_steps = every_steps
+        if self._every_secs is None and self._every_steps is None:
+            raise ValueError("Either every_secs or every_steps should be provided.")
+        if self._every_secs is not None and self._every_steps is not None:
+            raise ValueError("Can not provide both every_secs and every_steps.")
+
+    def reset(self) -> None:
+        """Forget the last trigger: the next ``should_trigger_for_step`` is True."""
+        self._last_triggered_step: Optional[int] = None
+        self._last_triggered_time: Optional[float] = None
+
+    def should_trigger_for_step(self, step: int) -> bool:
+        """Whether ``step`` is due: first call, or enough seconds/steps since the last trigger."""
+        if self._last_triggered_step is None:
+            return True
+        if self._last_triggered_step == step:
+            return False
+        if self._every_secs is not None:
+            assert self._last_triggered_time is not None
+            if clock() >= self._last_triggered_time + self._every_secs:
+                return True
+        if self._every_steps is not None:
+            if step >= self._last_triggered_step + self._every_steps:
+                return True
+        return False
+
+    def update_last_triggered_step(self, step: int) -> Tuple[Optional[float], Optional[int]]:
+        """Record a trigger at ``step``; return ``(elapsed_secs, elapsed_steps)`` since the last.
+
+        Both are ``None`` the first time.
+        """
+        now = clock()
+        if self._last_triggered_time is None:
+            elapsed_secs, elapsed_steps = None, None
+        else:
+            assert self._last_triggered_step is not None
+            elapsed_secs = now - self._last_triggered_time
+            elapsed_steps = step - self._last_triggered_step
+        self._last_triggered_time = now
+        self._last_triggered_step = step
+        return elapsed_secs, elapsed_steps
+
+    def last_triggered_step(self) -> Optional[int]:
+        """The step of the last trigger, or ``None``."""
+        return self._last_triggered_step
+
+
+class NeverTriggerTimer(SecondOrStepTimer):
+    """A timer that never triggers."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def should_trigger_for_step(self, step: int) -> bool:
+        """Always False."""
+        return False
+
+    def update_last_triggered_step(self, step: int) -> Tuple[Optional[float], Optional[int]]:
+        """Records nothing; returns ``(None, None)``."""
+        return None, None
+
+    def last_triggered_step(self) -> Optional[int]:
+        """Always ``None``."""
+        return None
