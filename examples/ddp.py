@@ -9,6 +9,7 @@ Run: ``python examples/ddp.py`` (about 10 s on a 2-core CPU).
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import pytorch_lightning as pl
@@ -34,10 +35,13 @@ def main() -> None:
         DataLoader(synthetic_data(2048, seed=1), batch_size=64, shuffle=True),
         DataLoader(synthetic_data(1024, seed=2), batch_size=128),
     )
+    lines = []
     for step, values in collect.final_ops_hook.final_ops_history:
         host = to_host(values)
-        print(f"rank {trainer.global_rank} step {step:3d}: "
-              + "  ".join(f"{k}={v.item():.4f}" for k, v in host.items()), flush=True)
+        lines.append(f"rank {trainer.global_rank} step {step:3d}: "
+                     + "  ".join(f"{k}={v.item():.4f}" for k, v in host.items()) + "\n")
+    sys.stdout.write("".join(lines))  # one write per rank: the two ranks share stdout
+    sys.stdout.flush()
     if dist.is_initialized():
         dist.destroy_process_group()  # a clean exit for gloo
 

@@ -124,6 +124,26 @@ class PendingRun:
         return self.options.trace_level > RunOptions.NO_TRACE
 
 
+def trace_run(pending: PendingRun) -> Any:
+    """A ``torch.profiler.profile`` of the run, as its merged options ask for.
+
+    It is handed to every hook as ``run_metadata.profile``. CPU activity always; CUDA
+    activity too from ``HARDWARE_TRACE`` on, when CUDA is available.
+    """
+    options = pending.options
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if options.trace_level >= RunOptions.HARDWARE_TRACE and torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    profile = torch.profiler.profile(
+        activities=activities,
+        record_shapes=options.record_shapes,
+        profile_memory=options.profile_memory,
+        with_stack=options.with_stack,
+    )
+    pending.run_metadata.profile = profile
+    return profile
+
+
 class HookRunner:
     """Runs a fixed list of hooks with TensorFlow's ``_HookedSession`` rules.
 

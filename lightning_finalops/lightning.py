@@ -20,7 +20,13 @@ import pytorch_lightning
 
 from lightning_finalops.distributed import any_rank
 from lightning_finalops.fetches import TensorFeeds, check_fetches, evaluate, split_feeds, to_host
-from lightning_finalops.hooked_session import HookRunner, PendingRun, check_hooks, state_keys
+from lightning_finalops.hooked_session import (
+    HookRunner,
+    PendingRun,
+    check_hooks,
+    state_keys,
+    trace_run,
+)
 from lightning_finalops.hooks.final_ops import FinalOpsHook
 from lightning_finalops.monitored_session import _check_str_feeds_accepted, _tensor_feeds_applied
 from lightning_finalops.session_run_hook import Coordinator, RawSession, SessionRunHook
@@ -106,7 +112,7 @@ class _LightningRawSession(RawSession):
 class _Session:
     """One open session of one kind: its runner, raw session and the run in flight."""
 
-    __slots__ = ("runner", "raw", "coord", "pending", "feeds", "created")
+    __slots__ = ("runner", "raw", "coord", "pending", "feeds", "trace", "created")
 
     def __init__(self, hooks: Sequence[SessionRunHook], trainer: Any, pl_module: Any) -> None:
         self.runner = HookRunner(hooks)
@@ -114,12 +120,17 @@ class _Session:
         self.coord = Coordinator()
         self.pending: Optional[PendingRun] = None
         self.feeds: Optional[TensorFeeds] = None
+        self.trace: Any = None
         self.created = False
 
-    def restore_feeds(self) -> None:
+    def end_step(self) -> None:
+        """The step is over: stop its trace, restore the tensors it fed."""
+        if self.trace is not None:
+            trace, self.trace = self.trace, None
+            trace.__exit__(None, None, None)
         if self.feeds is not None:
-            self.feeds.restore()
-            self.feeds = None
+            feeds, self.feeds = self.feeds, None
+            feeds.restore()
 
 
 def _flatten_scalars(values: Any, prefix: str, out: Dict[str, float]) -> None:
@@ -273,7 +284,7 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         session = self._sessions.pop(kind, None)
         if session is None:
             return None
-        session.restore_feeds()
+        session.end_step()
         if not session.created:  # Lightning skipped the creation point (stop in on_fit_start)
             session.created = True
             session.runner.after_create_session(session.raw, session.coord)
@@ -284,7 +295,7 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         session = self._sessions.get(kind)
         if session is None:
             return
-        session.restore_feeds()  # a run that got no batch end (Lightning skipped it)
+        session.end_step()  # a run that got no batch end (Lightning skipped it)
         runner = session.runner
         if runner.should_stop:
             # Lightning keeps training past a stop while min_epochs/min_steps are not met.
@@ -309,6 +320,9 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         if pending.tensor_feeds:
             session.feeds = TensorFeeds(pending.tensor_feeds)
             session.feeds.apply()
+        if pending.wants_trace:
+            session.trace = trace_run(pending)
+            session.trace.__enter__()
 
     def _after_run(self, kind: str, outputs: Any) -> bool:
         """Finish the run; return whether the session should stop (agreed across ranks)."""
@@ -318,11 +332,14 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         pending, session.pending = session.pending, None
         raw = session.raw
         raw._outputs = outputs if isinstance(outputs, Mapping) else {}
+        if session.trace is not None:  # the trace covers the step, not the hooks' fetches
+            trace, session.trace = session.trace, None
+            trace.__exit__(None, None, None)
         try:
             if pending.hook_fetches:
                 session.runner.evaluate(pending, raw.step_namespaces())
         finally:
-            session.restore_feeds()
+            session.end_step()
         session.runner.after_run(pending)
         return any_rank(session.runner.should_stop, raw.trainer.world_size)
 
@@ -463,9 +480,9 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         # flight and forget the sessions; never raise here (it would skip Lightning's cleanup).
         for session in self._sessions.values():
             try:
-                session.restore_feeds()
+                session.end_step()
             except Exception as e:  # pragma: no cover - defensive
-                warnings.warn(f"HookCallback could not restore fed tensors: {e!r}", stacklevel=2)
+                warnings.warn(f"HookCallback could not end the step: {e!r}", stacklevel=2)
         self._sessions.clear()
 
 

@@ -17,7 +17,7 @@ from lightning_finalops.fetches import (
     iter_callables,
     split_feeds,
 )
-from lightning_finalops.hooked_session import HookRunner, PendingRun
+from lightning_finalops.hooked_session import HookRunner, trace_run
 from lightning_finalops.session_run_hook import (
     Coordinator,
     RawSession,
@@ -58,21 +58,6 @@ def _tensor_feeds_applied(feeds: Mapping[torch.Tensor, Any]) -> Iterator[None]:
         yield
     finally:  # restored even when the run raises
         applied.restore()
-
-
-def _trace(pending: PendingRun) -> contextlib.AbstractContextManager:
-    options = pending.options
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if options.trace_level >= RunOptions.HARDWARE_TRACE and torch.cuda.is_available():
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    profile = torch.profiler.profile(
-        activities=activities,
-        record_shapes=options.record_shapes,
-        profile_memory=options.profile_memory,
-        with_stack=options.with_stack,
-    )
-    pending.run_metadata.profile = profile
-    return profile
 
 
 def _named(objects: Any, argument: str, kind: type) -> Dict[str, Any]:
@@ -323,7 +308,7 @@ class MonitoredSession:
         if str_feeds:
             _check_str_feeds_accepted(str_feeds, fetches, [f for _, f in pending.hook_fetches])
         raw = self._raw
-        trace = _trace(pending) if pending.wants_trace else contextlib.nullcontext()
+        trace = trace_run(pending) if pending.wants_trace else contextlib.nullcontext()
         with trace, _tensor_feeds_applied(pending.tensor_feeds):
             values = evaluate(fetches, (raw._named_values,), str_feeds)
             named = values if isinstance(values, Mapping) else _EMPTY
