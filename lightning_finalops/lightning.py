@@ -297,6 +297,11 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             return
         session.end_step()  # a run that got no batch end (Lightning skipped it)
         runner = session.runner
+        if runner.should_stop and kind != TRAINING:
+            # A hook stopped this evaluation/prediction after the previous batch. Lightning has
+            # no API for that; its loops end the run cleanly on StopIteration raised before the
+            # step (on_*_epoch_end and on_*_end still run, the previous batch fully counted).
+            raise StopIteration
         if runner.should_stop:
             # Lightning keeps training past a stop while min_epochs/min_steps are not met.
             if not self._warned_continue:
@@ -340,8 +345,10 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
                 session.runner.evaluate(pending, raw.step_namespaces())
         finally:
             session.end_step()
-        session.runner.after_run(pending)
-        return any_rank(session.runner.should_stop, raw.trainer.world_size)
+        runner = session.runner
+        runner.after_run(pending)
+        runner.should_stop = any_rank(runner.should_stop, raw.trainer.world_size)
+        return runner.should_stop
 
     def _is_session(self, trainer: Any) -> bool:
         return self.include_sanity_check or not trainer.sanity_checking
@@ -396,12 +403,6 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         if self._is_session(trainer) and self._open(EVALUATION, trainer, pl_module):
             self._create(EVALUATION)
 
-    def _eval_batch_end(self, outputs: Any) -> None:
-        if self._after_run(EVALUATION, outputs):
-            # Lightning has no API to end an evaluation early; its evaluation loop ends the
-            # run cleanly on StopIteration (on_*_epoch_end and on_*_end still run).
-            raise StopIteration
-
     def _eval_end(self, prefix: str) -> None:
         session = self._close(EVALUATION)
         if session is not None:
@@ -422,7 +423,7 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         dataloader_idx: int = 0,
     ) -> None:
         """Evaluation session: ``after_run``; a stop ends this validation."""
-        self._eval_batch_end(outputs)
+        self._after_run(EVALUATION, outputs)  # a stop ends the run at the next batch start
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         """Evaluation session: every hook's ``end()``, then the values to the loggers."""
@@ -443,7 +444,7 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         dataloader_idx: int = 0,
     ) -> None:
         """Evaluation session: ``after_run``; a stop ends this test run."""
-        self._eval_batch_end(outputs)
+        self._after_run(EVALUATION, outputs)  # a stop ends the run at the next batch start
 
     def on_test_end(self, trainer: Any, pl_module: Any) -> None:
         """Evaluation session: every hook's ``end()``, then the values to the loggers."""
@@ -466,8 +467,7 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         dataloader_idx: int = 0,
     ) -> None:
         """Prediction session: ``after_run``; a stop ends this prediction run."""
-        if self._after_run(PREDICTION, outputs):
-            raise StopIteration
+        self._after_run(PREDICTION, outputs)  # a stop ends the run at the next batch start
 
     def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
         """Prediction session: every hook's ``end()``."""

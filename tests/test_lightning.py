@@ -283,12 +283,17 @@ def test_request_stop_in_an_evaluation_hook_ends_that_evaluation_after_the_batch
         def after_run(self, run_context, run_values) -> None:
             run_context.request_stop()
 
-    callback = HookCallback(evaluation_hooks=[StopFirst(), Recorder(log)])
+    recorder = Recorder(log, fetches="val_loss")
+    final = FinalOpsHook({"loss": "val_loss"})
+    callback = HookCallback(evaluation_hooks=[StopFirst(), recorder, final])
     trainer = make_trainer(max_epochs=2, callbacks=[callback])
     trainer.fit(make_module_class()(n_val=6))
     one_batch = ["begin", "after_create_session", "before_run", "after_run", "end"]
     assert methods(log) == one_batch * 2  # each validation ended after its first batch
     assert trainer.global_step == 8  # training itself was not stopped
+    # the batch that requested the stop counts in full: the epoch value is that batch's loss
+    for batch_loss, (_, values) in zip(recorder.results, final.final_ops_history):
+        assert torch.allclose(values["loss"], batch_loss)
 
 
 def test_end_runs_once_when_lightning_skips_on_train_end() -> None:
@@ -400,3 +405,53 @@ def test_ddp_spawn_with_final_ops_hook_raises_a_clear_error() -> None:
     trainer = make_trainer(strategy="ddp_spawn", devices=2, max_epochs=1, callbacks=[callback])
     with pytest.raises(Exception, match="strategy='ddp'"):
         trainer.fit(TinyModulePL())
+
+
+def test_request_stop_in_a_prediction_hook_ends_that_prediction_after_the_batch() -> None:
+    log: List[Any] = []
+
+    class StopFirst(SessionRunHook):
+        def after_run(self, run_context, run_values) -> None:
+            run_context.request_stop()
+
+    trainer = make_trainer(callbacks=[HookCallback(prediction_hooks=[StopFirst(), Recorder(log)])])
+    predictions = trainer.predict(make_module_class()())
+    assert len(predictions) == 1
+    assert methods(log) == ["begin", "after_create_session", "before_run", "after_run", "end"]
+
+
+def test_prediction_hooks_fetch_names_from_predict_step_outputs() -> None:
+    hook = Recorder([], fetches="prediction")
+    trainer = make_trainer(callbacks=[HookCallback(prediction_hooks=[hook])])
+    predictions = trainer.predict(make_module_class()())
+    assert [r.shape for r in hook.results] == [(2, 1), (2, 1)]
+    assert torch.equal(hook.results[0], predictions[0]["prediction"])
+
+
+def test_a_second_fit_is_a_new_training_session() -> None:
+    log: List[Any] = []
+    callback = HookCallback(training_hooks=[Recorder(log)])
+    model = make_module_class()(n_train=4)
+    make_trainer(max_epochs=1, limit_val_batches=0, callbacks=[callback]).fit(model)
+    make_trainer(max_epochs=1, limit_val_batches=0, callbacks=[callback]).fit(model)
+    assert methods(log).count("begin") == methods(log).count("end") == 2
+
+
+def test_a_trace_request_profiles_the_batch_under_lightning(tmp_path) -> None:
+    from lightning_finalops import RunOptions
+
+    traced: List[Any] = []
+
+    class Trace(SessionRunHook):
+        def before_run(self, run_context):
+            return SessionRunArgs(None, options=RunOptions(trace_level=RunOptions.FULL_TRACE))
+
+        def after_run(self, run_context, run_values) -> None:
+            traced.append(run_values.run_metadata.profile)
+
+    trainer = make_trainer(max_epochs=1, limit_val_batches=0, limit_train_batches=1,
+                           callbacks=[HookCallback([Trace()])])
+    trainer.fit(make_module_class()())
+    (profile,) = traced
+    names = {event.name for event in profile.events()}
+    assert any("linear" in name or "addmm" in name for name in names)
