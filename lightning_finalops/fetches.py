@@ -32,8 +32,18 @@ def _format_path(path: _Path) -> str:
     return root + "".join(f"[{k!r}]" for k in reversed(keys))
 
 
+_METRIC_TYPES: Dict[type, bool] = {}
+
+
 def _is_metric(obj: Any) -> bool:
-    return not isinstance(obj, type) and callable(getattr(obj, "compute", None))
+    # Cached per type: this runs for every leaf of every fetch, on the step's hot path.
+    kind = type(obj)
+    known = _METRIC_TYPES.get(kind)
+    if known is None:
+        known = _METRIC_TYPES[kind] = not issubclass(kind, type) and callable(
+            getattr(kind, "compute", None)
+        )
+    return known
 
 
 def _is_namedtuple(obj: Any) -> bool:
@@ -77,7 +87,7 @@ def check_fetches(fetches: Any, root: str) -> None:
 
 
 def _check(obj: Any, path: _Path) -> None:
-    if obj is None or isinstance(obj, (torch.Tensor, str)) or _is_metric(obj) or callable(obj):
+    if obj is None or isinstance(obj, (torch.Tensor, str)) or callable(obj) or _is_metric(obj):
         return
     if isinstance(obj, Mapping):
         for key, value in obj.items():
@@ -131,6 +141,8 @@ def snapshot(value: Any) -> Any:
         if value.grad_fn is not None and not value._is_view():
             return value.detach()
         return value.detach().clone()
+    if type(value) is dict:  # the usual step result, without the Mapping ABC check
+        return {k: snapshot(v) for k, v in value.items()}
     if isinstance(value, Mapping):
         return _rebuild_mapping(value, {k: snapshot(v) for k, v in value.items()})
     if _is_namedtuple(value):

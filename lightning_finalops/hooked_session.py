@@ -18,6 +18,7 @@ It imports neither Lightning nor an adapter.
 from __future__ import annotations
 
 import copy
+import types
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -35,6 +36,7 @@ from lightning_finalops.session_run_hook import (
 )
 
 STOP_REQUESTED_MESSAGE = "Run called even after should_stop requested."
+_NO_FEEDS: Mapping[Any, Any] = types.MappingProxyType({})
 
 
 def _hook_name(hook: SessionRunHook) -> str:
@@ -96,7 +98,8 @@ class PendingRun:
 
     Attributes:
         context: the :class:`SessionRunContext` shared by every hook of the run.
-        options: the merged :class:`RunOptions` (a copy: the user's object is never mutated).
+        options: the merged :class:`RunOptions`; read-only for hooks. The user's object is
+            never mutated: hooks' requests are merged into a copy.
         run_metadata: the run's :class:`RunMetadata`.
         tensor_feeds: ``{tensor: value}`` from the hooks and the user, merged.
         str_feeds: ``{name: value}`` from the hooks and the user, merged.
@@ -113,8 +116,9 @@ class PendingRun:
         self.context = context
         self.options = options
         self.run_metadata = RunMetadata()
-        self.tensor_feeds: Dict[torch.Tensor, Any] = {}
-        self.str_feeds: Dict[str, Any] = {}
+        # Read-only empty defaults: most runs feed nothing, and this object is made per run.
+        self.tensor_feeds: Mapping[torch.Tensor, Any] = _NO_FEEDS
+        self.str_feeds: Mapping[str, Any] = _NO_FEEDS
         self.hook_fetches: List[Tuple[int, Any]] = []
         self.results: Dict[int, Any] = {}
 
@@ -163,6 +167,7 @@ class HookRunner:
         self._before = [(i, h) for i, h in enumerate(self.hooks) if _overrides(h, "before_run")]
         self._after = [(i, h) for i, h in enumerate(self.hooks) if _overrides(h, "after_run")]
         self.should_stop = False
+        self._default_options = RunOptions()
 
     # -- session lifecycle -------------------------------------------------------------------
     def begin(self) -> None:
@@ -209,22 +214,22 @@ class HookRunner:
             TypeError: a hook returned something else than ``SessionRunArgs``/``None``, or
                 asked for an invalid fetch or feed.
         """
-        self.raise_if_stopped()
+        if self.should_stop:
+            raise RuntimeError(STOP_REQUESTED_MESSAGE)
         if options is None:
-            merged = RunOptions()
+            merged = self._default_options  # copied before a hook's request is merged in
         elif isinstance(options, RunOptions):
-            merged = copy.copy(options)
+            merged = options  # likewise: the user's object is never mutated
         else:
             raise TypeError(f"options must be a RunOptions or None, got {type(options).__name__}.")
-        user_tensor_feeds, user_str_feeds = split_feeds(feed_dict, "feed_dict")
         context = SessionRunContext(SessionRunArgs(fetches, feed_dict), session)
         pending = PendingRun(context, merged)
-        hook_feeds: Dict[Any, Any] = {}
+        hook_feeds: Optional[Dict[Any, Any]] = None
         for i, hook in self._before:
             request = hook.before_run(context)
             if request is None:
                 continue
-            if not isinstance(request, SessionRunArgs):
+            if type(request) is not SessionRunArgs and not isinstance(request, SessionRunArgs):
                 raise TypeError(
                     f"{_hook_name(hook)}.before_run must return a SessionRunArgs or None, "
                     f"got {type(request).__name__}."
@@ -234,24 +239,28 @@ class HookRunner:
                 pending.hook_fetches.append((i, request.fetches))
             if request.feed_dict:
                 split_feeds(request.feed_dict, f"{_hook_name(hook)}.before_run feed_dict")
+                if hook_feeds is None:
+                    hook_feeds = {}
                 _raise_if_feeds_intersect(
                     hook_feeds, request.feed_dict, "Same tensor is fed by two hooks."
                 )
                 hook_feeds.update(request.feed_dict)
             if request.options:
-                merged.merge_from(request.options)
-        if hook_feeds:
-            if feed_dict:
-                _raise_if_feeds_intersect(
-                    feed_dict, hook_feeds, "Same tensor is fed by a SessionRunHook and user."
-                )
-            for key, value in hook_feeds.items():
-                if isinstance(key, str):
-                    pending.str_feeds[key] = value
-                else:
-                    pending.tensor_feeds[key] = value
-        pending.tensor_feeds.update(user_tensor_feeds)
-        pending.str_feeds.update(user_str_feeds)
+                if pending.options is merged:
+                    pending.options = copy.copy(merged)
+                pending.options.merge_from(request.options)
+        if feed_dict or hook_feeds:
+            user_tensor_feeds, user_str_feeds = split_feeds(feed_dict, "feed_dict")
+            if hook_feeds:
+                if feed_dict:
+                    _raise_if_feeds_intersect(
+                        feed_dict, hook_feeds, "Same tensor is fed by a SessionRunHook and user."
+                    )
+                hook_tensor_feeds, hook_str_feeds = split_feeds(hook_feeds, "feed_dict")
+                user_tensor_feeds = {**hook_tensor_feeds, **user_tensor_feeds}
+                user_str_feeds = {**hook_str_feeds, **user_str_feeds}
+            pending.tensor_feeds = user_tensor_feeds
+            pending.str_feeds = user_str_feeds
         return pending
 
     def evaluate(

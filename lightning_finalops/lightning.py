@@ -212,6 +212,16 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         self.name = name
         self._sessions: Dict[str, _Session] = {}
         self._warned_continue = False
+        if name is not None:
+            self._state_key = f"HookCallback[{name}]"
+        else:
+            self._state_key = "HookCallback" + repr(
+                {
+                    TRAINING: state_keys(training),
+                    EVALUATION: state_keys(evaluation),
+                    PREDICTION: state_keys(prediction),
+                }
+            )
 
     # -- identity and state ----------------------------------------------------------------
     def _distinct_hooks(self) -> List[SessionRunHook]:
@@ -222,16 +232,11 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
 
     @property
     def state_key(self) -> str:
-        """Built from ``name`` or the hooks' keys, so two callbacks' states do not collide."""
-        if self.name is not None:
-            return f"HookCallback[{self.name}]"
-        return "HookCallback" + repr(
-            {
-                TRAINING: state_keys(self.training_hooks),
-                EVALUATION: state_keys(self.evaluation_hooks),
-                PREDICTION: state_keys(self.prediction_hooks),
-            }
-        )
+        """Built from ``name`` or the hooks' keys, so two callbacks' states do not collide.
+
+        Built once, in ``__init__``: Lightning reads it at every hook call.
+        """
+        return self._state_key
 
     def state_dict(self) -> Dict[str, Any]:
         """Every distinct hook's ``state_dict()`` under its unique key."""

@@ -17,7 +17,7 @@ from lightning_finalops.fetches import (
     iter_callables,
     split_feeds,
 )
-from lightning_finalops.hooked_session import HookRunner, trace_run
+from lightning_finalops.hooked_session import HookRunner, PendingRun, trace_run
 from lightning_finalops.session_run_hook import (
     Coordinator,
     RawSession,
@@ -302,21 +302,31 @@ class MonitoredSession:
         if self._closed:
             raise RuntimeError("Run called on a closed MonitoredSession.")
         self._runner.raise_if_stopped()
-        check_fetches(fetches, "fetches")
+        if not callable(fetches):  # a lone callable (the step) is always a valid fetch
+            check_fetches(fetches, "fetches")
         pending = self._runner.before_run(self._raw, fetches, feed_dict, options)
         str_feeds = pending.str_feeds
         if str_feeds:
             _check_str_feeds_accepted(str_feeds, fetches, [f for _, f in pending.hook_fetches])
         raw = self._raw
-        trace = trace_run(pending) if pending.wants_trace else contextlib.nullcontext()
-        with trace, _tensor_feeds_applied(pending.tensor_feeds):
-            values = evaluate(fetches, (raw._named_values,), str_feeds)
-            named = values if isinstance(values, Mapping) else _EMPTY
-            if pending.hook_fetches:
-                self._runner.evaluate(pending, (named,))
-        raw._named_values = named
+        if pending.tensor_feeds or pending.wants_trace:
+            trace = trace_run(pending) if pending.wants_trace else contextlib.nullcontext()
+            with trace, _tensor_feeds_applied(pending.tensor_feeds):
+                values = self._step(pending, fetches)
+        else:  # the common run: no context managers on the hot path
+            values = self._step(pending, fetches)
         raw._global_step += 1
         self._runner.after_run(pending)
+        return values
+
+    def _step(self, pending: PendingRun, fetches: Any) -> Any:
+        """Evaluate the user's fetches (the step), then the hooks' fetches against them."""
+        raw = self._raw
+        values = evaluate(fetches, (raw._named_values,), pending.str_feeds)
+        named = values if type(values) is dict or isinstance(values, Mapping) else _EMPTY
+        if pending.hook_fetches:
+            self._runner.evaluate(pending, (named,))
+        raw._named_values = named
         return values
 
     def run_step_fn(self, step_fn: Callable[[StepContext], Any]) -> Any:
