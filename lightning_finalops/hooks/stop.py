@@ -1,0 +1,235 @@
+"""Hooks that stop, fail or hold back a session (``StopAtStepHook``, ``NanTensorHook``...)."""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import time
+from typing import Any, Callable, Optional
+
+import torch
+
+from lightning_finalops.fetches import check_fetches, to_host
+from lightning_finalops.session_run_hook import (
+    Coordinator,
+    RawSession,
+    SessionRunArgs,
+    SessionRunContext,
+    SessionRunHook,
+    SessionRunValues,
+)
+
+__all__ = [
+    "GlobalStepWaiterHook",
+    "NanLossDuringTrainingError",
+    "NanTensorHook",
+    "StopAtStepHook",
+]
+
+logger = logging.getLogger("lightning_finalops")
+
+# GlobalStepWaiterHook sleeps through this name, so tests control the waiting without
+# sleeping (``monkeypatch.setattr(lightning_finalops.hooks.stop, "sleep", fake)``).
+sleep: Callable[[float], None] = time.sleep
+
+_POLL_SECS = 0.5
+_LOG_EVERY_STEPS = 1000
+
+
+def _check_optional_int(value: Any, argument: str) -> None:
+    if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)):
+        raise TypeError(
+            f"{argument} must be an int or None, got {type(value).__name__} ({value!r})."
+        )
+
+
+class StopAtStepHook(SessionRunHook):
+    """Requests a stop in the ``after_run`` of the run whose global step reaches the last step.
+
+    The last step is ``last_step``, or the session's global step when it is created plus
+    ``num_steps`` (computed in ``after_create_session``, after a checkpoint was restored: a
+    resumed run stops ``num_steps`` runs after the restored step). The check reads the raw
+    session's ``global_step`` (a host integer) in ``after_run``, so the hook fetches nothing
+    and costs nothing per run; at least one run always happens. From step 0, ``last_step=5``
+    lets exactly 5 runs happen. There is no graph, so TF's "Global step should be created"
+    error does not exist here; each session (each ``begin()``) computes its own last step.
+
+    Args:
+        num_steps: the number of runs to do in this session.
+        last_step: the global step after which to stop.
+
+    Raises:
+        ValueError: ``"One of num_steps or last_step must be specified."`` or
+            ``"Only one of num_steps or last_step can be specified."`` (TF's messages).
+        TypeError: ``num_steps`` or ``last_step`` is not an int.
+    """
+
+    def __init__(self, num_steps: Optional[int] = None, last_step: Optional[int] = None) -> None:
+        if num_steps is None and last_step is None:
+            raise ValueError("One of num_steps or last_step must be specified.")
+        if num_steps is not None and last_step is not None:
+            raise ValueError("Only one of num_steps or last_step can be specified.")
+        _check_optional_int(num_steps, "num_steps")
+        _check_optional_int(last_step, "last_step")
+        self._num_steps = num_steps
+        self._given_last_step = last_step
+        self._last_step = last_step
+
+    @property
+    def last_step(self) -> Optional[int]:
+        """The global step to stop at; ``None`` until the session computed it from ``num_steps``."""
+        return self._last_step
+
+    def begin(self) -> None:
+        """Forget a last step computed from ``num_steps`` in an earlier session."""
+        self._last_step = self._given_last_step
+
+    def after_create_session(self, session: RawSession, coord: Coordinator) -> None:
+        """With ``num_steps``: the last step is the session's (restored) global step + N."""
+        if self._last_step is None:
+            assert self._num_steps is not None
+            self._last_step = session.global_step + self._num_steps
+
+    def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
+        """Request a stop once the global step (this run included) reaches the last step."""
+        if self._last_step is None:
+            raise RuntimeError(
+                "StopAtStepHook(num_steps=...) computes its last step in after_create_session, "
+                "which was not called for this session."
+            )
+        if run_context.session.global_step >= self._last_step:
+            run_context.request_stop()
+
+
+class NanLossDuringTrainingError(RuntimeError):
+    """Raised by :class:`NanTensorHook` when the loss is NaN."""
+
+    def __str__(self) -> str:
+        return "NaN loss during training."
+
+
+class NanTensorHook(SessionRunHook):
+    """Checks the loss after every run and fails (or stops) when it is NaN.
+
+    Every run fetches ``loss_tensor``; ``after_run`` reduces it on its device to one
+    "is any element NaN" flag and brings that flag to the host with a single
+    :func:`~lightning_finalops.to_host` transfer. That transfer is the hook's cost: on a GPU
+    the host waits, once per run, for the step's kernels to finish (TF's hook fetched the loss
+    every run for the same reason). When the loss is NaN it logs ``"Model diverged with loss =
+    NaN."`` and, with ``fail_on_nan_loss``, raises :class:`NanLossDuringTrainingError` from
+    ``after_run`` (later hooks' ``after_run`` and every ``end()`` are skipped; it escapes
+    ``Trainer.fit``), else logs a warning and requests a stop (the run completes, ``end()``
+    runs).
+
+    Args:
+        loss_tensor: a fetch for the loss: a tensor, a name such as ``"loss"`` (the step's
+            returned dict, then the session's named values), a callable or a metric. It must
+            evaluate to a tensor or a number; a tensor with several elements fails if any is
+            NaN.
+        fail_on_nan_loss: raise rather than request a stop.
+
+    Raises:
+        TypeError: ``loss_tensor`` is ``None`` or cannot be fetched.
+    """
+
+    def __init__(self, loss_tensor: Any, fail_on_nan_loss: bool = True) -> None:
+        if loss_tensor is None:
+            raise TypeError(
+                "loss_tensor must be a tensor, a name, a callable or a metric, got None."
+            )
+        check_fetches(loss_tensor, "loss_tensor")
+        self._loss_tensor = loss_tensor
+        self._fail_on_nan_loss = bool(fail_on_nan_loss)
+
+    def before_run(self, run_context: SessionRunContext) -> Optional[SessionRunArgs]:
+        """Fetch the loss (left on its device)."""
+        return SessionRunArgs(self._loss_tensor)
+
+    def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
+        """Fail or request a stop if the fetched loss is NaN.
+
+        Raises:
+            NanLossDuringTrainingError: the loss is NaN and ``fail_on_nan_loss`` is set.
+            TypeError: the loss evaluated to something else than a tensor or a number.
+        """
+        if not self._is_nan(run_values.results):
+            return
+        failure_message = "Model diverged with loss = NaN."
+        if self._fail_on_nan_loss:
+            logger.error(failure_message)
+            raise NanLossDuringTrainingError
+        logger.warning(failure_message)
+        run_context.request_stop()
+
+    def _is_nan(self, loss: Any) -> bool:
+        if not isinstance(loss, torch.Tensor):
+            try:
+                loss = torch.as_tensor(loss)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise TypeError(
+                    "NanTensorHook: loss_tensor must evaluate to a tensor or a number, got "
+                    f"{type(loss).__name__} ({loss!r})."
+                ) from e
+        if not (loss.is_floating_point() or loss.is_complex()):
+            return False  # integers and booleans cannot be NaN: no transfer at all
+        return bool(to_host(torch.isnan(loss).any()))
+
+
+class GlobalStepWaiterHook(SessionRunHook):
+    """Holds the first run of a session until the global step reaches ``wait_until_step``.
+
+    Before the session's first run it polls the raw session's ``global_step`` every 0.5 s
+    (sleeping through this module's ``sleep``), logging at INFO level when it starts waiting
+    and every 1000 steps of progress, until ``global_step >= wait_until_step``; then runs go
+    on without further checks until the next ``begin()``. ``wait_until_step <= 0`` starts at
+    once. The global step is the session's own: in one process it only advances by that
+    session's runs, so the hook is useful when the step was restored (a resumed worker
+    already past the step starts at once) or when the session's ``global_step`` is shared
+    with other processes; otherwise it waits forever. Under DDP every rank must wait for the
+    same step, or the ranks that start block in their first collective. There is no graph,
+    so TF's "Global step should be created" error does not exist here.
+
+    Args:
+        wait_until_step: the global step to wait for.
+
+    Raises:
+        TypeError: ``wait_until_step`` is not an int.
+    """
+
+    def __init__(self, wait_until_step: int) -> None:
+        if not isinstance(wait_until_step, numbers.Integral) or isinstance(wait_until_step, bool):
+            raise TypeError(
+                f"wait_until_step must be an int, got {type(wait_until_step).__name__} "
+                f"({wait_until_step!r})."
+            )
+        self._wait_until_step = int(wait_until_step)
+        self._worker_is_started = False
+
+    def begin(self) -> None:
+        """A new session waits again."""
+        self._worker_is_started = False
+
+    def before_run(self, run_context: SessionRunContext) -> Optional[SessionRunArgs]:
+        """Block until the global step reaches ``wait_until_step`` (first run only)."""
+        if self._worker_is_started:
+            return None
+        if self._wait_until_step <= 0:
+            self._worker_is_started = True
+            return None
+        logger.info(
+            "Waiting for global step %d before starting training.", self._wait_until_step
+        )
+        last_logged_step = 0
+        while True:
+            current_step = run_context.session.global_step
+            if current_step >= self._wait_until_step:
+                self._worker_is_started = True
+                return None
+            if current_step - last_logged_step > _LOG_EVERY_STEPS:
+                logger.info(
+                    "Waiting for global step %d before starting training. Current step is %d.",
+                    self._wait_until_step,
+                    current_step,
+                )
+                last_logged_step = current_step
+            sleep(_POLL_SECS)
