@@ -1,0 +1,273 @@
+"""``CheckpointSaverHook`` and ``CheckpointSaverListener``: resumable checkpoints on a schedule."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, List, Optional, Sequence, Union
+
+from lightning_finalops.checkpoints import checkpoint_path, list_checkpoints
+from lightning_finalops.hooks.timers import SecondOrStepTimer
+from lightning_finalops.session_run_hook import (
+    Coordinator,
+    RawSession,
+    SessionRunContext,
+    SessionRunHook,
+    SessionRunValues,
+)
+
+__all__ = ["CheckpointSaverHook", "CheckpointSaverListener"]
+
+logger = logging.getLogger("lightning_finalops")
+
+Saver = Callable[[RawSession, str], Any]
+
+
+class CheckpointSaverListener:
+    """Acts right before and after every checkpoint a :class:`CheckpointSaverHook` writes.
+
+    ``begin()`` runs in the hook's ``begin()``; ``before_save`` / ``after_save`` around every
+    save, with the global step saved; ``end(session, global_step_value)`` in the hook's
+    ``end()``, after the final save. ``after_save`` returning a truthy value asks the session
+    to stop after the current run (ignored for the save at session creation and at the end).
+    A listener acting on its own schedule should handle the last checkpoint in ``end()``,
+    without acting twice when ``after_save`` already handled it. Every method is a no-op by
+    default.
+
+    Under distributed training every rank runs the hook, so every rank calls its listeners:
+    a listener with a side effect meant to happen once (an evaluation, an upload) checks
+    ``session.is_chief`` itself. TF ran the hook (``chief_only_hooks``) on the chief only.
+    """
+
+    def begin(self) -> None:
+        """Called once, in the hook's ``begin()``."""
+
+    def before_save(self, session: RawSession, global_step_value: int) -> None:
+        """Called before every save, with the global step being saved."""
+
+    def after_save(self, session: RawSession, global_step_value: int) -> Optional[bool]:
+        """Called after every save; return True to ask the session to stop after this run."""
+        return None
+
+    def end(self, session: RawSession, global_step_value: int) -> None:
+        """Called once, in the hook's ``end()``, after the final save."""
+
+
+class CheckpointSaverHook(SessionRunHook):
+    """Saves a resumable checkpoint every ``save_secs`` seconds or ``save_steps`` steps.
+
+    It saves at session creation (in ``after_create_session``, at the restored or initial
+    global step), then in the ``after_run`` of every run whose global step (completed runs,
+    this one included) the timer finds due, and in ``end()`` unless the last save was at the
+    final global step. Each checkpoint is ``<checkpoint_dir>/<checkpoint_basename>-<step>``,
+    written by ``session.save_checkpoint(path)``: under ``MonitoredSession`` modules,
+    optimizers, global step and hook state (``MonitoredSession(checkpoint_dir=...)``
+    restores the latest); under ``HookCallback`` a Lightning checkpoint
+    (``trainer.fit(ckpt_path=path)`` resumes from it). It fetches nothing per run.
+
+    A save inside ``after_run`` happens before the ``after_run`` of the hooks listed after
+    this one, so their saved state misses that run: list this hook last (as
+    ``MonitoredTrainingSession`` appended its saver, and as Lightning runs ``ModelCheckpoint``
+    after the other callbacks).
+
+    Every rank calls the save (Lightning's ``save_checkpoint`` is a collective; rank 0
+    writes) and the listeners; only the chief (``session.is_chief``) deletes old
+    checkpoints. There is no graph: TF's ``"Global step should be created to use
+    CheckpointSaverHook."`` cannot happen, ``graph.pbtxt``/``.meta`` files are not written,
+    and no ``SessionLog.CHECKPOINT`` event is written.
+
+    Args:
+        checkpoint_dir: the directory of the checkpoint files; created in ``begin()`` if
+            missing.
+        save_secs: save every ``save_secs`` seconds (at most once per global step).
+        save_steps: save every ``save_steps`` global steps.
+        saver: ``None`` (the session writes: ``session.save_checkpoint(path)``) or a callable
+            ``saver(session, path)`` called instead, with the same contract: every rank calls
+            it, and it writes ``path`` atomically, never leaving a partial file under that
+            name (``checkpoints.atomic_write(path, write)`` does that).
+        checkpoint_basename: the files' base name.
+        scaffold: kept for TF's signature; must be ``None`` (there is no ``Scaffold``).
+        listeners: :class:`CheckpointSaverListener` s called around every save, in order.
+        save_graph_def: kept for TF's signature; writes nothing (there is no graph).
+        max_to_keep: how many checkpoints to keep (TF's ``Saver`` default, 5); after each
+            save the chief deletes the older ``<checkpoint_basename>-<step>`` files of
+            ``checkpoint_dir``. Files found there before this hook saved count as older
+            than the ones it wrote, oldest step first. ``None`` or 0 keeps every file.
+
+    Raises:
+        ValueError: ``"You cannot provide both saver and scaffold."``, the timer's
+            ``"Either every_secs or every_steps should be provided."`` /
+            ``"Can not provide both every_secs and every_steps."`` (TF's messages, in TF's
+            order), a ``scaffold``, an empty ``checkpoint_basename`` or a negative
+            ``max_to_keep``.
+        TypeError: ``checkpoint_dir`` is not a str or path, ``checkpoint_basename`` not a
+            str, ``saver`` not callable, ``listeners`` not a list of
+            :class:`CheckpointSaverListener`, or ``max_to_keep`` not an int.
+    """
+
+    def __init__(
+        self,
+        checkpoint_dir: Union[str, os.PathLike[str]],
+        save_secs: Optional[float] = None,
+        save_steps: Optional[int] = None,
+        saver: Optional[Saver] = None,
+        checkpoint_basename: str = "model.ckpt",
+        scaffold: Any = None,
+        listeners: Optional[Sequence[CheckpointSaverListener]] = None,
+        save_graph_def: bool = True,
+        max_to_keep: Optional[int] = 5,
+    ) -> None:
+        if saver is not None and scaffold is not None:
+            raise ValueError("You cannot provide both saver and scaffold.")
+        self._checkpoint_dir = _check_dir(checkpoint_dir)
+        if not isinstance(checkpoint_basename, str):
+            raise TypeError(
+                f"checkpoint_basename must be a str, got {type(checkpoint_basename).__name__}."
+            )
+        if not checkpoint_basename or os.sep in checkpoint_basename:
+            raise ValueError(
+                "checkpoint_basename must be a non-empty file name without a directory, got "
+                f"{checkpoint_basename!r}."
+            )
+        self._timer = SecondOrStepTimer(every_secs=save_secs, every_steps=save_steps)
+        if scaffold is not None:
+            raise ValueError(
+                f"scaffold must be None, got {type(scaffold).__name__}: there is no Scaffold "
+                "without a graph; pass saver=callable(session, path) to choose how to save."
+            )
+        if saver is not None and not callable(saver):
+            raise TypeError(
+                "saver must be None or a callable saver(session, path), got "
+                f"{type(saver).__name__}."
+            )
+        if max_to_keep is not None and (
+            isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int)
+        ):
+            raise TypeError(
+                f"max_to_keep must be an int or None, got {type(max_to_keep).__name__}."
+            )
+        if max_to_keep is not None and max_to_keep < 0:
+            raise ValueError(
+                f"max_to_keep must be >= 0 (None or 0 keeps every checkpoint), got {max_to_keep}."
+            )
+        self._listeners = _check_listeners(listeners)
+        self._saver = saver
+        self._basename = checkpoint_basename
+        self._save_path = os.path.join(self._checkpoint_dir, checkpoint_basename)
+        self._save_graph_def = save_graph_def
+        self._max_to_keep = max_to_keep
+        self._written: List[str] = []  # paths this hook saved and kept, oldest first
+
+    @property
+    def checkpoint_dir(self) -> str:
+        """The directory the checkpoints are written to."""
+        return self._checkpoint_dir
+
+    def begin(self) -> None:
+        """Create ``checkpoint_dir`` if missing; every listener's ``begin()``."""
+        os.makedirs(self._checkpoint_dir, exist_ok=True)
+        for listener in self._listeners:
+            listener.begin()
+
+    def after_create_session(self, session: RawSession, coord: Coordinator) -> None:
+        """Save at the current global step; a listener's stop request is ignored here."""
+        global_step = session.global_step
+        self._save(session, global_step)
+        self._timer.update_last_triggered_step(global_step)
+
+    def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
+        """Save if the timer is due at the global step; stop if a listener asks to."""
+        global_step = run_context.session.global_step
+        if self._timer.should_trigger_for_step(global_step):
+            self._timer.update_last_triggered_step(global_step)
+            if self._save(run_context.session, global_step):
+                run_context.request_stop()
+
+    def end(self, session: Optional[RawSession]) -> None:
+        """Save unless the last save was at the final global step; every listener's ``end()``.
+
+        Nothing happens when ``session`` is ``None`` (a closed ``MonitoredSession`` closed
+        again: the first close already saved).
+        """
+        if session is None:
+            return
+        last_step = session.global_step
+        if last_step != self._timer.last_triggered_step():
+            self._save(session, last_step)
+        for listener in self._listeners:
+            listener.end(session, last_step)
+
+    def _save(self, session: RawSession, step: int) -> bool:
+        """Write the checkpoint of ``step``; return whether a listener asked to stop."""
+        for listener in self._listeners:
+            listener.before_save(session, step)
+        logger.info("Saving checkpoints for %d into %s.", step, self._save_path)
+        path = checkpoint_path(self._checkpoint_dir, self._basename, step)
+        if self._saver is None:
+            session.save_checkpoint(path)
+        else:
+            self._saver(session, path)
+        if self._max_to_keep:
+            if path in self._written:
+                self._written.remove(path)
+            self._written.append(path)
+            if session.is_chief:
+                self._delete_old_checkpoints()
+            else:  # only the chief deletes; the others just forget
+                del self._written[: -self._max_to_keep]
+        should_stop = False
+        for listener in self._listeners:  # every listener is called, even after a stop
+            if listener.after_save(session, step):
+                logger.info(
+                    "A CheckpointSaverListener requested that training be stopped. "
+                    "listener: %s", listener,
+                )
+                should_stop = True
+        return should_stop
+
+    def _delete_old_checkpoints(self) -> None:
+        assert self._max_to_keep
+        found = [path for _, path in list_checkpoints(self._checkpoint_dir, self._basename)]
+        on_disk = set(found)
+        self._written = [p for p in self._written if p in on_disk]
+        ours = set(self._written)
+        oldest_first = [p for p in found if p not in ours] + self._written
+        excess = oldest_first[: -self._max_to_keep]
+        for path in excess:
+            try:
+                os.remove(path)
+            except FileNotFoundError:  # removed meanwhile (by hand, or another process)
+                pass
+        deleted = set(excess)
+        self._written = [p for p in self._written if p not in deleted]
+
+
+def _check_dir(checkpoint_dir: Any) -> str:
+    if isinstance(checkpoint_dir, (str, os.PathLike)):
+        path = os.fspath(checkpoint_dir)
+        if isinstance(path, str) and path:
+            return path
+    raise TypeError(
+        "checkpoint_dir must be a non-empty str or os.PathLike of str, got "
+        f"{type(checkpoint_dir).__name__} ({checkpoint_dir!r})."
+    )
+
+
+def _check_listeners(listeners: Any) -> List[CheckpointSaverListener]:
+    if listeners is None:
+        return []
+    if isinstance(listeners, (CheckpointSaverListener, str)) or not hasattr(
+        listeners, "__iter__"
+    ):
+        raise TypeError(
+            f"listeners must be a list of CheckpointSaverListener or None, got "
+            f"{type(listeners).__name__}."
+        )
+    checked = list(listeners)
+    for i, listener in enumerate(checked):
+        if not isinstance(listener, CheckpointSaverListener):
+            raise TypeError(
+                f"listeners[{i}] must be a CheckpointSaverListener, got "
+                f"{type(listener).__name__}."
+            )
+    return checked
