@@ -1,7 +1,22 @@
 """TensorFlow's session-hook contract (``FinalOpsHook``, ``MonitoredSession``) on PyTorch."""
 
 from lightning_finalops.fetches import to_host
-from lightning_finalops.hooks import FinalOpsHook
+from lightning_finalops.hooks import (
+    CheckpointSaverHook,
+    CheckpointSaverListener,
+    FeedFnHook,
+    FinalOpsHook,
+    GlobalStepWaiterHook,
+    LoggingTensorHook,
+    NanLossDuringTrainingError,
+    NanTensorHook,
+    NeverTriggerTimer,
+    ProfilerHook,
+    SecondOrStepTimer,
+    StepCounterHook,
+    StopAtStepHook,
+    SummarySaverHook,
+)
 from lightning_finalops.monitored_session import MonitoredSession, StepContext
 from lightning_finalops.session_run_hook import (
     Coordinator,
@@ -17,18 +32,31 @@ from lightning_finalops.session_run_hook import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointSaverHook",
+    "CheckpointSaverListener",
     "Coordinator",
+    "FeedFnHook",
     "FinalOpsHook",
+    "GlobalStepWaiterHook",
     "HookCallback",
+    "LoggingTensorHook",
     "MonitoredSession",
+    "NanLossDuringTrainingError",
+    "NanTensorHook",
+    "NeverTriggerTimer",
+    "ProfilerHook",
     "RawSession",
     "RunMetadata",
     "RunOptions",
+    "SecondOrStepTimer",
     "SessionRunArgs",
     "SessionRunContext",
     "SessionRunHook",
     "SessionRunValues",
     "StepContext",
+    "StepCounterHook",
+    "StopAtStepHook",
+    "SummarySaverHook",
     "to_host",
 ]
 

@@ -84,6 +84,43 @@ def state_keys(hooks: Sequence[SessionRunHook]) -> List[str]:
     return keys
 
 
+def has_state(hook: SessionRunHook) -> bool:
+    """Whether ``hook`` overrides :meth:`SessionRunHook.state_dict` (the base is stateless)."""
+    return type(hook).state_dict is not SessionRunHook.state_dict
+
+
+def load_hook_states(
+    hooks: Sequence[SessionRunHook], keys: Sequence[str], state: Any, strict: bool = True
+) -> None:
+    """Give each hook the state saved under its key (see :meth:`HookRunner.load_state_dict`).
+
+    Empty states match anything: a stateless hook added or removed never breaks a resume.
+
+    Raises:
+        TypeError: ``state`` is not a mapping.
+        ValueError: with ``strict``, a saved non-empty state has no hook, or a hook with a
+            non-empty ``state_dict()`` has no saved state.
+    """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"hook state must be a mapping, got {type(state).__name__}.")
+    if strict:
+        unexpected = sorted(key for key, value in state.items() if key not in keys and value != {})
+        missing = [
+            key for key, hook in zip(keys, hooks) if key not in state and hook.state_dict() != {}
+        ]
+        if unexpected or missing:
+            raise ValueError(
+                "The saved hook state does not match the session's hooks: "
+                f"saved but no such hook: {unexpected}; hooks without saved state: "
+                f"{missing}. Keys are each hook's state_key in list order ('#1' for a "
+                "repeat); build the session with the same hooks, or pass strict=False to "
+                "load only the keys both have."
+            )
+    for key, hook in zip(keys, hooks):
+        if key in state:
+            hook.load_state_dict(state[key])
+
+
 def _raise_if_feeds_intersect(
     feeds_a: Mapping[Any, Any], feeds_b: Mapping[Any, Any], message: str
 ) -> None:
@@ -304,20 +341,8 @@ class HookRunner:
 
         Raises:
             TypeError: ``state`` is not a mapping.
-            ValueError: with ``strict``, a saved key has no hook or a hook has no saved state.
+            ValueError: with ``strict``, a saved non-empty state has no hook, or a hook with
+                state (a non-empty ``state_dict()``) has no saved state. Empty states match
+                anything, so adding or removing a stateless hook never breaks a resume.
         """
-        if not isinstance(state, Mapping):
-            raise TypeError(f"hook state must be a mapping, got {type(state).__name__}.")
-        if strict:
-            unexpected = sorted(set(state) - set(self.keys))
-            missing = [key for key in self.keys if key not in state]
-            if unexpected or missing:
-                raise ValueError(
-                    "The saved hook state does not match the session's hooks: "
-                    f"saved but no such hook: {unexpected}; hooks without saved state: "
-                    f"{missing}. Keys are each hook's state_key in list order ('#1' for a "
-                    "repeat); pass strict=False to load only the keys both have."
-                )
-        for key, hook in zip(self.keys, self.hooks):
-            if key in state:
-                hook.load_state_dict(state[key])
+        load_hook_states(self.hooks, self.keys, state, strict)

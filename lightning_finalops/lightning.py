@@ -24,6 +24,8 @@ from lightning_finalops.hooked_session import (
     HookRunner,
     PendingRun,
     check_hooks,
+    has_state,
+    load_hook_states,
     state_keys,
     trace_run,
 )
@@ -86,9 +88,14 @@ class _LightningRawSession(RawSession):
         state included.
         """
         tmp = path + ".tmp"
-        self.trainer.save_checkpoint(tmp)  # a collective: rank 0 writes, all ranks wait
-        if self.trainer.is_global_zero:
-            os.replace(tmp, path)
+        try:
+            self.trainer.save_checkpoint(tmp)  # a collective: rank 0 writes, all ranks wait
+            if self.trainer.is_global_zero:
+                os.replace(tmp, path)
+        except BaseException:
+            if self.trainer.is_global_zero and os.path.exists(tmp):
+                os.remove(tmp)  # never leave a half-written file beside the checkpoints
+            raise
         self.trainer.strategy.barrier("lightning_finalops.save_checkpoint")
 
     def step_namespaces(self) -> Tuple[Mapping[str, Any], ...]:
@@ -215,50 +222,57 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         if name is not None:
             self._state_key = f"HookCallback[{name}]"
         else:
+            # only hooks with state: adding a stateless hook keeps the checkpoint's key
             self._state_key = "HookCallback" + repr(
                 {
-                    TRAINING: state_keys(training),
-                    EVALUATION: state_keys(evaluation),
-                    PREDICTION: state_keys(prediction),
+                    TRAINING: state_keys([h for h in training if has_state(h)]),
+                    EVALUATION: state_keys([h for h in evaluation if has_state(h)]),
+                    PREDICTION: state_keys([h for h in prediction if has_state(h)]),
                 }
             )
 
     # -- identity and state ----------------------------------------------------------------
-    def _distinct_hooks(self) -> List[SessionRunHook]:
+    def _stateful_hooks(self) -> List[SessionRunHook]:
+        """Each hook with state once (a hook in two lists has one state), in list order."""
         seen: Dict[int, SessionRunHook] = {}
         for hook in (*self.training_hooks, *self.evaluation_hooks, *self.prediction_hooks):
-            seen.setdefault(id(hook), hook)
+            if has_state(hook):
+                seen.setdefault(id(hook), hook)
         return list(seen.values())
 
     @property
     def state_key(self) -> str:
-        """Built from ``name`` or the hooks' keys, so two callbacks' states do not collide.
+        """Built from ``name`` or the keys of the hooks with state, so two callbacks' states
+        do not collide and adding or removing a stateless hook keeps the key.
 
         Built once, in ``__init__``: Lightning reads it at every hook call.
         """
         return self._state_key
 
     def state_dict(self) -> Dict[str, Any]:
-        """Every distinct hook's ``state_dict()`` under its unique key."""
-        hooks = self._distinct_hooks()
+        """Every distinct hook's ``state_dict()`` under its unique key; ``{}`` (nothing in
+        the checkpoint) when no hook has state."""
+        hooks = self._stateful_hooks()
+        if not hooks:
+            return {}
         return {"hooks": {k: h.state_dict() for k, h in zip(state_keys(hooks), hooks)}}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Give every hook its saved state (Lightning calls this on ``ckpt_path=...``).
 
         Raises:
-            ValueError: the saved hooks differ from this callback's hooks.
+            ValueError: a saved non-empty state has no hook here, or a hook with state has
+                no saved state: build the callback with the same hooks.
         """
-        hooks = self._distinct_hooks()
-        saved = state_dict.get("hooks", {})
-        keys = state_keys(hooks)
-        if sorted(saved) != sorted(keys):
-            raise ValueError(
-                f"HookCallback state from the checkpoint has hooks {sorted(saved)}, but this "
-                f"callback has {sorted(keys)}: build the callback with the same hooks."
+        if not isinstance(state_dict, Mapping) or not isinstance(
+            state_dict.get("hooks", {}), Mapping
+        ):
+            raise TypeError(
+                "HookCallback state must be a mapping {'hooks': {key: state}}, got "
+                f"{type(state_dict).__name__}."
             )
-        for key, hook in zip(keys, hooks):
-            hook.load_state_dict(saved[key])
+        hooks = self._stateful_hooks()
+        load_hook_states(hooks, state_keys(hooks), state_dict.get("hooks", {}))
 
     # -- session helpers -------------------------------------------------------------------
     def _hooks_of(self, kind: str) -> List[SessionRunHook]:

@@ -140,12 +140,6 @@ def test_listener_with_monitored_session(tmp_path):
         assert restored.global_step == 2
 
 
-@pytest.mark.xfail(
-    strict=True, raises=ValueError,
-    reason="MonitoredSession restores hook state strictly: the checkpoint's empty state of the "
-    "stateless CheckpointSaverHook has no hook in a session without it, so TF's "
-    "SingularMonitoredSession(checkpoint_dir=...) without hooks cannot restore the global step.",
-)
 def test_a_session_without_the_saver_hook_restores_the_global_step(tmp_path):
     run_increments(CheckpointSaverHook(tmp_path, save_steps=1), 2)
     with MonitoredSession(checkpoint_dir=str(tmp_path)) as restored:

@@ -385,6 +385,25 @@ def test_two_hook_callbacks_with_names_keep_separate_state(tmp_path) -> None:
     }
 
 
+def test_a_stateless_hook_added_on_resume_keeps_the_state_key_and_the_state(tmp_path) -> None:
+    counter = Counter()
+    trainer = make_trainer(max_epochs=1, limit_val_batches=0, callbacks=[HookCallback([counter])])
+    trainer.fit(make_module_class()(n_train=4))
+    ckpt = str(tmp_path / "x.ckpt")
+    trainer.save_checkpoint(ckpt)
+
+    resumed = Counter()
+    callback = HookCallback([SessionRunHook(), resumed, SessionRunHook()])
+    assert callback.state_key == HookCallback([counter]).state_key
+    trainer = make_trainer(max_epochs=2, limit_val_batches=0, callbacks=[callback])
+    trainer.fit(make_module_class()(n_train=4), ckpt_path=ckpt)
+    assert resumed.runs == 4  # 2 restored + 2 run
+
+
+def test_a_callback_without_stateful_hooks_writes_no_state() -> None:
+    assert HookCallback([SessionRunHook()]).state_dict() == {}
+
+
 def test_loading_state_into_different_hooks_is_an_error() -> None:
     callback = HookCallback([Counter()])
     with pytest.raises(ValueError, match="same hooks"):

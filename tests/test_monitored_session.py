@@ -1065,6 +1065,17 @@ def test_load_state_dict_not_strict_loads_the_keys_both_have():
     assert (first.runs, second.runs, sess.global_step) == (4, 0, 4)
 
 
+def test_strict_load_ignores_stateless_hooks_added_or_removed():
+    # a resume must not break because a logging hook was added or a saver hook removed
+    saved = {"global_step": 4, "hooks": {"CountingHook": {"runs": 4}, "Gone": {}}}
+    hook = CountingHook()
+    sess = MonitoredSession([Recorder("new", []), hook])
+    sess.load_state_dict(saved)
+    assert (hook.runs, sess.global_step) == (4, 4)
+    with pytest.raises(ValueError, match=r"saved but no such hook: \['Lost'\]"):
+        sess.load_state_dict({"global_step": 4, "hooks": {"Lost": {"runs": 1}}})
+
+
 @pytest.mark.parametrize("bad", [{"hooks": {}}, {"global_step": -1, "hooks": {}}, []])
 def test_load_state_dict_rejects_malformed_state(bad):
     with pytest.raises((TypeError, ValueError)):

@@ -1,5 +1,32 @@
 """The standard hooks, one module per family."""
 
+from lightning_finalops.hooks.checkpoint import CheckpointSaverHook, CheckpointSaverListener
+from lightning_finalops.hooks.feed import FeedFnHook
 from lightning_finalops.hooks.final_ops import FinalOpsHook
+from lightning_finalops.hooks.profiler import ProfilerHook
+from lightning_finalops.hooks.stop import (
+    GlobalStepWaiterHook,
+    NanLossDuringTrainingError,
+    NanTensorHook,
+    StopAtStepHook,
+)
+from lightning_finalops.hooks.summary import StepCounterHook, SummarySaverHook
+from lightning_finalops.hooks.tensor_logging import LoggingTensorHook
+from lightning_finalops.hooks.timers import NeverTriggerTimer, SecondOrStepTimer
 
-__all__ = ["FinalOpsHook"]
+__all__ = [
+    "CheckpointSaverHook",
+    "CheckpointSaverListener",
+    "FeedFnHook",
+    "FinalOpsHook",
+    "GlobalStepWaiterHook",
+    "LoggingTensorHook",
+    "NanLossDuringTrainingError",
+    "NanTensorHook",
+    "NeverTriggerTimer",
+    "ProfilerHook",
+    "SecondOrStepTimer",
+    "StepCounterHook",
+    "StopAtStepHook",
+    "SummarySaverHook",
+]
