@@ -242,16 +242,18 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
 
     @property
     def state_key(self) -> str:
-        """Built from ``name`` or the keys of the hooks with state, so two callbacks' states
-        do not collide and adding or removing a stateless hook keeps the key.
+        """Built from ``name`` or the keys of the hooks with state.
 
-        Built once, in ``__init__``: Lightning reads it at every hook call.
+        So two callbacks' states do not collide, and adding or removing a stateless hook
+        keeps the key. Built once, in ``__init__``: Lightning reads it at every hook call.
         """
         return self._state_key
 
     def state_dict(self) -> Dict[str, Any]:
-        """Every distinct hook's ``state_dict()`` under its unique key; ``{}`` (nothing in
-        the checkpoint) when no hook has state."""
+        """Every distinct stateful hook's ``state_dict()`` under its unique key.
+
+        ``{}`` (so nothing in the checkpoint) when no hook has state.
+        """
         hooks = self._stateful_hooks()
         if not hooks:
             return {}
