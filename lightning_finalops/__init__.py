@@ -28,6 +28,7 @@ from lightning_finalops.session_run_hook import (
     SessionRunHook,
     SessionRunValues,
 )
+from lightning_finalops.training_session import MonitoredTrainingSession
 
 __version__ = "0.1.0"
 
@@ -41,6 +42,7 @@ __all__ = [
     "HookCallback",
     "LoggingTensorHook",
     "MonitoredSession",
+    "MonitoredTrainingSession",
     "NanLossDuringTrainingError",
     "NanTensorHook",
     "NeverTriggerTimer",

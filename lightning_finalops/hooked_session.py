@@ -94,27 +94,25 @@ def load_hook_states(
 ) -> None:
     """Give each hook the state saved under its key (see :meth:`HookRunner.load_state_dict`).
 
-    Empty states match anything: a stateless hook added or removed never breaks a resume.
+    A hook without saved state keeps its own (a hook added since the save starts fresh);
+    saved empty states match anything, so a stateless hook added or removed never breaks a
+    resume.
 
     Raises:
         TypeError: ``state`` is not a mapping.
-        ValueError: with ``strict``, a saved non-empty state has no hook, or a hook with a
-            non-empty ``state_dict()`` has no saved state.
+        ValueError: with ``strict``, a saved non-empty state has no hook to go to (it would
+            be lost).
     """
     if not isinstance(state, Mapping):
         raise TypeError(f"hook state must be a mapping, got {type(state).__name__}.")
     if strict:
         unexpected = sorted(key for key, value in state.items() if key not in keys and value != {})
-        missing = [
-            key for key, hook in zip(keys, hooks) if key not in state and hook.state_dict() != {}
-        ]
-        if unexpected or missing:
+        if unexpected:
             raise ValueError(
-                "The saved hook state does not match the session's hooks: "
-                f"saved but no such hook: {unexpected}; hooks without saved state: "
-                f"{missing}. Keys are each hook's state_key in list order ('#1' for a "
-                "repeat); build the session with the same hooks, or pass strict=False to "
-                "load only the keys both have."
+                "The saved hook state does not match the session's hooks: saved state of "
+                f"{unexpected} has no hook here (the session's hooks: {list(keys)}). Keys are "
+                "each hook's state_key in list order ('#1' for a repeat); build the session "
+                "with the same hooks, or pass strict=False to drop that state."
             )
     for key, hook in zip(keys, hooks):
         if key in state:
@@ -336,13 +334,13 @@ class HookRunner:
 
         Args:
             state: what :meth:`state_dict` returned.
-            strict: raise if the saved keys and the hooks' keys differ (as
-                ``torch.nn.Module.load_state_dict``); else load the keys both have.
+            strict: raise if saved non-empty state has no hook; else drop it.
 
         Raises:
             TypeError: ``state`` is not a mapping.
-            ValueError: with ``strict``, a saved non-empty state has no hook, or a hook with
-                state (a non-empty ``state_dict()``) has no saved state. Empty states match
-                anything, so adding or removing a stateless hook never breaks a resume.
+            ValueError: with ``strict``, a saved non-empty state has no hook to go to. A
+                hook without saved state keeps its own (it was added since the save), and
+                empty states match anything: adding or removing a stateless hook, or adding
+                a stateful one, never breaks a resume.
         """
         load_hook_states(self.hooks, self.keys, state, strict)

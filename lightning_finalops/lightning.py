@@ -263,8 +263,8 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         """Give every hook its saved state (Lightning calls this on ``ckpt_path=...``).
 
         Raises:
-            ValueError: a saved non-empty state has no hook here, or a hook with state has
-                no saved state: build the callback with the same hooks.
+            ValueError: a saved non-empty state has no hook here (it would be lost): build
+                the callback with the same hooks. A hook without saved state starts fresh.
         """
         if not isinstance(state_dict, Mapping) or not isinstance(
             state_dict.get("hooks", {}), Mapping

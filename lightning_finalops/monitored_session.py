@@ -110,8 +110,9 @@ class _PlainRawSession(RawSession):
 
     @property
     def is_chief(self) -> bool:
-        """A plain loop is one process: always the chief."""
-        return True
+        """Global rank 0 when ``torch.distributed`` is initialized, else True (one process)."""
+        dist = torch.distributed
+        return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
     def save_checkpoint(self, path: str) -> None:
         """Write modules, optimizers, global step and hook state to ``path``, atomically.
@@ -402,11 +403,12 @@ class MonitoredSession:
 
         Args:
             state_dict: what :meth:`state_dict` returned.
-            strict: require the saved hook keys and the session's hook keys to match.
+            strict: raise if a hook's saved non-empty state has no hook in this session
+                (a hook added since the save keeps its fresh state either way).
 
         Raises:
             TypeError: ``state_dict`` is not a mapping with an int ``global_step``.
-            ValueError: keys are missing, or (with ``strict``) the hooks differ.
+            ValueError: keys are missing, or (with ``strict``) saved hook state has no hook.
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}.")

@@ -221,7 +221,9 @@ class RunMetadata:
     Attributes:
         profile: the finished ``torch.profiler.profile`` of the run when a trace was asked
             for through :class:`RunOptions`, else ``None``. ``profile.export_chrome_trace(path)``
-            writes a Chrome trace.
+            writes a Chrome trace; torch allows that once per profile (a second call raises
+            ``"Trace is already saved."``), and a :class:`ProfilerHook` on the same run
+            already does it.
     """
 
     __slots__ = ("profile",)

@@ -407,7 +407,7 @@ def test_a_callback_without_stateful_hooks_writes_no_state() -> None:
 def test_loading_state_into_different_hooks_is_an_error() -> None:
     callback = HookCallback([Counter()])
     with pytest.raises(ValueError, match="same hooks"):
-        callback.load_state_dict({"hooks": {"Other": {}}})
+        callback.load_state_dict({"hooks": {"Other": {"runs": 3}}})
 
 
 def test_constructor_rejects_what_is_not_a_hook() -> None:

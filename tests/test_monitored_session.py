@@ -1050,11 +1050,19 @@ def test_two_hooks_of_one_class_get_unique_state_keys_in_list_order():
     assert (a.runs, b.runs) == (1, 2)
 
 
-def test_load_state_dict_with_other_hooks_raises_value_error_when_strict():
-    saved = MonitoredSession([CountingHook()]).state_dict()
-    sess = MonitoredSession([CountingHook(), CountingHook()])
-    with pytest.raises(ValueError, match=r"does not match.*\['CountingHook#1'\]"):
+def test_load_state_dict_that_would_drop_saved_state_raises_value_error_when_strict():
+    saved = MonitoredSession([CountingHook(), CountingHook()]).state_dict()
+    sess = MonitoredSession([CountingHook()])
+    with pytest.raises(ValueError, match=r"does not match.*\['CountingHook#1'\] has no hook"):
         sess.load_state_dict(saved)
+
+
+def test_a_stateful_hook_added_since_the_save_starts_fresh():
+    first = MonitoredSession([CountingHook()])
+    first.run(noop)
+    old, added = CountingHook(), CountingHook()
+    MonitoredSession([old, added], state=first.state_dict())
+    assert (old.runs, added.runs) == (1, 0)
 
 
 def test_load_state_dict_not_strict_loads_the_keys_both_have():
@@ -1072,7 +1080,7 @@ def test_strict_load_ignores_stateless_hooks_added_or_removed():
     sess = MonitoredSession([Recorder("new", []), hook])
     sess.load_state_dict(saved)
     assert (hook.runs, sess.global_step) == (4, 4)
-    with pytest.raises(ValueError, match=r"saved but no such hook: \['Lost'\]"):
+    with pytest.raises(ValueError, match=r"saved state of \[.Lost.\] has no hook"):
         sess.load_state_dict({"global_step": 4, "hooks": {"Lost": {"runs": 1}}})
 
 

@@ -1,0 +1,171 @@
+"""``MonitoredTrainingSession``: TF's factory of a session with the default training hooks."""
+
+from __future__ import annotations
+
+import numbers
+import os
+from typing import Any, List, Mapping, Optional, Sequence, Union
+
+import torch
+
+from lightning_finalops.hooked_session import check_hooks
+from lightning_finalops.hooks.checkpoint import CheckpointSaverHook
+from lightning_finalops.hooks.summary import StepCounterHook, SummarySaverHook
+from lightning_finalops.monitored_session import MonitoredSession
+from lightning_finalops.session_run_hook import SessionRunHook
+
+__all__ = ["MonitoredTrainingSession"]
+
+PathType = Union[str, "os.PathLike[str]"]
+
+
+class _UseDefault:
+    """TF's ``USE_DEFAULT``: "not given", distinct from an explicit ``None``."""
+
+    def __repr__(self) -> str:
+        return "USE_DEFAULT"
+
+
+USE_DEFAULT: Any = _UseDefault()
+
+
+def _check_period(value: Any, argument: str) -> None:
+    if value is None or value is USE_DEFAULT:
+        return
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{argument} must be a number or None, got {type(value).__name__}.")
+
+
+def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code reads the same
+    *,
+    is_chief: Optional[bool] = None,
+    checkpoint_dir: Optional[PathType] = None,
+    hooks: Optional[Sequence[SessionRunHook]] = None,
+    chief_only_hooks: Optional[Sequence[SessionRunHook]] = None,
+    modules: Any = None,
+    optimizers: Any = None,
+    save_checkpoint_secs: Any = USE_DEFAULT,
+    save_summaries_steps: Any = USE_DEFAULT,
+    save_summaries_secs: Any = USE_DEFAULT,
+    log_step_count_steps: Optional[int] = 100,
+    save_checkpoint_steps: Any = USE_DEFAULT,
+    summary_dir: Optional[PathType] = None,
+    summary_op: Optional[Mapping[str, Any]] = None,
+    max_to_keep: Optional[int] = 5,
+) -> MonitoredSession:
+    """A :class:`MonitoredSession` with TF's default training hooks, restored from a checkpoint.
+
+    As TF's ``MonitoredTrainingSession``: on the chief the hooks are ``chief_only_hooks``,
+    then a :class:`StepCounterHook` (every ``log_step_count_steps`` steps, into
+    ``summary_dir``), a :class:`SummarySaverHook`, a :class:`CheckpointSaverHook` (every
+    ``save_checkpoint_secs`` seconds or ``save_checkpoint_steps`` steps, into
+    ``checkpoint_dir``), then ``hooks``; elsewhere only ``hooks``. Every process restores
+    the latest checkpoint of ``checkpoint_dir`` (the highest global step) before
+    ``after_create_session``. ``summary_dir`` defaults to ``checkpoint_dir``. Defaults, as
+    TF's: a checkpoint every 600 seconds unless ``save_checkpoint_steps`` is given, summaries
+    every 100 steps unless ``save_summaries_secs`` is given; ``None`` or ``0`` turns one off.
+
+    Differences from TF: keyword arguments only; ``master``, ``scaffold``, ``config``,
+    ``stop_grace_period_secs``, ``max_wait_secs`` and ``save_graph_def`` do not exist (no
+    graph, no server); there are no summaries collected in a graph, so the
+    :class:`SummarySaverHook` is added only when ``summary_op`` (``{tag: fetch}``) is given;
+    ``modules``/``optimizers`` are what the checkpoints hold. TF's order puts the
+    :class:`CheckpointSaverHook` before ``hooks``, so a checkpoint written in a run's
+    ``after_run`` holds the state a stateful hook of ``hooks`` had before that run's
+    ``after_run``; where that matters, turn the default saver off
+    (``save_checkpoint_secs=None``) and put your own :class:`CheckpointSaverHook` last in
+    ``hooks``.
+
+    Args:
+        is_chief: whether this process runs the chief's hooks (summaries, checkpoints);
+            ``None``: global rank 0 of ``torch.distributed`` when it is initialized, else
+            True.
+        checkpoint_dir: where checkpoints are restored from and saved to.
+        hooks: hooks for every process, called after the default hooks.
+        chief_only_hooks: hooks for the chief only, called first.
+        modules: the module(s) the loop trains, saved in checkpoints.
+        optimizers: the optimizer(s), saved in checkpoints.
+        save_checkpoint_secs: seconds between checkpoints (default 600).
+        save_summaries_steps: steps between summaries (default 100).
+        save_summaries_secs: seconds between summaries.
+        log_step_count_steps: steps between ``global_step/sec`` measurements.
+        save_checkpoint_steps: steps between checkpoints.
+        summary_dir: where the TensorBoard events are written (default ``checkpoint_dir``).
+        summary_op: ``{tag: fetch}`` for the :class:`SummarySaverHook`.
+        max_to_keep: how many checkpoints the :class:`CheckpointSaverHook` keeps.
+
+    Returns:
+        The session, already created (hooks' ``begin`` and ``after_create_session`` ran).
+
+    Raises:
+        TypeError: a hook list holds something else than a :class:`SessionRunHook`, or a
+            period is not a number.
+        ValueError: both ``save_checkpoint_secs`` and ``save_checkpoint_steps`` (or both
+            summary periods) are given (the timer's message), or ``summary_op`` is given
+            with neither ``summary_dir`` nor ``checkpoint_dir`` to write it to.
+    """
+    for value, argument in (
+        (save_checkpoint_secs, "save_checkpoint_secs"),
+        (save_summaries_steps, "save_summaries_steps"),
+        (save_summaries_secs, "save_summaries_secs"),
+        (log_step_count_steps, "log_step_count_steps"),
+        (save_checkpoint_steps, "save_checkpoint_steps"),
+    ):
+        _check_period(value, argument)
+    if summary_op is not None and summary_dir is None and checkpoint_dir is None:
+        raise ValueError(
+            "summary_op is written to summary_dir (default: checkpoint_dir); pass one of them."
+        )
+    user_hooks = check_hooks(hooks, "hooks")
+    chief_hooks = check_hooks(chief_only_hooks, "chief_only_hooks")
+    # TF's USE_DEFAULT rules
+    if save_summaries_steps is USE_DEFAULT and save_summaries_secs is USE_DEFAULT:
+        save_summaries_steps, save_summaries_secs = 100, None
+    elif save_summaries_steps is USE_DEFAULT:
+        save_summaries_steps = None
+    elif save_summaries_secs is USE_DEFAULT:
+        save_summaries_secs = None
+    if save_checkpoint_secs is USE_DEFAULT and save_checkpoint_steps is USE_DEFAULT:
+        save_checkpoint_steps, save_checkpoint_secs = None, 600
+    elif save_checkpoint_secs is USE_DEFAULT:
+        save_checkpoint_secs = None
+    elif save_checkpoint_steps is USE_DEFAULT:
+        save_checkpoint_steps = None
+
+    if is_chief is None:
+        dist = torch.distributed
+        is_chief = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    all_hooks: List[SessionRunHook] = []
+    if is_chief:
+        all_hooks.extend(chief_hooks)
+        summary_dir = summary_dir if summary_dir is not None else checkpoint_dir
+        if summary_dir is not None:
+            if log_step_count_steps:
+                all_hooks.append(
+                    StepCounterHook(output_dir=summary_dir, every_n_steps=log_step_count_steps)
+                )
+            if summary_op is not None and (save_summaries_steps or save_summaries_secs):
+                all_hooks.append(
+                    SummarySaverHook(
+                        save_steps=save_summaries_steps or None,
+                        save_secs=save_summaries_secs or None,
+                        output_dir=summary_dir,
+                        summary_op=summary_op,
+                    )
+                )
+        if checkpoint_dir is not None and (save_checkpoint_secs or save_checkpoint_steps):
+            all_hooks.append(
+                CheckpointSaverHook(
+                    checkpoint_dir,
+                    save_secs=save_checkpoint_secs or None,
+                    save_steps=save_checkpoint_steps or None,
+                    max_to_keep=max_to_keep,
+                )
+            )
+    all_hooks.extend(user_hooks)
+    return MonitoredSession(
+        all_hooks,
+        modules,
+        optimizers,
+        checkpoint_dir=os.fspath(checkpoint_dir) if checkpoint_dir is not None else None,
+    )

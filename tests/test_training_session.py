@@ -1,0 +1,159 @@
+"""``MonitoredTrainingSession``: TF's default hooks, their order, defaults and restore."""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import List
+
+import pytest
+import torch
+
+from lightning_finalops import (
+    CheckpointSaverHook,
+    FinalOpsHook,
+    MonitoredTrainingSession,
+    SessionRunHook,
+    StepCounterHook,
+    SummarySaverHook,
+)
+from lightning_finalops.checkpoints import list_checkpoints
+
+
+class Noop(SessionRunHook):
+    pass
+
+
+def train(sess, model: torch.nn.Linear, optimizer: torch.optim.Optimizer, runs: int) -> None:
+    x = torch.ones(4, 2)
+
+    def step():
+        optimizer.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        return {"loss": loss.detach()}
+
+    for _ in range(runs):
+        sess.run(step)
+
+
+def steps(directory) -> List[int]:
+    return [step for step, _ in list_checkpoints(str(directory))]
+
+
+def test_chief_hooks_come_in_tfs_order(tmp_path):
+    first, last = Noop(), Noop()
+    sess = MonitoredTrainingSession(
+        checkpoint_dir=tmp_path, hooks=[last], chief_only_hooks=[first], summary_op={"l": "loss"}
+    )
+    assert [type(h) for h in sess.hooks] == [
+        Noop, StepCounterHook, SummarySaverHook, CheckpointSaverHook, Noop
+    ]
+    assert sess.hooks[0] is first and sess.hooks[-1] is last
+    sess.close()
+
+
+def test_a_worker_runs_only_its_own_hooks(tmp_path):
+    mine = Noop()
+    sess = MonitoredTrainingSession(
+        is_chief=False, checkpoint_dir=tmp_path, hooks=[mine], chief_only_hooks=[Noop()]
+    )
+    assert sess.hooks == (mine,)
+    sess.close()
+    assert steps(tmp_path) == []
+
+
+def test_without_a_directory_there_are_no_default_hooks():
+    with MonitoredTrainingSession() as sess:
+        assert sess.hooks == ()
+
+
+def test_default_checkpoints_every_600_secs_so_only_at_creation_and_end(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with MonitoredTrainingSession(
+        checkpoint_dir=tmp_path, modules=model, optimizers=optimizer
+    ) as sess:
+        train(sess, model, optimizer, 3)
+    assert steps(tmp_path) == [0, 3]
+
+
+def test_none_turns_the_default_hooks_off(tmp_path):
+    sess = MonitoredTrainingSession(
+        checkpoint_dir=tmp_path, save_checkpoint_secs=None, log_step_count_steps=None
+    )
+    assert sess.hooks == ()
+    sess.close()
+
+
+def test_a_second_session_resumes_from_the_latest_checkpoint(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with MonitoredTrainingSession(
+        checkpoint_dir=tmp_path, save_checkpoint_steps=2, modules=model, optimizers=optimizer
+    ) as sess:
+        train(sess, model, optimizer, 5)
+    assert steps(tmp_path) == [0, 2, 4, 5]
+
+    restored = torch.nn.Linear(2, 1)
+    final = FinalOpsHook({"w": restored.weight})
+    with MonitoredTrainingSession(
+        checkpoint_dir=tmp_path,
+        save_checkpoint_steps=2,
+        hooks=[final],
+        modules=restored,
+        optimizers=torch.optim.SGD(restored.parameters(), lr=0.1),
+    ) as sess:
+        assert sess.global_step == 5
+    torch.testing.assert_close(final.final_ops_values["w"], model.weight.detach())
+
+
+def test_step_counter_and_summaries_are_written_to_the_checkpoint_dir(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with MonitoredTrainingSession(
+        checkpoint_dir=tmp_path,
+        log_step_count_steps=2,
+        save_summaries_steps=2,
+        summary_op={"loss": "loss"},
+        modules=model,
+        optimizers=optimizer,
+    ) as sess:
+        train(sess, model, optimizer, 6)
+    assert glob.glob(os.path.join(tmp_path, "events.out.tfevents.*"))
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert {"loss", "global_step/sec"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("loss")] == [1, 3, 5]
+
+
+def test_summary_dir_overrides_the_checkpoint_dir(tmp_path):
+    summaries = tmp_path / "summaries"
+    with MonitoredTrainingSession(
+        checkpoint_dir=tmp_path / "ckpt", summary_dir=summaries, log_step_count_steps=1
+    ) as sess:
+        for _ in range(3):
+            sess.run(lambda: None)
+    assert glob.glob(os.path.join(summaries, "events.out.tfevents.*"))
+    assert not glob.glob(os.path.join(tmp_path / "ckpt", "events.out.tfevents.*"))
+
+
+def test_errors_name_the_argument(tmp_path):
+    with pytest.raises(TypeError, match=r"hooks\[0\] must be a SessionRunHook"):
+        MonitoredTrainingSession(hooks=["loss"])
+    with pytest.raises(TypeError, match="chief_only_hooks must be a list"):
+        MonitoredTrainingSession(chief_only_hooks=Noop())
+    with pytest.raises(TypeError, match="save_checkpoint_steps must be a number"):
+        MonitoredTrainingSession(checkpoint_dir=tmp_path, save_checkpoint_steps="10")
+    with pytest.raises(ValueError, match="Can not provide both every_secs and every_steps."):
+        MonitoredTrainingSession(
+            checkpoint_dir=tmp_path, save_checkpoint_secs=10, save_checkpoint_steps=10
+        )
+    with pytest.raises(ValueError, match="summary_op is written to summary_dir"):
+        MonitoredTrainingSession(summary_op={"loss": "loss"})
+    with pytest.raises(TypeError, match="master"):
+        MonitoredTrainingSession(master="grpc://localhost:2222")  # no servers here
+    assert steps(tmp_path) == []
