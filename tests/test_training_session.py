@@ -157,3 +157,35 @@ def test_errors_name_the_argument(tmp_path):
     with pytest.raises(TypeError, match="master"):
         MonitoredTrainingSession(master="grpc://localhost:2222")  # no servers here
     assert steps(tmp_path) == []
+
+
+def _rank_main(rank: int, init_file: str, checkpoint_dir: str, results: str) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2
+    )
+    try:
+        sess = MonitoredTrainingSession(checkpoint_dir=checkpoint_dir, save_checkpoint_steps=1)
+        with sess:
+            for _ in range(2):
+                sess.run(lambda: None)
+        chief = sess.raw_session().is_chief
+        with open(os.path.join(results, f"rank{rank}"), "w") as f:
+            f.write(f"{chief} {[type(h).__name__ for h in sess.hooks]}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_under_torch_distributed_only_rank_0_is_the_chief(tmp_path):
+    import torch.multiprocessing as mp
+
+    (tmp_path / "results").mkdir()
+    mp.spawn(
+        _rank_main,
+        args=(str(tmp_path / "init"), str(tmp_path / "ckpt"), str(tmp_path / "results")),
+        nprocs=2,
+    )
+    assert (tmp_path / "results" / "rank0").read_text() == (
+        "True ['StepCounterHook', 'CheckpointSaverHook']"
+    )
+    assert (tmp_path / "results" / "rank1").read_text() == "False []"
+    assert steps(tmp_path / "ckpt") == [0, 1, 2]
