@@ -128,6 +128,10 @@ def _raise_if_feeds_intersect(
         raise RuntimeError(message + " Conflict(s): " + str(intersection))
 
 
+_NO_FETCHES: List[Tuple[int, Any]] = []  # never appended to: PendingRun replaces it
+_NO_RESULTS: Dict[int, Any] = {}
+
+
 class PendingRun:
     """One run between ``before_run`` and ``after_run``: what the hooks asked for.
 
@@ -154,8 +158,9 @@ class PendingRun:
         # Read-only empty defaults: most runs feed nothing, and this object is made per run.
         self.tensor_feeds: Mapping[torch.Tensor, Any] = _NO_FEEDS
         self.str_feeds: Mapping[str, Any] = _NO_FEEDS
-        self.hook_fetches: List[Tuple[int, Any]] = []
-        self.results: Dict[int, Any] = {}
+        # shared empty defaults, replaced on the first hook request: most runs fetch nothing
+        self.hook_fetches: List[Tuple[int, Any]] = _NO_FETCHES  # type: ignore[assignment]
+        self.results: Dict[int, Any] = _NO_RESULTS  # type: ignore[assignment]
 
     @property
     def wants_trace(self) -> bool:
@@ -199,8 +204,16 @@ class HookRunner:
         self.keys = state_keys(self.hooks)
         # Skipping the base class's empty methods is invisible to hooks and keeps the
         # per-run cost proportional to the hooks that do something.
-        self._before = [(i, h) for i, h in enumerate(self.hooks) if _overrides(h, "before_run")]
-        self._after = [(i, h) for i, h in enumerate(self.hooks) if _overrides(h, "after_run")]
+        # bound methods, looked up once: these loops run at every step
+        self._before = [
+            (i, h, h.before_run) for i, h in enumerate(self.hooks) if _overrides(h, "before_run")
+        ]
+        self._after = [
+            (i, h.after_run) for i, h in enumerate(self.hooks) if _overrides(h, "after_run")
+        ]
+        self._after_calls = [after_run for _, after_run in self._after]
+        #: no hook overrides ``before_run`` or ``after_run``: a run needs no hook calls
+        self.idle_per_run = not self._before and not self._after
         self.should_stop = False
         self._default_options = RunOptions()
 
@@ -260,8 +273,8 @@ class HookRunner:
         context = SessionRunContext(SessionRunArgs(fetches, feed_dict), session)
         pending = PendingRun(context, merged)
         hook_feeds: Optional[Dict[Any, Any]] = None
-        for i, hook in self._before:
-            request = hook.before_run(context)
+        for i, hook, before_run in self._before:
+            request = before_run(context)
             if request is None:
                 continue
             if type(request) is not SessionRunArgs and not isinstance(request, SessionRunArgs):
@@ -271,6 +284,8 @@ class HookRunner:
                 )
             if request.fetches is not None:
                 check_fetches(request.fetches, f"{_hook_name(hook)}.before_run fetches")
+                if pending.hook_fetches is _NO_FETCHES:
+                    pending.hook_fetches, pending.results = [], {}
                 pending.hook_fetches.append((i, request.fetches))
             if request.feed_dict:
                 split_feeds(request.feed_dict, f"{_hook_name(hook)}.before_run feed_dict")
@@ -316,12 +331,16 @@ class HookRunner:
         """
         context, results = pending.context, pending.results
         no_results = SessionRunValues(None, pending.options, pending.run_metadata)
-        for i, hook in self._after:
-            if i in results:
-                values = SessionRunValues(results[i], pending.options, pending.run_metadata)
-                hook.after_run(context, values)
-            else:
-                hook.after_run(context, no_results)
+        if not results:
+            for after_run in self._after_calls:
+                after_run(context, no_results)
+        else:
+            for i, after_run in self._after:
+                if i in results:
+                    values = SessionRunValues(results[i], pending.options, pending.run_metadata)
+                    after_run(context, values)
+                else:
+                    after_run(context, no_results)
         self.should_stop = self.should_stop or context.stop_requested
 
     # -- state -----------------------------------------------------------------------------

@@ -11,13 +11,20 @@ import torch
 from lightning_finalops.checkpoints import atomic_torch_save, latest_checkpoint
 from lightning_finalops.fetches import (
     TensorFeeds,
+    _is_metric,
     accepted_keywords,
     check_fetches,
     evaluate,
     iter_callables,
+    snapshot,
     split_feeds,
 )
-from lightning_finalops.hooked_session import HookRunner, PendingRun, trace_run
+from lightning_finalops.hooked_session import (
+    STOP_REQUESTED_MESSAGE,
+    HookRunner,
+    PendingRun,
+    trace_run,
+)
 from lightning_finalops.session_run_hook import (
     Coordinator,
     RawSession,
@@ -302,10 +309,28 @@ class MonitoredSession:
         """
         if self._closed:
             raise RuntimeError("Run called on a closed MonitoredSession.")
-        self._runner.raise_if_stopped()
+        runner = self._runner
+        if runner.should_stop:
+            raise RuntimeError(STOP_REQUESTED_MESSAGE)
+        if (
+            runner.idle_per_run
+            and feed_dict is None
+            and options is None
+            and callable(fetches)
+            and not _is_metric(fetches)
+        ):
+            # The common run of a session whose hooks act only at its start and end (a lone
+            # FinalOpsHook): nothing to call, merge or feed, so no per-run objects either.
+            raw = self._raw
+            values = snapshot(fetches())
+            raw._named_values = values if type(values) is dict or isinstance(
+                values, Mapping
+            ) else _EMPTY
+            raw._global_step += 1
+            return values
         if not callable(fetches):  # a lone callable (the step) is always a valid fetch
             check_fetches(fetches, "fetches")
-        pending = self._runner.before_run(self._raw, fetches, feed_dict, options)
+        pending = runner.before_run(self._raw, fetches, feed_dict, options)
         str_feeds = pending.str_feeds
         if str_feeds:
             _check_str_feeds_accepted(str_feeds, fetches, [f for _, f in pending.hook_fetches])
@@ -323,7 +348,10 @@ class MonitoredSession:
     def _step(self, pending: PendingRun, fetches: Any) -> Any:
         """Evaluate the user's fetches (the step), then the hooks' fetches against them."""
         raw = self._raw
-        values = evaluate(fetches, (raw._named_values,), pending.str_feeds)
+        if not pending.str_feeds and callable(fetches) and not _is_metric(fetches):
+            values = snapshot(fetches())  # what evaluate does for a lone step, without its checks
+        else:
+            values = evaluate(fetches, (raw._named_values,), pending.str_feeds)
         named = values if type(values) is dict or isinstance(values, Mapping) else _EMPTY
         if pending.hook_fetches:
             self._runner.evaluate(pending, (named,))
