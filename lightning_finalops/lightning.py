@@ -119,7 +119,7 @@ class _LightningRawSession(RawSession):
 class _Session:
     """One open session of one kind: its runner, raw session and the run in flight."""
 
-    __slots__ = ("runner", "raw", "coord", "pending", "feeds", "trace", "created")
+    __slots__ = ("runner", "raw", "coord", "pending", "feeds", "trace", "created", "world_size")
 
     def __init__(self, hooks: Sequence[SessionRunHook], trainer: Any, pl_module: Any) -> None:
         self.runner = HookRunner(hooks)
@@ -129,6 +129,7 @@ class _Session:
         self.feeds: Optional[TensorFeeds] = None
         self.trace: Any = None
         self.created = False
+        self.world_size: int = trainer.world_size  # fixed for the session; read every batch
 
     def end_step(self) -> None:
         """The step is over: stop its trace, restore the tensors it fed."""
@@ -357,7 +358,7 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             return False
         pending, session.pending = session.pending, None
         raw = session.raw
-        raw._outputs = outputs if isinstance(outputs, Mapping) else {}
+        raw._outputs = outputs if type(outputs) is dict or isinstance(outputs, Mapping) else {}
         if session.trace is not None:  # the trace covers the step, not the hooks' fetches
             trace, session.trace = session.trace, None
             trace.__exit__(None, None, None)
@@ -368,7 +369,8 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             session.end_step()
         runner = session.runner
         runner.after_run(pending)
-        runner.should_stop = any_rank(runner.should_stop, raw.trainer.world_size)
+        if session.world_size > 1:
+            runner.should_stop = any_rank(runner.should_stop, session.world_size)
         return runner.should_stop
 
     def _is_session(self, trainer: Any) -> bool:
