@@ -27,23 +27,13 @@ from lightning_finalops import (
     MonitoredSession,
     SessionRunArgs,
     SessionRunHook,
+    StopAtStepHook,
     to_host,
 )
 
 
-class StopAfterSteps(SessionRunHook):
-    """Requests a stop once the session's global step reaches ``last_step``."""
-
-    def __init__(self, last_step: int) -> None:
-        self.last_step = last_step
-
-    def after_run(self, run_context, run_values) -> None:
-        if run_context.session.global_step >= self.last_step:
-            run_context.request_stop()
-
-
 class LogEvery(SessionRunHook):
-    """Fetches the step's ``loss`` by name every ``n`` runs and prints it."""
+    """A custom hook: fetches the step's ``loss`` by name every ``n`` runs and prints it."""
 
     def __init__(self, n: int) -> None:
         self.n = n
@@ -90,7 +80,8 @@ def main() -> None:
         "w_norm": lambda: model.weight.norm(),        # a callable
         "bias": model.bias,                           # a tensor: a snapshot of its value
     })
-    with MonitoredSession(hooks=[StopAfterSteps(400), LogEvery(100), final], modules=model) as sess:
+    hooks = [StopAtStepHook(last_step=400), LogEvery(100), final]
+    with MonitoredSession(hooks=hooks, modules=model) as sess:
         while not sess.should_stop():
             sess.run(train_step)
 
