@@ -191,6 +191,9 @@ def trace_run(pending: PendingRun) -> Any:
 class HookRunner:
     """Runs a fixed list of hooks with TensorFlow's ``_HookedSession`` rules.
 
+    Each hook's ``before_run``/``after_run`` is looked up once, here (bound methods, and only
+    the ones a hook overrides): replacing them on a hook later has no effect on this runner.
+
     Args:
         hooks: the session's hooks, called in this order at every point.
         argument: the argument name the hooks came from, for error messages.
@@ -234,11 +237,6 @@ class HookRunner:
             hook.end(session)
 
     # -- one run ---------------------------------------------------------------------------
-    def raise_if_stopped(self) -> None:
-        """Raise TF's ``RuntimeError`` if a hook requested a stop in an earlier run."""
-        if self.should_stop:
-            raise RuntimeError(STOP_REQUESTED_MESSAGE)
-
     def before_run(
         self,
         session: RawSession,

@@ -183,8 +183,8 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         log_final_ops: write each evaluation's ``FinalOpsHook`` values (scalars) to the
             trainer's loggers under ``"final_ops/<val|test>/<key>"``, on global rank 0, at
             the trainer's global step (as ``Estimator.evaluate`` wrote its summary).
-        name: distinguishes two ``HookCallback`` s with the same kinds of hooks in one
-            trainer (it becomes part of :attr:`state_key`).
+        name: distinguishes two ``HookCallback`` s in one trainer (it becomes part of
+            :attr:`state_key`, which Lightning requires to be unique).
 
     Raises:
         TypeError: a hook list holds something else than :class:`SessionRunHook`, or
@@ -220,17 +220,9 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         self.name = name
         self._sessions: Dict[str, _Session] = {}
         self._warned_continue = False
-        if name is not None:
-            self._state_key = f"HookCallback[{name}]"
-        else:
-            # only hooks with state: adding a stateless hook keeps the checkpoint's key
-            self._state_key = "HookCallback" + repr(
-                {
-                    TRAINING: state_keys([h for h in training if has_state(h)]),
-                    EVALUATION: state_keys([h for h in evaluation if has_state(h)]),
-                    PREDICTION: state_keys([h for h in prediction if has_state(h)]),
-                }
-            )
+        # A constant key (not one built from the hooks): a resume with hooks added or removed
+        # still finds the saved state, and load_state_dict reports what cannot be restored.
+        self._state_key = "HookCallback" if name is None else f"HookCallback[{name}]"
 
     # -- identity and state ----------------------------------------------------------------
     def _stateful_hooks(self) -> List[SessionRunHook]:
@@ -243,10 +235,12 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
 
     @property
     def state_key(self) -> str:
-        """Built from ``name`` or the keys of the hooks with state.
+        """``"HookCallback"``, or ``"HookCallback[<name>]"`` with ``name``.
 
-        So two callbacks' states do not collide, and adding or removing a stateless hook
-        keeps the key. Built once, in ``__init__``: Lightning reads it at every hook call.
+        It does not depend on the hooks, so a resume with hooks added or removed finds the
+        saved state. Two ``HookCallback`` s in one trainer need distinct names (Lightning
+        refuses two callbacks with state under one key when the ``Trainer`` is built). Built
+        once, in ``__init__``: Lightning reads it at every hook call.
         """
         return self._state_key
 

@@ -37,6 +37,12 @@ __all__ = ["MonitoredSession", "StepContext"]
 _EMPTY: Mapping[str, Any] = {}
 
 
+def _is_rank_zero() -> bool:
+    """Global rank 0 of ``torch.distributed``, or True when it is not initialized."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def _check_str_feeds_accepted(str_feeds: Mapping[str, Any], *structures: Any) -> None:
     """Raise unless every string feed is accepted by some callable of the run."""
     if not str_feeds:
@@ -97,7 +103,11 @@ class _PlainRawSession(RawSession):
     """
 
     def __init__(self, modules: Any, optimizers: Any,
-                 session_state: Callable[[], Dict[str, Any]]) -> None:
+                 session_state: Callable[[], Dict[str, Any]],
+                 is_chief: Optional[bool] = None) -> None:
+        if is_chief is not None and not isinstance(is_chief, bool):
+            raise TypeError(f"is_chief must be a bool or None, got {type(is_chief).__name__}.")
+        self._is_chief = is_chief
         self._modules = modules
         self._named_modules = _named(modules, "modules", torch.nn.Module)
         self._named_optimizers = _named(optimizers, "optimizers", torch.optim.Optimizer)
@@ -117,9 +127,13 @@ class _PlainRawSession(RawSession):
 
     @property
     def is_chief(self) -> bool:
-        """Global rank 0 when ``torch.distributed`` is initialized, else True (one process)."""
-        dist = torch.distributed
-        return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        """Whether this process is the chief, as given to the session.
+
+        By default global rank 0 when ``torch.distributed`` is initialized, else True.
+        """
+        if self._is_chief is not None:
+            return self._is_chief
+        return _is_rank_zero()
 
     def save_checkpoint(self, path: str) -> None:
         """Write modules, optimizers, global step and hook state to ``path``, atomically.
@@ -223,6 +237,9 @@ class MonitoredSession:
             optimizers, global step and hook state, as ``MonitoredTrainingSession(checkpoint_dir)``
             did. Nothing is restored when the directory holds none.
         checkpoint_basename: the checkpoint files' base name.
+        is_chief: what hooks see as ``session.is_chief`` (the chief writes shared files);
+            ``None``: global rank 0 of ``torch.distributed`` when it is initialized, else
+            True.
 
     Raises:
         TypeError: an item of ``hooks`` is not a :class:`SessionRunHook`, or ``modules`` /
@@ -239,9 +256,10 @@ class MonitoredSession:
         state: Optional[Mapping[str, Any]] = None,
         checkpoint_dir: Optional[str] = None,
         checkpoint_basename: str = "model.ckpt",
+        is_chief: Optional[bool] = None,
     ) -> None:
         self._runner = HookRunner(hooks, "hooks")
-        self._raw = _PlainRawSession(modules, optimizers, self.state_dict)
+        self._raw = _PlainRawSession(modules, optimizers, self.state_dict, is_chief)
         self._coord = Coordinator()
         self._closed = False
         self._runner.begin()

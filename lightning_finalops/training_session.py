@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import numbers
 import os
-from typing import Any, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
-import torch
-
-from lightning_finalops.hooked_session import check_hooks
+from lightning_finalops.hooked_session import check_hooks, has_state
 from lightning_finalops.hooks.checkpoint import CheckpointSaverHook
 from lightning_finalops.hooks.summary import StepCounterHook, SummarySaverHook
-from lightning_finalops.monitored_session import MonitoredSession
+from lightning_finalops.monitored_session import MonitoredSession, _is_rank_zero
 from lightning_finalops.session_run_hook import SessionRunHook
 
 __all__ = ["MonitoredTrainingSession"]
@@ -34,6 +32,33 @@ def _check_period(value: Any, argument: str) -> None:
         return
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{argument} must be a number or None, got {type(value).__name__}.")
+
+
+def _on(value: Any) -> Any:
+    """The period if it is on (TF: given and greater than 0), else ``None``."""
+    return value if value is not None and value > 0 else None
+
+
+class _ChiefHookState(SessionRunHook):
+    """A worker's stand-in for a stateful chief-only hook: it holds the hook's key.
+
+    The chief's checkpoint has that hook's state under a key counted among all the chief's
+    hooks; with the stand-in in the worker's list, the worker's own hooks get the same keys
+    as on the chief, and the chief-only state is dropped, not handed to another hook.
+    """
+
+    def __init__(self, state_key: str) -> None:
+        self._key = state_key
+
+    @property
+    def state_key(self) -> str:
+        return self._key
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        pass  # the chief's hook state: a worker does not run that hook
 
 
 def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code reads the same
@@ -63,7 +88,10 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
     the latest checkpoint of ``checkpoint_dir`` (the highest global step) before
     ``after_create_session``. ``summary_dir`` defaults to ``checkpoint_dir``. Defaults, as
     TF's: a checkpoint every 600 seconds unless ``save_checkpoint_steps`` is given, summaries
-    every 100 steps unless ``save_summaries_secs`` is given; ``None`` or ``0`` turns one off.
+    every 100 steps unless ``save_summaries_secs`` is given; ``None``, ``0`` or a negative
+    period turns one off (TF's rule). A non-chief process gets ``hooks`` only; it restores
+    modules, optimizers, global step and its hooks' state, not the state of the chief's
+    ``chief_only_hooks``.
 
     Differences from TF: keyword arguments only; ``master``, ``scaffold``, ``config``,
     ``stop_grace_period_secs``, ``max_wait_secs`` and ``save_graph_def`` do not exist (no
@@ -100,9 +128,11 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
     Raises:
         TypeError: a hook list holds something else than a :class:`SessionRunHook`, or a
             period is not a number.
-        ValueError: both ``save_checkpoint_secs`` and ``save_checkpoint_steps`` (or both
-            summary periods) are given (the timer's message), or ``summary_op`` is given
-            with neither ``summary_dir`` nor ``checkpoint_dir`` to write it to.
+        ValueError: on the chief, both ``save_checkpoint_secs`` and
+            ``save_checkpoint_steps`` (or both summary periods, with ``summary_op``) are
+            positive (the timer's message, raised where TF raised it: when the hook is
+            built); on any process, ``summary_op`` is given with neither ``summary_dir`` nor
+            ``checkpoint_dir`` to write it to.
     """
     for value, argument in (
         (save_checkpoint_secs, "save_checkpoint_secs"),
@@ -112,7 +142,7 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
         (save_checkpoint_steps, "save_checkpoint_steps"),
     ):
         _check_period(value, argument)
-    if summary_op is not None and summary_dir is None and checkpoint_dir is None:
+    if summary_op is not None and not (summary_dir or checkpoint_dir):
         raise ValueError(
             "summary_op is written to summary_dir (default: checkpoint_dir); pass one of them."
         )
@@ -132,40 +162,48 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
     elif save_checkpoint_steps is USE_DEFAULT:
         save_checkpoint_steps = None
 
+    # TF's rule: a period is on when it is > 0; the hooks get None for an off period
+    save_summaries_steps, save_summaries_secs = _on(save_summaries_steps), _on(save_summaries_secs)
+    save_checkpoint_steps, save_checkpoint_secs = (
+        _on(save_checkpoint_steps),
+        _on(save_checkpoint_secs),
+    )
     if is_chief is None:
-        dist = torch.distributed
-        is_chief = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        is_chief = _is_rank_zero()
     all_hooks: List[SessionRunHook] = []
     if is_chief:
         all_hooks.extend(chief_hooks)
-        summary_dir = summary_dir if summary_dir is not None else checkpoint_dir
-        if summary_dir is not None:
-            if log_step_count_steps:
+        summary_dir = summary_dir or checkpoint_dir
+        if summary_dir:
+            if _on(log_step_count_steps) is not None:
                 all_hooks.append(
                     StepCounterHook(output_dir=summary_dir, every_n_steps=log_step_count_steps)
                 )
             if summary_op is not None and (save_summaries_steps or save_summaries_secs):
                 all_hooks.append(
                     SummarySaverHook(
-                        save_steps=save_summaries_steps or None,
-                        save_secs=save_summaries_secs or None,
+                        save_steps=save_summaries_steps,
+                        save_secs=save_summaries_secs,
                         output_dir=summary_dir,
                         summary_op=summary_op,
                     )
                 )
-        if checkpoint_dir is not None and (save_checkpoint_secs or save_checkpoint_steps):
+        if checkpoint_dir and (save_checkpoint_secs or save_checkpoint_steps):
             all_hooks.append(
                 CheckpointSaverHook(
                     checkpoint_dir,
-                    save_secs=save_checkpoint_secs or None,
-                    save_steps=save_checkpoint_steps or None,
+                    save_secs=save_checkpoint_secs,
+                    save_steps=save_checkpoint_steps,
                     max_to_keep=max_to_keep,
                 )
             )
+    else:
+        all_hooks.extend(_ChiefHookState(h.state_key) for h in chief_hooks if has_state(h))
     all_hooks.extend(user_hooks)
     return MonitoredSession(
         all_hooks,
         modules,
         optimizers,
-        checkpoint_dir=os.fspath(checkpoint_dir) if checkpoint_dir is not None else None,
+        checkpoint_dir=os.fspath(checkpoint_dir) if checkpoint_dir else None,
+        is_chief=bool(is_chief),
     )

@@ -400,6 +400,32 @@ def test_a_stateless_hook_added_on_resume_keeps_the_state_key_and_the_state(tmp_
     assert resumed.runs == 4  # 2 restored + 2 run
 
 
+def test_a_stateful_hook_added_on_resume_starts_fresh_and_a_removed_one_is_an_error(
+    tmp_path,
+) -> None:
+    trainer = make_trainer(max_epochs=1, limit_val_batches=0, callbacks=[HookCallback([Counter()])])
+    trainer.fit(make_module_class()(n_train=4))
+    ckpt = str(tmp_path / "x.ckpt")
+    trainer.save_checkpoint(ckpt)
+
+    resumed, added = Counter(), Counter()
+    trainer = make_trainer(max_epochs=2, limit_val_batches=0,
+                           callbacks=[HookCallback([resumed, added], final_ops={"x": "loss"})])
+    trainer.fit(make_module_class()(n_train=4), ckpt_path=ckpt)
+    assert (resumed.runs, added.runs) == (4, 2)
+
+    trainer = make_trainer(max_epochs=2, limit_val_batches=0,
+                           callbacks=[HookCallback([SessionRunHook()])])
+    with pytest.raises(ValueError, match=r"saved state of \['Counter'\] has no hook"):
+        trainer.fit(make_module_class()(n_train=4), ckpt_path=ckpt)
+
+
+def test_two_unnamed_callbacks_are_refused_when_the_trainer_is_built() -> None:
+    # one key whatever the hooks, so a resume finds the state; two callbacks need names
+    with pytest.raises(RuntimeError, match="state_key` must be unique"):
+        make_trainer(callbacks=[HookCallback([Counter()]), HookCallback([SessionRunHook()])])
+
+
 def test_a_callback_without_stateful_hooks_writes_no_state() -> None:
     assert HookCallback([SessionRunHook()]).state_dict() == {}
 

@@ -17,7 +17,7 @@ from lightning_finalops import (
     StepCounterHook,
     SummarySaverHook,
 )
-from lightning_finalops.checkpoints import list_checkpoints
+from lightning_finalops.checkpoints import latest_checkpoint, list_checkpoints
 
 
 class Noop(SessionRunHook):
@@ -139,6 +139,66 @@ def test_summary_dir_overrides_the_checkpoint_dir(tmp_path):
             sess.run(lambda: None)
     assert glob.glob(os.path.join(summaries, "events.out.tfevents.*"))
     assert not glob.glob(os.path.join(tmp_path / "ckpt", "events.out.tfevents.*"))
+
+
+def test_is_chief_is_what_hooks_see_as_session_is_chief(tmp_path):
+    for is_chief in (True, False):
+        with MonitoredTrainingSession(is_chief=is_chief) as sess:
+            assert sess.raw_session().is_chief is is_chief
+
+
+def test_zero_or_negative_periods_turn_the_default_hooks_off_as_in_tf(tmp_path):
+    sess = MonitoredTrainingSession(
+        checkpoint_dir=tmp_path, save_checkpoint_steps=-1, log_step_count_steps=0,
+        summary_op={"loss": "loss"}, save_summaries_steps=-5,
+    )
+    assert sess.hooks == ()
+    sess.close()
+    assert steps(tmp_path) == []
+
+
+def test_an_empty_summary_dir_means_the_checkpoint_dir(tmp_path):
+    sess = MonitoredTrainingSession(checkpoint_dir=tmp_path, summary_dir="",
+                                    save_checkpoint_secs=None, log_step_count_steps=1)
+    sess.run(lambda: None)
+    sess.run(lambda: None)
+    sess.close()
+    assert glob.glob(os.path.join(tmp_path, "events.out.tfevents.*"))
+
+
+class Counter(SessionRunHook):
+    def __init__(self, runs: int = 0) -> None:
+        self.runs = runs
+
+    def after_run(self, run_context, run_values) -> None:
+        self.runs += 1
+
+    def state_dict(self):
+        return {"runs": self.runs}
+
+    def load_state_dict(self, state_dict) -> None:
+        self.runs = state_dict["runs"]
+
+
+def test_a_worker_restores_its_hooks_state_not_the_chiefs_only_hooks(tmp_path):
+    with MonitoredTrainingSession(
+        checkpoint_dir=tmp_path, save_checkpoint_steps=1,
+        chief_only_hooks=[Counter()], hooks=[Counter()],
+    ) as sess:
+        sess.run(lambda: None)
+    # TF's order: chief_only_hooks, the saver, hooks: the checkpoint written in the run's
+    # after_run has the chief-only hook's count of that run, not yet the user hook's
+    saved = torch.load(latest_checkpoint(str(tmp_path)), weights_only=False)["session"]["hooks"]
+    assert saved["Counter"] == {"runs": 1} and saved["Counter#1"] == {"runs": 0}
+
+    worker_chief_only, worker_mine = Counter(runs=7), Counter(runs=7)
+    with MonitoredTrainingSession(
+        is_chief=False, checkpoint_dir=tmp_path,
+        chief_only_hooks=[worker_chief_only], hooks=[worker_mine],
+    ) as sess:
+        assert sess.global_step == 1
+        assert worker_mine.runs == 0  # its own saved state, not the chief-only hook's
+    assert worker_chief_only.runs == 7  # a worker neither runs nor restores it
 
 
 def test_errors_name_the_argument(tmp_path):
