@@ -18,7 +18,12 @@ warnings.filterwarnings("ignore")
 from lightning_models import DictDataset, dataset, make_module_class, make_trainer  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
-from lightning_finalops import FinalOpsHook, HookCallback, SessionRunHook  # noqa: E402
+from lightning_finalops import (  # noqa: E402
+    CheckpointSaverHook,
+    FinalOpsHook,
+    HookCallback,
+    SessionRunHook,
+)
 
 
 class StopOnRankOne(SessionRunHook):
@@ -51,7 +56,13 @@ def main() -> None:
     final = FinalOpsHook({"mse": model.val_sample_mse, "w": model.layer.weight})
     training_final = FinalOpsHook({"w": model.layer.weight, "b": lambda: model.layer.bias})
     callback = HookCallback(
-        training_hooks=[StopOnRankOne(step=6), training_final], evaluation_hooks=[final]
+        training_hooks=[
+            StopOnRankOne(step=6),
+            training_final,
+            # every rank calls trainer.save_checkpoint (a collective), rank 0 writes
+            CheckpointSaverHook(os.path.join(out_dir, f"ckpt-{mode}"), save_steps=2),
+        ],
+        evaluation_hooks=[final],
     )
     kwargs = dict(strategy="ddp", devices=2, use_distributed_sampler=False) if ddp else {}
     trainer = make_trainer(max_epochs=3, callbacks=[callback], **kwargs)

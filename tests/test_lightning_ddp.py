@@ -28,11 +28,15 @@ def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     _run(out, "ddp")
     _run(out, "single")
-    return {name[:-3]: torch.load(out / name, weights_only=False) for name in os.listdir(out)}
+    return {
+        name[:-3]: torch.load(out / name, weights_only=False)
+        for name in os.listdir(out)
+        if name.endswith(".pt")
+    } | {"dir": out}
 
 
 def test_both_ranks_ran_and_agreed_on_a_stop_requested_on_one_rank(results) -> None:
-    assert set(results) == {"ddp-rank0", "ddp-rank1", "single-rank0"}
+    assert set(results) == {"ddp-rank0", "ddp-rank1", "single-rank0", "dir"}
     # rank 1 alone asked to stop at step 6; both ranks stopped there, none hung
     assert results["ddp-rank0"]["global_step"] == results["ddp-rank1"]["global_step"] == 6
     assert results["single-rank0"]["global_step"] == 6  # the single process plays rank 1
@@ -57,3 +61,19 @@ def test_final_values_equal_the_single_process_values_on_the_same_data(results) 
     assert [step for step, _ in ddp["evaluations"]] == [4, 6]
     _assert_same(ddp["evaluations"], single["evaluations"])
     _assert_same(ddp["training"], single["training"])
+
+
+def test_checkpoint_saver_hook_under_ddp_writes_the_same_checkpoints_as_one_process(
+    results,
+) -> None:
+    ddp_dir, single_dir = results["dir"] / "ckpt-ddp", results["dir"] / "ckpt-single"
+    # saved at creation, every 2 steps, and the stop step; nothing half-written left
+    assert sorted(os.listdir(ddp_dir)) == sorted(os.listdir(single_dir)) == [
+        f"model.ckpt-{step}" for step in (0, 2, 4, 6)
+    ]
+    ddp = torch.load(ddp_dir / "model.ckpt-6", weights_only=False)
+    single = torch.load(single_dir / "model.ckpt-6", weights_only=False)
+    assert ddp["global_step"] == single["global_step"] == 6
+    for key, value in single["state_dict"].items():
+        assert torch.allclose(ddp["state_dict"][key], value, atol=1e-6), key
+    assert "HookCallback" in ddp["callbacks"]  # the hooks' state, for fit(ckpt_path=...)
