@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+from typing import List
 
 import pytest
 import torch
+
+from lightning_finalops import SessionRunHook
 
 
 @pytest.fixture(autouse=True)
@@ -31,3 +34,23 @@ def make_batches(n: int = 8, batch_size: int = 4, features: int = 3, seed: int =
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+class Counter(SessionRunHook):
+    """A stateful hook: counts its runs, across restarts through its state."""
+
+    def __init__(self, runs: int = 0) -> None:
+        self.runs = runs
+        self.seen_at_creation: List[int] = []
+
+    def after_create_session(self, session, coord) -> None:
+        self.seen_at_creation.append(session.global_step)
+
+    def after_run(self, run_context, run_values) -> None:
+        self.runs += 1
+
+    def state_dict(self):
+        return {"runs": self.runs}
+
+    def load_state_dict(self, state_dict) -> None:
+        self.runs = state_dict["runs"]

@@ -9,6 +9,7 @@ from typing import Any, List
 
 import pytest
 import torch
+from conftest import Counter
 from lightning_models import PACKAGES, TinyModulePL, make_module_class, make_trainer, pl_package
 
 from lightning_finalops import (
@@ -328,26 +329,6 @@ def test_an_exception_skips_every_end_and_restores_fed_tensors() -> None:
     assert "end" not in methods(log)
     assert final.final_ops_values is None
     assert torch.equal(model.layer.bias.detach(), bias_before)
-
-
-class Counter(SessionRunHook):
-    """A stateful hook: counts runs across restarts."""
-
-    def __init__(self) -> None:
-        self.runs = 0
-        self.seen_at_creation: List[int] = []
-
-    def after_create_session(self, session, coord) -> None:
-        self.seen_at_creation.append(session.global_step)
-
-    def after_run(self, run_context, run_values) -> None:
-        self.runs += 1
-
-    def state_dict(self):
-        return {"runs": self.runs}
-
-    def load_state_dict(self, state_dict) -> None:
-        self.runs = state_dict["runs"]
 
 
 @pytest.mark.parametrize("package", PACKAGES)

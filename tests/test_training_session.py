@@ -8,6 +8,7 @@ from typing import List
 
 import pytest
 import torch
+from conftest import Counter
 
 from lightning_finalops import (
     CheckpointSaverHook,
@@ -164,20 +165,6 @@ def test_an_empty_summary_dir_means_the_checkpoint_dir(tmp_path):
     sess.run(lambda: None)
     sess.close()
     assert glob.glob(os.path.join(tmp_path, "events.out.tfevents.*"))
-
-
-class Counter(SessionRunHook):
-    def __init__(self, runs: int = 0) -> None:
-        self.runs = runs
-
-    def after_run(self, run_context, run_values) -> None:
-        self.runs += 1
-
-    def state_dict(self):
-        return {"runs": self.runs}
-
-    def load_state_dict(self, state_dict) -> None:
-        self.runs = state_dict["runs"]
 
 
 def test_a_worker_restores_its_hooks_state_not_the_chiefs_only_hooks(tmp_path):
