@@ -37,6 +37,11 @@ __all__ = ["MonitoredSession", "StepContext"]
 _EMPTY: Mapping[str, Any] = {}
 
 
+def _names(values: Any) -> Mapping[str, Any]:
+    """What later fetches can name: the run's values if they are a dict, else nothing."""
+    return values if type(values) is dict or isinstance(values, Mapping) else _EMPTY
+
+
 def _is_rank_zero() -> bool:
     """Global rank 0 of ``torch.distributed``, or True when it is not initialized."""
     dist = torch.distributed
@@ -330,24 +335,16 @@ class MonitoredSession:
         runner = self._runner
         if runner.should_stop:
             raise RuntimeError(STOP_REQUESTED_MESSAGE)
-        if (
-            runner.idle_per_run
-            and feed_dict is None
-            and options is None
-            and callable(fetches)
-            and not _is_metric(fetches)
-        ):
+        if not callable(fetches):  # a lone callable (the step) is always a valid fetch
+            check_fetches(fetches, "fetches")
+        if runner.idle_per_run and feed_dict is None and options is None:
             # The common run of a session whose hooks act only at its start and end (a lone
             # FinalOpsHook): nothing to call, merge or feed, so no per-run objects either.
             raw = self._raw
-            values = snapshot(fetches())
-            raw._named_values = values if type(values) is dict or isinstance(
-                values, Mapping
-            ) else _EMPTY
+            values = self._evaluate_fetches(fetches, _EMPTY)
+            raw._named_values = _names(values)
             raw._global_step += 1
             return values
-        if not callable(fetches):  # a lone callable (the step) is always a valid fetch
-            check_fetches(fetches, "fetches")
         pending = runner.before_run(self._raw, fetches, feed_dict, options)
         str_feeds = pending.str_feeds
         if str_feeds:
@@ -365,16 +362,18 @@ class MonitoredSession:
 
     def _step(self, pending: PendingRun, fetches: Any) -> Any:
         """Evaluate the user's fetches (the step), then the hooks' fetches against them."""
-        raw = self._raw
-        if not pending.str_feeds and callable(fetches) and not _is_metric(fetches):
-            values = snapshot(fetches())  # what evaluate does for a lone step, without its checks
-        else:
-            values = evaluate(fetches, (raw._named_values,), pending.str_feeds)
-        named = values if type(values) is dict or isinstance(values, Mapping) else _EMPTY
+        values = self._evaluate_fetches(fetches, pending.str_feeds)
+        named = _names(values)
         if pending.hook_fetches:
             self._runner.evaluate(pending, (named,))
-        raw._named_values = named
+        self._raw._named_values = named
         return values
+
+    def _evaluate_fetches(self, fetches: Any, str_feeds: Mapping[str, Any]) -> Any:
+        """The user's fetches evaluated; names resolve against the previous run's dict."""
+        if not str_feeds and callable(fetches) and not _is_metric(fetches):
+            return snapshot(fetches())  # what evaluate does for a lone step, without its checks
+        return evaluate(fetches, (self._raw._named_values,), str_feeds)
 
     def run_step_fn(self, step_fn: Callable[[StepContext], Any]) -> Any:
         """Run ``step_fn(step_context)``: hooks fire only for ``step_context.run_with_hooks``.
