@@ -24,19 +24,25 @@ def _run(tmp_path, mode: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def out_dir(tmp_path_factory):
+    """Where both runs wrote their results (``*.pt``) and checkpoints (``ckpt-<mode>/``)."""
     out = tmp_path_factory.mktemp("ddp")
     _run(out, "ddp")
     _run(out, "single")
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(out_dir):
     return {
-        name[:-3]: torch.load(out / name, weights_only=False)
-        for name in os.listdir(out)
+        name[:-3]: torch.load(out_dir / name, weights_only=False)
+        for name in os.listdir(out_dir)
         if name.endswith(".pt")
-    } | {"dir": out}
+    }
 
 
 def test_both_ranks_ran_and_agreed_on_a_stop_requested_on_one_rank(results) -> None:
-    assert set(results) == {"ddp-rank0", "ddp-rank1", "single-rank0", "dir"}
+    assert set(results) == {"ddp-rank0", "ddp-rank1", "single-rank0"}
     # rank 1 alone asked to stop at step 6; both ranks stopped there, none hung
     assert results["ddp-rank0"]["global_step"] == results["ddp-rank1"]["global_step"] == 6
     assert results["single-rank0"]["global_step"] == 6  # the single process plays rank 1
@@ -64,9 +70,9 @@ def test_final_values_equal_the_single_process_values_on_the_same_data(results) 
 
 
 def test_checkpoint_saver_hook_under_ddp_writes_the_same_checkpoints_as_one_process(
-    results,
+    out_dir,
 ) -> None:
-    ddp_dir, single_dir = results["dir"] / "ckpt-ddp", results["dir"] / "ckpt-single"
+    ddp_dir, single_dir = out_dir / "ckpt-ddp", out_dir / "ckpt-single"
     # saved at creation, every 2 steps, and the stop step; nothing half-written left
     assert sorted(os.listdir(ddp_dir)) == sorted(os.listdir(single_dir)) == [
         f"model.ckpt-{step}" for step in (0, 2, 4, 6)
