@@ -25,6 +25,11 @@ def _cpu_group() -> Any:
     return group
 
 
+def is_rank_zero() -> bool:
+    """Global rank 0 of ``torch.distributed``, or True when it is not initialized."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def any_rank(flag: bool, world_size: int) -> bool:
     """Whether ``flag`` is true on any rank; every rank must call it at the same point.
 

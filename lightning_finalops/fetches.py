@@ -10,8 +10,20 @@ looked up in the run's namespaces) or ``None``. Nothing here synchronises the ho
 from __future__ import annotations
 
 import inspect
+import types
 from collections import defaultdict
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import torch
 
@@ -19,23 +31,43 @@ __all__ = ["to_host"]
 
 # A path is a linked tuple (parent, key) so building it per node is cheap; it is only turned
 # into text ("final_ops['acc'][1]") when an error is raised.
-_Path = Tuple[Any, ...]
-_EMPTY: Mapping[str, Any] = {}
+Path = Tuple[Any, ...]
+_EMPTY: Mapping[str, Any] = types.MappingProxyType({})
 
 
-def _format_path(path: _Path) -> str:
+def format_path(path: Path) -> str:
+    """A position as Python would index it: ``final_ops['acc'][1]``."""
+    keys = path_keys(path)
+    return path_root(path) + "".join(f"[{k!r}]" for k in keys)
+
+
+def path_tag(path: Path) -> str:
+    """A position as a logger tag: ``final_ops/val/acc/1``."""
+    return "/".join([path_root(path), *map(str, path_keys(path))])
+
+
+def path_root(path: Path) -> str:
+    """The root name of a position (the argument's name)."""
+    while len(path) == 2:
+        path = path[0]
+    return path[0]
+
+
+def path_keys(path: Path) -> List[Any]:
+    """The keys and indices from the root to a position, root first."""
     keys: List[Any] = []
     while len(path) == 2:
         path, key = path
         keys.append(key)
-    (root,) = path
-    return root + "".join(f"[{k!r}]" for k in reversed(keys))
+    keys.reverse()
+    return keys
 
 
 _METRIC_TYPES: Dict[type, bool] = {}
 
 
-def _is_metric(obj: Any) -> bool:
+def is_metric(obj: Any) -> bool:
+    """Whether ``obj`` is a metric object (an instance with ``compute()``), not a class."""
     # Cached per type: this runs for every leaf of every fetch, on the step's hot path.
     kind = type(obj)
     known = _METRIC_TYPES.get(kind)
@@ -59,6 +91,70 @@ def _rebuild_mapping(template: Mapping[Any, Any], items: Dict[Any, Any]) -> Mapp
         return items
 
 
+def _no_leaf(obj: Any) -> bool:
+    return False
+
+
+def is_fetch_leaf(obj: Any) -> bool:
+    """Whether ``obj`` is a leaf of a fetch structure, not a container to walk into.
+
+    A tensor, a name, ``None``, a metric object and any other callable are leaves (a
+    ``MetricCollection`` is a metric, though it holds metrics).
+    """
+    return obj is None or isinstance(obj, (torch.Tensor, str)) or callable(obj) or is_metric(obj)
+
+
+def map_structure(
+    fn: Callable[[Any, Optional[Path]], Any],
+    obj: Any,
+    path: Optional[Path] = None,
+    is_leaf: Callable[[Any], bool] = _no_leaf,
+) -> Any:
+    """The one walker over nested structures: ``fn(leaf, path)`` for every leaf, rebuilt.
+
+    Containers are ``Mapping`` (its type kept where it can be rebuilt from a dict:
+    ``OrderedDict`` and dict subclasses), namedtuple, ``list`` and ``tuple``; everything
+    else, and whatever ``is_leaf`` accepts, is a leaf. Positions are built only when ``path``
+    is given (a root such as ``("final_ops",)``): ``format_path`` turns one into text.
+    Comprehensions, never generators, run ``fn``: a ``StopIteration`` it raises (end of
+    data) escapes as itself.
+
+    Args:
+        fn: called as ``fn(leaf, path)``; its result replaces the leaf.
+        obj: the structure.
+        path: the position of ``obj``, or ``None`` to track none.
+        is_leaf: a predicate that stops the walk at a node before its container type is
+            considered.
+
+    Returns:
+        The structure with every leaf replaced by ``fn``'s result.
+    """
+    if is_leaf(obj):
+        return fn(obj, path)
+    if type(obj) is dict:  # the usual case first, without the Mapping ABC check
+        if path is None:
+            return {k: map_structure(fn, v, None, is_leaf) for k, v in obj.items()}
+        return {k: map_structure(fn, v, (path, k), is_leaf) for k, v in obj.items()}
+    if isinstance(obj, Mapping):
+        return _rebuild_mapping(
+            obj,
+            {k: map_structure(fn, v, path and (path, k), is_leaf) for k, v in obj.items()},
+        )
+    if isinstance(obj, (list, tuple)):
+        items = [map_structure(fn, v, path and (path, i), is_leaf) for i, v in enumerate(obj)]
+        return type(obj)(*items) if _is_namedtuple(obj) else type(obj)(items)
+    return fn(obj, path)
+
+
+def leaves(
+    obj: Any, path: Optional[Path] = None, is_leaf: Callable[[Any], bool] = _no_leaf
+) -> List[Tuple[Optional[Path], Any]]:
+    """``[(path, leaf)]`` of a structure in walk order (:func:`map_structure`'s leaves)."""
+    found: List[Tuple[Optional[Path], Any]] = []
+    map_structure(lambda leaf, at: found.append((at, leaf)), obj, path, is_leaf)
+    return found
+
+
 def _describe(obj: Any) -> str:
     text = repr(obj)
     if len(text) > 60:
@@ -66,9 +162,9 @@ def _describe(obj: Any) -> str:
     return f"{type(obj).__name__} ({text})"
 
 
-def _bad_leaf(obj: Any, path: _Path) -> TypeError:
+def _bad_leaf(obj: Any, path: Path) -> TypeError:
     return TypeError(
-        f"{_format_path(path)} must be a torch.Tensor, a metric with compute(), a callable, a "
+        f"{format_path(path)} must be a torch.Tensor, a metric with compute(), a callable, a "
         f"str name, None, or a list/tuple/dict of those; got {_describe(obj)}."
     )
 
@@ -83,34 +179,19 @@ def check_fetches(fetches: Any, root: str) -> None:
     Raises:
         TypeError: a leaf is of a type that cannot be fetched.
     """
-    _check(fetches, (root,))
-
-
-def _check(obj: Any, path: _Path) -> None:
-    if obj is None or isinstance(obj, (torch.Tensor, str)) or callable(obj) or _is_metric(obj):
+    if is_fetch_leaf(fetches):  # the common lone fetch, without a walk
         return
-    if isinstance(obj, Mapping):
-        for key, value in obj.items():
-            _check(value, (path, key))
-    elif isinstance(obj, (list, tuple)):
-        for i, value in enumerate(obj):
-            _check(value, (path, i))
-    else:
-        raise _bad_leaf(obj, path)
+    for path, leaf in leaves(fetches, (root,), is_fetch_leaf):
+        if not is_fetch_leaf(leaf):
+            assert path is not None
+            raise _bad_leaf(leaf, path)
 
 
 def iter_callables(fetches: Any) -> Iterator[Callable[..., Any]]:
     """Yield the callables of a fetch structure (metric objects excluded)."""
-    if isinstance(fetches, (torch.Tensor, str)) or fetches is None or _is_metric(fetches):
-        return
-    if callable(fetches):
-        yield fetches
-    elif isinstance(fetches, Mapping):
-        for value in fetches.values():
-            yield from iter_callables(value)
-    elif isinstance(fetches, (list, tuple)):
-        for value in fetches:
-            yield from iter_callables(value)
+    for _, leaf in leaves(fetches, None, is_fetch_leaf):
+        if callable(leaf) and not is_metric(leaf) and not isinstance(leaf, torch.Tensor):
+            yield leaf
 
 
 def accepted_keywords(fn: Callable[..., Any], names: Sequence[str]) -> List[str]:
@@ -129,6 +210,35 @@ def accepted_keywords(fn: Callable[..., Any], names: Sequence[str]) -> List[str]
     return [name for name in names if name in keywords]
 
 
+def check_str_feeds_accepted(str_feeds: Mapping[str, Any], *structures: Any) -> None:
+    """Raise unless every string feed is accepted by some callable of the run.
+
+    Raises:
+        ValueError: a str feed that no callable of ``structures`` accepts.
+    """
+    if not str_feeds:
+        return
+    accepted = set()
+    for structure in structures:
+        for fn in iter_callables(structure):
+            accepted.update(accepted_keywords(fn, list(str_feeds)))
+    unused = [name for name in str_feeds if name not in accepted]
+    if unused:
+        raise ValueError(
+            f"feed_dict keys {unused} are str feeds, which are passed as keyword arguments to "
+            "the callables fetched in the run, but no callable of this run accepts them. "
+            "Add the parameter to the step function, or feed a tensor instead."
+        )
+
+
+def _snapshot_leaf(value: Any, path: Optional[Path] = None) -> Any:
+    if isinstance(value, torch.Tensor):
+        if value.grad_fn is not None and not value._is_view():
+            return value.detach()
+        return value.detach().clone()
+    return value
+
+
 def snapshot(value: Any) -> Any:
     """Detach and copy every tensor of a value (containers kept), leaving it on its device.
 
@@ -137,24 +247,41 @@ def snapshot(value: Any) -> Any:
     that autograd just computed (it has a ``grad_fn`` and is not a view) belongs to nobody
     else, so it is only detached: this keeps the step's returned loss free of an extra copy.
     """
-    if isinstance(value, torch.Tensor):
-        if value.grad_fn is not None and not value._is_view():
-            return value.detach()
-        return value.detach().clone()
-    if type(value) is dict:  # the usual step result, without the Mapping ABC check
-        return {k: snapshot(v) for k, v in value.items()}
-    if isinstance(value, Mapping):
-        return _rebuild_mapping(value, {k: snapshot(v) for k, v in value.items()})
-    if _is_namedtuple(value):
-        return type(value)(*(snapshot(v) for v in value))
-    if isinstance(value, (list, tuple)):
-        return type(value)(snapshot(v) for v in value)
-    return value
+    if isinstance(value, torch.Tensor):  # the usual step result, without a walk
+        return _snapshot_leaf(value)
+    return map_structure(_snapshot_leaf, value)
+
+
+class LazyNamespace:
+    """A namespace of names read only when a lookup reaches it.
+
+    Reading some namespaces costs something (Lightning's ``trainer.callback_metrics``
+    converts progress-bar values on every read), so they are read only for a name that the
+    namespaces before them do not hold.
+
+    Args:
+        read: returns the mapping of names when first needed.
+    """
+
+    __slots__ = ("_read", "_names")
+
+    def __init__(self, read: Callable[[], Mapping[str, Any]]) -> None:
+        self._read = read
+        self._names: Optional[Mapping[str, Any]] = None
+
+    def names(self) -> Mapping[str, Any]:
+        """The mapping, read on the first call."""
+        if self._names is None:
+            self._names = self._read()
+        return self._names
+
+
+Namespace = Union[Mapping[str, Any], LazyNamespace]
 
 
 def evaluate(
     fetches: Any,
-    namespaces: Sequence[Mapping[str, Any]] = (),
+    namespaces: Sequence[Namespace] = (),
     str_feeds: Optional[Mapping[str, Any]] = None,
     root: str = "fetches",
 ) -> Any:
@@ -163,7 +290,8 @@ def evaluate(
     Args:
         fetches: the fetch structure.
         namespaces: where ``str`` names are looked up, first match wins (the step's returned
-            dict, then the session's named values).
+            dict, then the session's named values); a :class:`LazyNamespace` is read only
+            when a lookup reaches it.
         str_feeds: the run's string feeds, passed to callables that accept them.
         root: the argument's name, used in error messages.
 
@@ -174,49 +302,54 @@ def evaluate(
         TypeError: a leaf cannot be fetched (the message names its position).
         KeyError: a name is in none of the namespaces (the message lists the known names).
     """
-    return _evaluate(fetches, namespaces, str_feeds or _EMPTY, (root,))
+    feeds = str_feeds or _EMPTY
+
+    def leaf(obj: Any, path: Optional[Path]) -> Any:
+        if obj is None:
+            return None
+        if isinstance(obj, torch.Tensor):
+            return obj.detach().clone()
+        if isinstance(obj, str):
+            assert path is not None
+            return _lookup(obj, namespaces, path)
+        if is_metric(obj):
+            return snapshot(obj.compute())
+        if callable(obj):
+            if feeds:
+                return snapshot(obj(**{k: feeds[k] for k in accepted_keywords(obj, list(feeds))}))
+            return snapshot(obj())
+        assert path is not None
+        raise _bad_leaf(obj, path)
+
+    return map_structure(leaf, fetches, (root,), is_fetch_leaf)
 
 
-def _evaluate(obj: Any, namespaces: Sequence[Mapping[str, Any]], feeds: Mapping[str, Any],
-              path: _Path) -> Any:
-    if obj is None:
-        return None
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, str):
-        return _lookup(obj, namespaces, path)
-    if _is_metric(obj):
-        return snapshot(obj.compute())
-    if callable(obj):
-        if feeds:
-            return snapshot(obj(**{k: feeds[k] for k in accepted_keywords(obj, list(feeds))}))
-        return snapshot(obj())
-    if isinstance(obj, Mapping):
-        return _rebuild_mapping(
-            obj, {k: _evaluate(v, namespaces, feeds, (path, k)) for k, v in obj.items()}
-        )
-    if isinstance(obj, (list, tuple)):
-        # A list comprehension, not a generator: user code runs here, and a StopIteration it
-        # raises (end of data) must escape as itself, not as PEP 479's RuntimeError.
-        items = [_evaluate(v, namespaces, feeds, (path, i)) for i, v in enumerate(obj)]
-        return type(obj)(*items) if _is_namedtuple(obj) else type(obj)(items)
-    raise _bad_leaf(obj, path)
-
-
-def _lookup(name: str, namespaces: Sequence[Mapping[str, Any]], path: _Path) -> Any:
+def _lookup(name: str, namespaces: Sequence[Namespace], path: Path) -> Any:
     for namespace in namespaces:
-        if name in namespace:
-            value = namespace[name]
-            return snapshot(value.compute() if _is_metric(value) else value)
-    known = sorted({str(k) for namespace in namespaces for k in namespace})
+        names = namespace.names() if isinstance(namespace, LazyNamespace) else namespace
+        if name in names:
+            value = names[name]
+            return snapshot(value.compute() if is_metric(value) else value)
+    known = sorted(
+        {
+            str(k)
+            for namespace in namespaces
+            for k in (namespace.names() if isinstance(namespace, LazyNamespace) else namespace)
+        }
+    )
     raise KeyError(
-        f"{_format_path(path)}: unknown fetch name {name!r}; the names known in this run are "
+        f"{format_path(path)}: unknown fetch name {name!r}; the names known in this run are "
         f"{known} (the step's returned dict, then the session's named values)."
     )
 
 
 class TensorFeeds:
     """Tensor feeds of one run: overwrite each tensor in place, then restore it.
+
+    Every value is converted and checked before any tensor is touched. :meth:`apply`
+    records each tensor's old value before overwriting it, so a failure part-way leaves
+    exactly what :meth:`restore` undoes; :meth:`restore` undoes in reverse order of
+    application.
 
     Args:
         feeds: ``{tensor: value}``; each value is converted to the tensor's dtype and device
@@ -240,7 +373,7 @@ class TensorFeeds:
                 )
             pairs.append((tensor, value))
         self._pairs = pairs
-        self._saved: List[torch.Tensor] = []
+        self._saved: List[Tuple[torch.Tensor, torch.Tensor]] = []
 
     def __bool__(self) -> bool:
         return bool(self._pairs)
@@ -249,15 +382,15 @@ class TensorFeeds:
         """Overwrite every fed tensor with its value, keeping the old values to restore."""
         with torch.no_grad():
             for tensor, value in self._pairs:
-                self._saved.append(tensor.detach().clone())
+                self._saved.append((tensor, tensor.detach().clone()))
                 tensor.copy_(value)
 
     def restore(self) -> None:
-        """Put back the values that :meth:`apply` overwrote (safe to call more than once)."""
+        """Put back what :meth:`apply` overwrote, last applied first (safe to call again)."""
         with torch.no_grad():
-            for (tensor, _), old in zip(self._pairs, self._saved):
+            while self._saved:
+                tensor, old = self._saved.pop()
                 tensor.copy_(old)
-        self._saved = []
 
 
 def split_feeds(
@@ -287,31 +420,6 @@ def split_feeds(
     return tensors, names
 
 
-def _leaves(structure: Any) -> Iterator[torch.Tensor]:
-    if isinstance(structure, torch.Tensor):
-        yield structure
-    elif isinstance(structure, Mapping):
-        for value in structure.values():
-            yield from _leaves(value)
-    elif isinstance(structure, (list, tuple)):
-        for value in structure:
-            yield from _leaves(value)
-
-
-def _replace_tensors(structure: Any, replacements: Dict[int, torch.Tensor]) -> Any:
-    if isinstance(structure, torch.Tensor):
-        return replacements.get(id(structure), structure)
-    if isinstance(structure, Mapping):
-        return _rebuild_mapping(
-            structure, {k: _replace_tensors(v, replacements) for k, v in structure.items()}
-        )
-    if _is_namedtuple(structure):
-        return type(structure)(*(_replace_tensors(v, replacements) for v in structure))
-    if isinstance(structure, (list, tuple)):
-        return type(structure)(_replace_tensors(v, replacements) for v in structure)
-    return structure
-
-
 def to_host(values: Any) -> Any:
     """Bring every tensor of a fetched structure to the host in one batched transfer.
 
@@ -329,8 +437,12 @@ def to_host(values: Any) -> Any:
     """
     groups: Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]] = defaultdict(list)
     seen = set()
-    for tensor in _leaves(values):
-        if tensor.device.type != "cpu" and id(tensor) not in seen:
+    for _, tensor in leaves(values):
+        if (
+            isinstance(tensor, torch.Tensor)
+            and tensor.device.type != "cpu"
+            and id(tensor) not in seen
+        ):
             seen.add(id(tensor))
             groups[(tensor.device, tensor.dtype)].append(tensor)
     if not groups:
@@ -358,4 +470,8 @@ def to_host(values: Any) -> Any:
             n = tensor.numel()
             replacements[id(tensor)] = host[offset : offset + n].view(tensor.shape)
             offset += n
-    return _replace_tensors(values, replacements)
+    return map_structure(
+        lambda leaf, _: replacements.get(id(leaf), leaf) if isinstance(leaf, torch.Tensor)
+        else leaf,
+        values,
+    )

@@ -1,29 +1,44 @@
-"""The engine-neutral hook runner: TensorFlow's ``_HookedSession`` rules, for both adapters.
+"""The engine-neutral session core: one session of hooks over an engine, with TF's rules.
 
-It owns the ordering (hooks in list order at every call, nothing reversed), the merging of
-hook requests (fetches per hook, feeds with TF's conflict errors, run options), the stop flag
-(applied after every ``after_run`` of the run), and hook state. An adapter drives it:
+Two pieces, each imported by every adapter and importing none:
 
-```
-runner.begin(); runner.after_create_session(raw, coord)
-per run:  pending = runner.before_run(raw, fetches, feed_dict, options)
-          <the engine runs the step with pending.tensor_feeds / pending.str_feeds applied>
-          runner.evaluate(pending, namespaces)       # hook fetches, against the step's results
-          runner.after_run(pending)
-runner.end(raw)                                    # clean end only
-```
-It imports neither Lightning nor an adapter.
+- :class:`Engine`, the short list of verbs an engine supplies (the global step, whether this
+  process is the chief, the engine's named values, checkpoints, scalar logging, agreement
+  across ranks). Hooks receive the engine as their raw session; the core implements its
+  :meth:`~Engine.run` once, with one name-lookup order.
+- :class:`HookedSession`, which owns a session from ``begin`` to ``end``: the hooks in list
+  order at every call (nothing reversed), the merging of their ``before_run`` requests
+  (fetches per hook, feeds with TF's conflict errors, run options), the run's protected
+  region (tensor feeds applied and restored, the profiler trace), the evaluation of the
+  hooks' fetches, ``after_run``, the stop flag and the hooks' state. An adapter translates
+  its engine's events into these calls::
+
+      session = HookedSession(hooks, engine)
+      session.begin(); session.create()
+      per run:  pending = session.start_run(fetches, feed_dict, options)
+                <the engine runs the step, with pending.str_feeds passed on>
+                session.finish_run(step_outputs)   # or session.abort_run() if the step raised
+      session.end()                                # clean end only
+
+Neither piece imports Lightning or an adapter.
 """
 
 from __future__ import annotations
 
-import copy
 import types
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from lightning_finalops.fetches import check_fetches, evaluate, split_feeds
+from lightning_finalops.fetches import (
+    LazyNamespace,
+    Namespace,
+    TensorFeeds,
+    check_fetches,
+    check_str_feeds_accepted,
+    evaluate,
+    split_feeds,
+)
 from lightning_finalops.session_run_hook import (
     Coordinator,
     RawSession,
@@ -34,9 +49,91 @@ from lightning_finalops.session_run_hook import (
     SessionRunHook,
     SessionRunValues,
 )
+from lightning_finalops.validation import check_sequence_of
+
+__all__ = ["Engine", "HookedSession"]
 
 STOP_REQUESTED_MESSAGE = "Run called even after should_stop requested."
-_NO_FEEDS: Mapping[Any, Any] = types.MappingProxyType({})
+_EMPTY: Mapping[Any, Any] = types.MappingProxyType({})
+_DEFAULT_OPTIONS = RunOptions()
+
+
+class Engine(RawSession):
+    """What an engine supplies to the session core; hooks receive it as their raw session.
+
+    An engine implements :attr:`global_step` and overrides the other verbs where its
+    defaults (one process, no loggers, no checkpoints, no named values) do not fit. It adds
+    whatever hooks may need from it as plain attributes (``trainer`` and ``pl_module``
+    under Lightning, ``modules`` in a plain loop). The core implements :meth:`run`.
+
+    Names resolve in one order, in hook fetches and in :meth:`run` alike: the outputs of
+    the step whose run is being finished (from the end of the step until the last
+    ``after_run``), then the engine's :meth:`named_values`, then the outputs of the latest
+    finished step. So a hook's fetch ``"loss"`` is this step's loss, and a
+    ``FinalOpsHook`` at the end of a Lightning validation reads that validation's
+    aggregated ``callback_metrics`` before the last batch's outputs.
+    """
+
+    # Set by the session core only: the latest step's outputs and whether they are fresh.
+    _step_outputs: Mapping[str, Any] = _EMPTY
+    _step_outputs_fresh: bool = False
+
+    def named_values(self) -> Mapping[str, Any]:
+        """Values the engine names beyond the step's outputs (``callback_metrics``).
+
+        Read only when a name is not among the fresh step outputs.
+        """
+        return _EMPTY
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank; every rank calls it at the same point.
+
+        One process: ``flag`` itself.
+        """
+        return flag
+
+    def restore_checkpoint(self, path: str) -> Mapping[str, Any]:
+        """Restore what :meth:`save_checkpoint` wrote; return the saved session state.
+
+        Raises:
+            NotImplementedError: the engine restores checkpoints its own way.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot restore checkpoints.")
+
+    def namespaces(self) -> Tuple[Namespace, ...]:
+        """Where names resolve now, first match wins (see the class docstring)."""
+        named = LazyNamespace(self.named_values)
+        if self._step_outputs_fresh:
+            return (self._step_outputs, named)
+        return (named, self._step_outputs)
+
+    def run(self, fetches: Any, feed_dict: Optional[Mapping[Any, Any]] = None) -> Any:
+        """Evaluate ``fetches`` now, without hooks, with ``feed_dict`` applied for this call.
+
+        Raises:
+            TypeError: an invalid fetch or feed key (the message names its position).
+            KeyError: a name is in none of the namespaces (the message lists the names).
+            ValueError: a str feed that no fetched callable accepts, or a tensor feed of
+                the wrong shape.
+        """
+        check_fetches(fetches, "fetches")
+        tensor_feeds, str_feeds = split_feeds(feed_dict, "feed_dict")
+        check_str_feeds_accepted(str_feeds, fetches)
+        feeds = TensorFeeds(tensor_feeds)
+        try:
+            feeds.apply()
+            return evaluate(fetches, self.namespaces(), str_feeds)
+        finally:
+            feeds.restore()
+
+
+def check_hooks(hooks: Any, argument: str) -> Tuple[SessionRunHook, ...]:
+    """Return ``hooks`` as a tuple after checking every item is a :class:`SessionRunHook`.
+
+    Raises:
+        TypeError: ``hooks`` is not an iterable of hooks (the message names the position).
+    """
+    return tuple(check_sequence_of(hooks, SessionRunHook, argument))
 
 
 def _hook_name(hook: SessionRunHook) -> str:
@@ -47,56 +144,49 @@ def _overrides(hook: SessionRunHook, method: str) -> bool:
     return getattr(type(hook), method) is not getattr(SessionRunHook, method)
 
 
-def check_hooks(hooks: Any, argument: str) -> Tuple[SessionRunHook, ...]:
-    """Return ``hooks`` as a tuple after checking every item is a :class:`SessionRunHook`.
-
-    Raises:
-        TypeError: ``hooks`` is not an iterable of hooks (the message names the position).
-    """
-    if hooks is None:
-        return ()
-    if isinstance(hooks, (SessionRunHook, str, Mapping)) or not hasattr(hooks, "__iter__"):
-        raise TypeError(
-            f"{argument} must be a list of SessionRunHook, got {type(hooks).__name__}."
-        )
-    hooks = tuple(hooks)
-    for i, hook in enumerate(hooks):
-        if not isinstance(hook, SessionRunHook):
-            raise TypeError(
-                f"{argument}[{i}] must be a SessionRunHook, got {type(hook).__name__} ({hook!r})."
-            )
-    return hooks
-
-
-def state_keys(hooks: Sequence[SessionRunHook]) -> List[str]:
-    """Stable, unique keys for hook state: ``state_key``, then ``#1``, ``#2``... for repeats."""
-    keys: List[str] = []
-    counts: Dict[str, int] = {}
-    for hook in hooks:
-        key = hook.state_key
-        if not isinstance(key, str) or not key:
-            raise TypeError(
-                f"{_hook_name(hook)}.state_key must be a non-empty str, got {key!r}."
-            )
-        n = counts.get(key, 0)
-        counts[key] = n + 1
-        keys.append(key if n == 0 else f"{key}#{n}")
-    return keys
-
-
 def has_state(hook: SessionRunHook) -> bool:
     """Whether ``hook`` overrides :meth:`SessionRunHook.state_dict` (the base is stateless)."""
     return type(hook).state_dict is not SessionRunHook.state_dict
 
 
-def load_hook_states(
-    hooks: Sequence[SessionRunHook], keys: Sequence[str], state: Any, strict: bool = True
-) -> None:
-    """Give each hook the state saved under its key (see :meth:`HookRunner.load_state_dict`).
+def _stateful(hooks: Sequence[SessionRunHook]) -> Tuple[List[str], List[SessionRunHook]]:
+    """The distinct stateful hooks in list order and their unique keys.
 
-    A hook without saved state keeps its own (a hook added since the save starts fresh);
-    saved empty states match anything, so a stateless hook added or removed never breaks a
-    resume.
+    A hook listed twice (in a training and an evaluation list) has one state. Keys are each
+    hook's ``state_key``, with ``#1``, ``#2``... appended to repeats.
+    """
+    distinct: Dict[int, SessionRunHook] = {}
+    for hook in hooks:
+        if has_state(hook):
+            distinct.setdefault(id(hook), hook)
+    keys: List[str] = []
+    counts: Dict[str, int] = {}
+    for hook in distinct.values():
+        key = hook.state_key
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"{_hook_name(hook)}.state_key must be a non-empty str, got {key!r}.")
+        n = counts.get(key, 0)
+        counts[key] = n + 1
+        keys.append(key if n == 0 else f"{key}#{n}")
+    return keys, list(distinct.values())
+
+
+def hook_state_dict(hooks: Sequence[SessionRunHook]) -> Dict[str, Dict[str, Any]]:
+    """``{key: state}`` of the distinct stateful hooks of ``hooks``; both adapters use it.
+
+    Stateless hooks have no key, so adding, removing or moving one never changes the keys.
+    """
+    keys, stateful = _stateful(hooks)
+    return {key: hook.state_dict() for key, hook in zip(keys, stateful)}
+
+
+def load_hook_state_dict(
+    hooks: Sequence[SessionRunHook], state: Any, strict: bool = True
+) -> None:
+    """Give each stateful hook of ``hooks`` what :func:`hook_state_dict` saved under its key.
+
+    A hook without saved state keeps its own (it was added since the save); saved empty
+    states match anything.
 
     Raises:
         TypeError: ``state`` is not a mapping.
@@ -105,16 +195,17 @@ def load_hook_states(
     """
     if not isinstance(state, Mapping):
         raise TypeError(f"hook state must be a mapping, got {type(state).__name__}.")
+    keys, stateful = _stateful(hooks)
     if strict:
-        unexpected = sorted(key for key, value in state.items() if key not in keys and value != {})
+        unexpected = sorted(key for key, value in state.items() if key not in keys and value)
         if unexpected:
             raise ValueError(
                 "The saved hook state does not match the session's hooks: saved state of "
-                f"{unexpected} has no hook here (the session's hooks: {list(keys)}). Keys are "
-                "each hook's state_key in list order ('#1' for a repeat); build the session "
-                "with the same hooks, or pass strict=False to drop that state."
+                f"{unexpected} has no hook here (the session's stateful hooks: {keys}). Keys "
+                "are each stateful hook's state_key in list order ('#1' for a repeat); build "
+                "the session with the same hooks, or pass strict=False to drop that state."
             )
-    for key, hook in zip(keys, hooks):
+    for key, hook in zip(keys, stateful):
         if key in state:
             hook.load_state_dict(state[key])
 
@@ -128,44 +219,68 @@ def _raise_if_feeds_intersect(
         raise RuntimeError(message + " Conflict(s): " + str(intersection))
 
 
-_NO_FETCHES: List[Tuple[int, Any]] = []  # never appended to: PendingRun replaces it
-_NO_RESULTS: Dict[int, Any] = {}
-
-
 class PendingRun:
-    """One run between ``before_run`` and ``after_run``: what the hooks asked for.
+    """One run between ``start_run`` and ``finish_run``: what the hooks asked for.
 
     Attributes:
         context: the :class:`SessionRunContext` shared by every hook of the run.
-        options: the merged :class:`RunOptions`; read-only for hooks. The user's object is
-            never mutated: hooks' requests are merged into a copy.
+        options: the merged :class:`RunOptions` (immutable; the user's object is kept).
         run_metadata: the run's :class:`RunMetadata`.
         tensor_feeds: ``{tensor: value}`` from the hooks and the user, merged.
-        str_feeds: ``{name: value}`` from the hooks and the user, merged.
+        str_feeds: ``{name: value}`` from the hooks and the user, merged; the engine passes
+            them to the step.
         hook_fetches: ``[(hook index, fetches)]`` for the hooks that asked for fetches.
-        results: ``{hook index: evaluated fetches}``, filled by :meth:`HookRunner.evaluate`.
     """
 
     __slots__ = (
         "context", "options", "run_metadata", "tensor_feeds", "str_feeds", "hook_fetches",
-        "results",
+        "_applied", "_trace",
     )
 
-    def __init__(self, context: SessionRunContext, options: RunOptions) -> None:
+    def __init__(self, context: Optional[SessionRunContext], options: RunOptions) -> None:
         self.context = context
         self.options = options
         self.run_metadata = RunMetadata()
-        # Read-only empty defaults: most runs feed nothing, and this object is made per run.
-        self.tensor_feeds: Mapping[torch.Tensor, Any] = _NO_FEEDS
-        self.str_feeds: Mapping[str, Any] = _NO_FEEDS
-        # shared empty defaults, replaced on the first hook request: most runs fetch nothing
-        self.hook_fetches: List[Tuple[int, Any]] = _NO_FETCHES  # type: ignore[assignment]
-        self.results: Dict[int, Any] = _NO_RESULTS  # type: ignore[assignment]
+        # Read-only empty defaults, replaced on the first request: most runs ask for nothing.
+        self.tensor_feeds: Mapping[torch.Tensor, Any] = _EMPTY
+        self.str_feeds: Mapping[str, Any] = _EMPTY
+        self.hook_fetches: Sequence[Tuple[int, Any]] = ()
+        self._applied: Optional[TensorFeeds] = None
+        self._trace: Any = None
 
     @property
     def wants_trace(self) -> bool:
         """Whether a hook or the user asked for a profiler trace of this run."""
         return self.options.trace_level > RunOptions.NO_TRACE
+
+    def enter(self) -> None:
+        """Apply the tensor feeds, then start the trace (the run's protected region)."""
+        try:
+            if self.tensor_feeds:
+                self._applied = TensorFeeds(self.tensor_feeds)
+                self._applied.apply()
+            if self.wants_trace:
+                self._trace = trace_run(self)
+                self._trace.__enter__()
+        except BaseException:
+            self.exit()
+            raise
+
+    def exit(self) -> None:
+        """Stop the trace, then restore the fed tensors; safe to call again."""
+        trace, self._trace = self._trace, None
+        applied, self._applied = self._applied, None
+        try:
+            if trace is not None:
+                trace.__exit__(None, None, None)
+        finally:
+            if applied is not None:
+                applied.restore()
+
+
+# The run of a session whose hooks have no per-run methods, when the user asks for nothing
+# either: no hook sees it, so one shared, empty object serves every such run.
+_IDLE_RUN = PendingRun(None, _DEFAULT_OPTIONS)
 
 
 def trace_run(pending: PendingRun) -> Any:
@@ -188,26 +303,43 @@ def trace_run(pending: PendingRun) -> Any:
     return profile
 
 
-class HookRunner:
-    """Runs a fixed list of hooks with TensorFlow's ``_HookedSession`` rules.
+class HookedSession:
+    """One session of a fixed list of hooks over an engine, with TensorFlow's rules.
 
     Each hook's ``before_run``/``after_run`` is looked up once, here (bound methods, and only
-    the ones a hook overrides): replacing them on a hook later has no effect on this runner.
+    the ones a hook overrides): replacing them on a hook later has no effect on this session.
+
+    A run's protected region covers the step and the evaluation of the hooks' fetches: the
+    tensor feeds are applied and the profiler trace started at the end of
+    :meth:`start_run`, and both are undone (trace stopped, feeds restored in reverse order)
+    before the first ``after_run``, or by :meth:`abort_run` when the step raised.
 
     Args:
         hooks: the session's hooks, called in this order at every point.
+        engine: the engine the session runs on; hooks receive it as their raw session.
         argument: the argument name the hooks came from, for error messages.
+        str_feeds_as_keywords: whether the engine passes str feeds as keyword arguments to
+            the callables of the run (a plain loop: each must be accepted by one of them),
+            rather than by other means (Lightning sets them on the batch).
 
     Raises:
         TypeError: an item of ``hooks`` is not a :class:`SessionRunHook`.
     """
 
-    def __init__(self, hooks: Any, argument: str = "hooks") -> None:
+    def __init__(
+        self,
+        hooks: Any,
+        engine: Engine,
+        argument: str = "hooks",
+        *,
+        str_feeds_as_keywords: bool = True,
+    ) -> None:
         self.hooks = check_hooks(hooks, argument)
-        self.keys = state_keys(self.hooks)
-        # Skipping the base class's empty methods is invisible to hooks and keeps the
-        # per-run cost proportional to the hooks that do something.
-        # bound methods, looked up once: these loops run at every step
+        self.engine = engine
+        self.coord = Coordinator()
+        self._str_feeds_as_keywords = str_feeds_as_keywords
+        # Bound methods, looked up once, of the hooks that override them: these loops run
+        # at every step, and skipping the base class's empty methods is invisible to hooks.
         self._before = [
             (i, h, h.before_run) for i, h in enumerate(self.hooks) if _overrides(h, "before_run")
         ]
@@ -218,7 +350,8 @@ class HookRunner:
         #: no hook overrides ``before_run`` or ``after_run``: a run needs no hook calls
         self.idle_per_run = not self._before and not self._after
         self.should_stop = False
-        self._default_options = RunOptions()
+        self.created = False
+        self._run: Optional[PendingRun] = None
 
     # -- session lifecycle -------------------------------------------------------------------
     def begin(self) -> None:
@@ -226,65 +359,81 @@ class HookRunner:
         for hook in self.hooks:
             hook.begin()
 
-    def after_create_session(self, session: RawSession, coord: Coordinator) -> None:
-        """Call every hook's ``after_create_session(session, coord)`` in order."""
+    def create(self) -> None:
+        """Call every hook's ``after_create_session(engine, coord)`` in order, once."""
+        if self.created:
+            return
+        self.created = True
         for hook in self.hooks:
-            hook.after_create_session(session, coord)
+            hook.after_create_session(self.engine, self.coord)
 
-    def end(self, session: Optional[RawSession]) -> None:
-        """Call every hook's ``end(session)`` in order; an exception skips the later hooks."""
+    def end(self, *, closed: bool = False) -> None:
+        """Call every hook's ``end(engine)`` in order; an exception skips the later hooks.
+
+        A session that was never created is created first (an engine that skipped its
+        creation point). With ``closed`` (a closed session closed again, as TF) the hooks
+        get ``end(None)``.
+        """
+        self.create()
+        session = None if closed else self.engine
         for hook in self.hooks:
             hook.end(session)
 
     # -- one run ---------------------------------------------------------------------------
-    def before_run(
+    @property
+    def in_run(self) -> bool:
+        """Whether a run was started and neither finished nor aborted."""
+        return self._run is not None
+
+    def start_run(
         self,
-        session: RawSession,
         fetches: Any = None,
         feed_dict: Optional[Mapping[Any, Any]] = None,
         options: Optional[RunOptions] = None,
     ) -> PendingRun:
-        """Call every hook's ``before_run`` in order and merge their requests.
+        """Call every hook's ``before_run`` in order, merge their requests, enter the run.
 
         Args:
-            session: the raw session handed to hooks in the run context.
             fetches: the user's fetches (for ``run_context.original_args``).
             feed_dict: the user's feeds.
-            options: the user's run options (copied, never mutated).
+            options: the user's run options.
 
         Returns:
-            The :class:`PendingRun` the engine executes.
+            The :class:`PendingRun`; the engine runs the step with its ``str_feeds``.
 
         Raises:
-            RuntimeError: a stop was requested earlier, or two feeds conflict (TF's texts).
+            RuntimeError: a stop was requested earlier, a run is already in flight, or two
+                feeds conflict (TF's texts).
             TypeError: a hook returned something else than ``SessionRunArgs``/``None``, or
                 asked for an invalid fetch or feed.
+            ValueError: a str feed that no callable of the run accepts (with
+                ``str_feeds_as_keywords``), or a tensor feed of the wrong shape.
         """
         if self.should_stop:
             raise RuntimeError(STOP_REQUESTED_MESSAGE)
-        if options is None:
-            merged = self._default_options  # copied before a hook's request is merged in
-        elif isinstance(options, RunOptions):
-            merged = options  # likewise: the user's object is never mutated
-        else:
+        if self._run is not None:
+            raise RuntimeError("start_run() called while a run is in flight; finish or abort it.")
+        if options is not None and not isinstance(options, RunOptions):
             raise TypeError(f"options must be a RunOptions or None, got {type(options).__name__}.")
-        context = SessionRunContext(SessionRunArgs(fetches, feed_dict), session)
-        pending = PendingRun(context, merged)
+        if self.idle_per_run and feed_dict is None and options is None:
+            self._run = _IDLE_RUN
+            return _IDLE_RUN
+        context = SessionRunContext(SessionRunArgs(fetches, feed_dict), self.engine)
+        pending = PendingRun(context, options or _DEFAULT_OPTIONS)
+        hook_fetches: List[Tuple[int, Any]] = []
         hook_feeds: Optional[Dict[Any, Any]] = None
         for i, hook, before_run in self._before:
             request = before_run(context)
             if request is None:
                 continue
-            if type(request) is not SessionRunArgs and not isinstance(request, SessionRunArgs):
+            if not isinstance(request, SessionRunArgs):
                 raise TypeError(
                     f"{_hook_name(hook)}.before_run must return a SessionRunArgs or None, "
                     f"got {type(request).__name__}."
                 )
             if request.fetches is not None:
                 check_fetches(request.fetches, f"{_hook_name(hook)}.before_run fetches")
-                if pending.hook_fetches is _NO_FETCHES:
-                    pending.hook_fetches, pending.results = [], {}
-                pending.hook_fetches.append((i, request.fetches))
+                hook_fetches.append((i, request.fetches))
             if request.feed_dict:
                 split_feeds(request.feed_dict, f"{_hook_name(hook)}.before_run feed_dict")
                 if hook_feeds is None:
@@ -294,60 +443,101 @@ class HookRunner:
                 )
                 hook_feeds.update(request.feed_dict)
             if request.options:
-                if pending.options is merged:
-                    pending.options = copy.copy(merged)
-                pending.options.merge_from(request.options)
+                pending.options = pending.options.merged(request.options)
+        if hook_fetches:
+            pending.hook_fetches = hook_fetches
         if feed_dict or hook_feeds:
-            user_tensor_feeds, user_str_feeds = split_feeds(feed_dict, "feed_dict")
+            tensor_feeds, str_feeds = split_feeds(feed_dict, "feed_dict")
             if hook_feeds:
                 if feed_dict:
                     _raise_if_feeds_intersect(
                         feed_dict, hook_feeds, "Same tensor is fed by a SessionRunHook and user."
                     )
                 hook_tensor_feeds, hook_str_feeds = split_feeds(hook_feeds, "feed_dict")
-                user_tensor_feeds = {**hook_tensor_feeds, **user_tensor_feeds}
-                user_str_feeds = {**hook_str_feeds, **user_str_feeds}
-            pending.tensor_feeds = user_tensor_feeds
-            pending.str_feeds = user_str_feeds
+                tensor_feeds = {**hook_tensor_feeds, **tensor_feeds}
+                str_feeds = {**hook_str_feeds, **str_feeds}
+            pending.tensor_feeds = tensor_feeds
+            pending.str_feeds = str_feeds
+            if str_feeds and self._str_feeds_as_keywords:
+                check_str_feeds_accepted(str_feeds, fetches, [f for _, f in hook_fetches])
+        pending.enter()
+        self._run = pending
         return pending
 
-    def evaluate(
-        self, pending: PendingRun, namespaces: Sequence[Mapping[str, Any]] = ()
-    ) -> None:
-        """Evaluate every hook's fetches after the step, against the step's namespaces."""
-        feeds = pending.str_feeds
-        for i, fetches in pending.hook_fetches:
-            pending.results[i] = evaluate(
-                fetches, namespaces, feeds, f"{_hook_name(self.hooks[i])}.before_run fetches"
-            )
+    def finish_run(self, outputs: Any) -> bool:
+        """The step ran: evaluate the hooks' fetches, leave the run, call every ``after_run``.
 
-    def after_run(self, pending: PendingRun) -> None:
-        """Call every hook's ``after_run`` in order, then apply a requested stop.
+        The hooks' fetches are evaluated against ``outputs`` (when it is a mapping), then
+        the engine's named values. An exception in a fetch or in an ``after_run`` skips the
+        later hooks and propagates; the stop flag is then not applied (TF's rule).
 
-        An exception in a hook's ``after_run`` skips the later hooks and propagates; the stop
-        flag is then not applied (TF's rule).
+        Args:
+            outputs: what the step returned (a dict makes its keys fetchable by name).
+
+        Returns:
+            Whether the session should stop, agreed across ranks through the engine.
         """
-        context, results = pending.context, pending.results
-        no_results = SessionRunValues(None, pending.options, pending.run_metadata)
-        if not results:
-            for after_run in self._after_calls:
-                after_run(context, no_results)
-        else:
-            for i, after_run in self._after:
-                if i in results:
-                    values = SessionRunValues(results[i], pending.options, pending.run_metadata)
-                    after_run(context, values)
-                else:
+        pending = self._run
+        if pending is None:
+            raise RuntimeError("finish_run() called without a run in flight.")
+        engine = self.engine
+        engine._step_outputs = outputs if isinstance(outputs, Mapping) else _EMPTY
+        if pending is _IDLE_RUN:
+            self._run = None
+            return self.should_stop
+        engine._step_outputs_fresh = True
+        try:
+            try:
+                results = self._evaluate_hook_fetches(pending)
+            finally:
+                pending.exit()
+            context = pending.context
+            assert context is not None
+            no_results = SessionRunValues(None, pending.options, pending.run_metadata)
+            if not results:
+                for after_run in self._after_calls:
                     after_run(context, no_results)
-        self.should_stop = self.should_stop or context.stop_requested
+            else:
+                for i, after_run in self._after:
+                    if i in results:
+                        values = SessionRunValues(results[i], pending.options,
+                                                  pending.run_metadata)
+                        after_run(context, values)
+                    else:
+                        after_run(context, no_results)
+            self.should_stop = self.should_stop or context.stop_requested
+        finally:
+            engine._step_outputs_fresh = False
+            self._run = None
+        self.should_stop = engine.any_rank(self.should_stop)
+        return self.should_stop
+
+    def abort_run(self) -> None:
+        """The step raised (or never finished): leave the run without any ``after_run``."""
+        pending, self._run = self._run, None
+        self.engine._step_outputs_fresh = False
+        if pending is not None:
+            pending.exit()
+
+    def _evaluate_hook_fetches(self, pending: PendingRun) -> Dict[int, Any]:
+        if not pending.hook_fetches:
+            return {}
+        namespaces = self.engine.namespaces()
+        return {
+            i: evaluate(
+                fetches, namespaces, pending.str_feeds,
+                f"{_hook_name(self.hooks[i])}.before_run fetches",
+            )
+            for i, fetches in pending.hook_fetches
+        }
 
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Dict[str, Any]]:
-        """Every hook's ``state_dict()`` under its unique key."""
-        return {key: hook.state_dict() for key, hook in zip(self.keys, self.hooks)}
+        """Every stateful hook's ``state_dict()`` under its unique key."""
+        return hook_state_dict(self.hooks)
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
-        """Give each hook the state saved under its key.
+        """Give each stateful hook the state saved under its key.
 
         Args:
             state: what :meth:`state_dict` returned.
@@ -360,4 +550,4 @@ class HookRunner:
                 empty states match anything: adding or removing a stateless hook, or adding
                 a stateful one, never breaks a resume.
         """
-        load_hook_states(self.hooks, self.keys, state, strict)
+        load_hook_state_dict(self.hooks, state, strict)

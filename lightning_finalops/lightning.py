@@ -12,26 +12,22 @@ the ``Callback`` of ``pytorch_lightning`` and, when installed, of ``lightning.py
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple
 
 import pytorch_lightning
 
+from lightning_finalops.checkpoints import atomic_write
 from lightning_finalops.distributed import any_rank
-from lightning_finalops.fetches import TensorFeeds, check_fetches, evaluate, split_feeds, to_host
 from lightning_finalops.hooked_session import (
-    HookRunner,
-    PendingRun,
+    Engine,
+    HookedSession,
     check_hooks,
-    has_state,
-    load_hook_states,
-    state_keys,
-    trace_run,
+    hook_state_dict,
+    load_hook_state_dict,
 )
-from lightning_finalops.hooks.final_ops import FinalOpsHook
-from lightning_finalops.monitored_session import _check_str_feeds_accepted, _tensor_feeds_applied
-from lightning_finalops.session_run_hook import Coordinator, RawSession, SessionRunHook
+from lightning_finalops.hooks.final_ops import FinalOpsExportHook, FinalOpsHook
+from lightning_finalops.session_run_hook import SessionRunHook
 
 try:  # the unified package is optional; its Callback is a distinct class
     import lightning.pytorch as _lightning_pytorch
@@ -47,18 +43,18 @@ _CALLBACK_BASES: Tuple[type, ...] = (pytorch_lightning.Callback,) + (
 TRAINING, EVALUATION, PREDICTION = "training", "evaluation", "prediction"
 
 
-class _LightningRawSession(RawSession):
-    """The raw session hooks receive under Lightning: runs on it trigger no hooks.
+class _LightningEngine(Engine):
+    """The engine of a Lightning session: the hooks' raw session inside a ``Trainer``.
 
-    Names in its fetches resolve against ``trainer.callback_metrics`` (at the end of a
-    validation: that validation's aggregated values), then the latest step's outputs. Names in
-    hook fetches of a run resolve the other way round: the step's outputs first.
+    Its named values are ``trainer.callback_metrics`` (at the end of a validation: that
+    validation's aggregated values), read only when a name is not among the step's fresh
+    outputs.
     """
 
     def __init__(self, trainer: Any, pl_module: Any) -> None:
         self.trainer = trainer
         self.pl_module = pl_module
-        self._outputs: Mapping[str, Any] = {}
+        self._world_size: int = trainer.world_size  # fixed for the session; read every batch
 
     @property
     def global_step(self) -> int:
@@ -75,6 +71,14 @@ class _LightningRawSession(RawSession):
         """Whether this process is global rank 0."""
         return bool(self.trainer.is_global_zero)
 
+    def named_values(self) -> Mapping[str, Any]:
+        """``trainer.callback_metrics``."""
+        return self.trainer.callback_metrics
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (a CPU all-reduce when there are several)."""
+        return any_rank(flag, self._world_size) if self._world_size > 1 else flag
+
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Send scalars to every logger of the trainer, on global rank 0 only."""
         if self.trainer.is_global_zero:
@@ -85,74 +89,15 @@ class _LightningRawSession(RawSession):
         """``trainer.save_checkpoint`` (every rank calls it), written atomically by rank 0.
 
         The file is a Lightning checkpoint: ``fit(ckpt_path=path)`` resumes from it, hooks'
-        state included.
+        state included. Lightning's strategies write a checkpoint file on rank 0 only; the
+        other ranks take part in the collective and write nothing.
         """
-        tmp = path + ".tmp"
-        try:
-            self.trainer.save_checkpoint(tmp)  # a collective: rank 0 writes, all ranks wait
-            if self.trainer.is_global_zero:
-                os.replace(tmp, path)
-        except BaseException:
-            if self.trainer.is_global_zero and os.path.exists(tmp):
-                os.remove(tmp)  # never leave a half-written file beside the checkpoints
-            raise
+        if self.trainer.is_global_zero:
+            atomic_write(path, self.trainer.save_checkpoint)
+        else:
+            self.trainer.save_checkpoint(path)
+        # every rank returns once the file is in place under its final name
         self.trainer.strategy.barrier("lightning_finalops.save_checkpoint")
-
-    def step_namespaces(self) -> Tuple[Mapping[str, Any], ...]:
-        """Where names in hook fetches of a run resolve: the step's outputs first."""
-        return (self._outputs, self.trainer.callback_metrics)
-
-    def run(self, fetches: Any, feed_dict: Optional[Mapping[Any, Any]] = None) -> Any:
-        """Evaluate ``fetches`` now, without hooks, with ``feed_dict`` applied for this call.
-
-        Raises:
-            TypeError: an invalid fetch or feed key (the message names its position).
-            KeyError: a name in neither the latest outputs nor ``trainer.callback_metrics``.
-        """
-        check_fetches(fetches, "fetches")
-        tensor_feeds, str_feeds = split_feeds(feed_dict, "feed_dict")
-        _check_str_feeds_accepted(str_feeds, fetches)
-        with _tensor_feeds_applied(tensor_feeds):
-            return evaluate(fetches, (self.trainer.callback_metrics, self._outputs), str_feeds)
-
-
-class _Session:
-    """One open session of one kind: its runner, raw session and the run in flight."""
-
-    __slots__ = ("runner", "raw", "coord", "pending", "feeds", "trace", "created", "world_size")
-
-    def __init__(self, hooks: Sequence[SessionRunHook], trainer: Any, pl_module: Any) -> None:
-        self.runner = HookRunner(hooks)
-        self.raw = _LightningRawSession(trainer, pl_module)
-        self.coord = Coordinator()
-        self.pending: Optional[PendingRun] = None
-        self.feeds: Optional[TensorFeeds] = None
-        self.trace: Any = None
-        self.created = False
-        self.world_size: int = trainer.world_size  # fixed for the session; read every batch
-
-    def end_step(self) -> None:
-        """The step is over: stop its trace, restore the tensors it fed."""
-        if self.trace is not None:
-            trace, self.trace = self.trace, None
-            trace.__exit__(None, None, None)
-        if self.feeds is not None:
-            feeds, self.feeds = self.feeds, None
-            feeds.restore()
-
-
-def _flatten_scalars(values: Any, prefix: str, out: Dict[str, float]) -> None:
-    """Collect the scalar leaves of a host-side structure as ``{"prefix/key": float}``."""
-    if isinstance(values, Mapping):
-        for key, value in values.items():
-            _flatten_scalars(value, f"{prefix}/{key}", out)
-    elif isinstance(values, (list, tuple)):
-        for i, value in enumerate(values):
-            _flatten_scalars(value, f"{prefix}/{i}", out)
-    elif hasattr(values, "numel") and values.numel() == 1:
-        out[prefix] = float(values.reshape(-1)[0])
-    elif isinstance(values, (int, float)) and not isinstance(values, bool):
-        out[prefix] = float(values)
 
 
 class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
@@ -218,20 +163,15 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         self.include_sanity_check = bool(include_sanity_check)
         self.log_final_ops = bool(log_final_ops)
         self.name = name
-        self._sessions: Dict[str, _Session] = {}
+        self._sessions: Dict[str, HookedSession] = {}
         self._warned_continue = False
         # A constant key (not one built from the hooks): a resume with hooks added or removed
         # still finds the saved state, and load_state_dict reports what cannot be restored.
         self._state_key = "HookCallback" if name is None else f"HookCallback[{name}]"
 
     # -- identity and state ----------------------------------------------------------------
-    def _stateful_hooks(self) -> List[SessionRunHook]:
-        """Each hook with state once (a hook in two lists has one state), in list order."""
-        seen: Dict[int, SessionRunHook] = {}
-        for hook in (*self.training_hooks, *self.evaluation_hooks, *self.prediction_hooks):
-            if has_state(hook):
-                seen.setdefault(id(hook), hook)
-        return list(seen.values())
+    def _all_hooks(self) -> List[SessionRunHook]:
+        return [*self.training_hooks, *self.evaluation_hooks, *self.prediction_hooks]
 
     @property
     def state_key(self) -> str:
@@ -249,10 +189,8 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
 
         ``{}`` (so nothing in the checkpoint) when no hook has state.
         """
-        hooks = self._stateful_hooks()
-        if not hooks:
-            return {}
-        return {"hooks": {k: h.state_dict() for k, h in zip(state_keys(hooks), hooks)}}
+        states = hook_state_dict(self._all_hooks())
+        return {"hooks": states} if states else {}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Give every hook its saved state (Lightning calls this on ``ckpt_path=...``).
@@ -268,57 +206,46 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
                 "HookCallback state must be a mapping {'hooks': {key: state}}, got "
                 f"{type(state_dict).__name__}."
             )
-        hooks = self._stateful_hooks()
-        load_hook_states(hooks, state_keys(hooks), state_dict.get("hooks", {}))
+        load_hook_state_dict(self._all_hooks(), state_dict.get("hooks", {}))
 
-    # -- session helpers -------------------------------------------------------------------
-    def _hooks_of(self, kind: str) -> List[SessionRunHook]:
-        return {
+    # -- sessions --------------------------------------------------------------------------
+    def _open(
+        self, kind: str, trainer: Any, pl_module: Any, extra: Sequence[SessionRunHook] = ()
+    ) -> Optional[HookedSession]:
+        hooks = {
             TRAINING: self.training_hooks,
             EVALUATION: self.evaluation_hooks,
             PREDICTION: self.prediction_hooks,
         }[kind]
-
-    def _open(self, kind: str, trainer: Any, pl_module: Any) -> Optional[_Session]:
-        hooks = self._hooks_of(kind)
         if not hooks:
             return None
         _refuse_spawn_launcher(trainer, hooks)
-        session = _Session(hooks, trainer, pl_module)
+        session = HookedSession(
+            [*hooks, *extra], _LightningEngine(trainer, pl_module), f"{kind}_hooks",
+            str_feeds_as_keywords=False,
+        )
         self._sessions[kind] = session
-        session.runner.begin()
+        session.begin()
         return session
 
-    def _create(self, kind: str) -> None:
-        session = self._sessions.get(kind)
-        if session is not None and not session.created:
-            session.created = True
-            session.runner.after_create_session(session.raw, session.coord)
-
-    def _close(self, kind: str) -> Optional[_Session]:
+    def _close(self, kind: str) -> None:
         """End a session cleanly: every hook's ``end()`` in order."""
         session = self._sessions.pop(kind, None)
-        if session is None:
-            return None
-        session.end_step()
-        if not session.created:  # Lightning skipped the creation point (stop in on_fit_start)
-            session.created = True
-            session.runner.after_create_session(session.raw, session.coord)
-        session.runner.end(session.raw)
-        return session
+        if session is not None:
+            session.abort_run()  # a run Lightning never finished (no batch end)
+            session.end()
 
     def _before_run(self, kind: str, batch: Any) -> None:
         session = self._sessions.get(kind)
         if session is None:
             return
-        session.end_step()  # a run that got no batch end (Lightning skipped it)
-        runner = session.runner
-        if runner.should_stop and kind != TRAINING:
+        session.abort_run()  # a run that got no batch end (Lightning skipped it)
+        if session.should_stop and kind != TRAINING:
             # A hook stopped this evaluation/prediction after the previous batch. Lightning has
             # no API for that; its loops end the run cleanly on StopIteration raised before the
             # step (on_*_epoch_end and on_*_end still run, the previous batch fully counted).
             raise StopIteration
-        if runner.should_stop:
+        if session.should_stop:
             # Lightning keeps training past a stop while min_epochs/min_steps are not met.
             if not self._warned_continue:
                 self._warned_continue = True
@@ -327,61 +254,27 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
                     "min_epochs/min_steps; the hooks keep running for those batches.",
                     stacklevel=2,
                 )
-            runner.should_stop = False
-        pending = runner.before_run(session.raw)
-        session.pending = pending
+            session.should_stop = False
+        pending = session.start_run()
         if pending.str_feeds:
             if not isinstance(batch, MutableMapping):
+                session.abort_run()
                 raise TypeError(
                     f"Hooks fed {sorted(pending.str_feeds)} (str feed keys), which HookCallback "
                     f"sets on the batch, but the batch is a {type(batch).__name__}: return a "
                     "dict from the dataloader (or collate_fn) to use str feeds."
                 )
             batch.update(pending.str_feeds)
-        if pending.tensor_feeds:
-            session.feeds = TensorFeeds(pending.tensor_feeds)
-            session.feeds.apply()
-        if pending.wants_trace:
-            session.trace = trace_run(pending)
-            session.trace.__enter__()
 
     def _after_run(self, kind: str, outputs: Any) -> bool:
         """Finish the run; return whether the session should stop (agreed across ranks)."""
         session = self._sessions.get(kind)
-        if session is None or session.pending is None:
+        if session is None or not session.in_run:
             return False
-        pending, session.pending = session.pending, None
-        raw = session.raw
-        raw._outputs = outputs if type(outputs) is dict or isinstance(outputs, Mapping) else {}
-        if session.trace is not None:  # the trace covers the step, not the hooks' fetches
-            trace, session.trace = session.trace, None
-            trace.__exit__(None, None, None)
-        try:
-            if pending.hook_fetches:
-                session.runner.evaluate(pending, raw.step_namespaces())
-        finally:
-            session.end_step()
-        runner = session.runner
-        runner.after_run(pending)
-        if session.world_size > 1:
-            runner.should_stop = any_rank(runner.should_stop, session.world_size)
-        return runner.should_stop
+        return session.finish_run(outputs)
 
     def _is_session(self, trainer: Any) -> bool:
         return self.include_sanity_check or not trainer.sanity_checking
-
-    def _log_final_ops(self, raw: _LightningRawSession, prefix: str) -> None:
-        if not self.log_final_ops or not raw.trainer.loggers:
-            return
-        hooks = [h for h in self.evaluation_hooks if isinstance(h, FinalOpsHook)]
-        metrics: Dict[str, float] = {}
-        for i, hook in enumerate(hooks):
-            if hook.final_ops_values is None:
-                continue
-            key = prefix if len(hooks) == 1 else f"{prefix}/{i}"
-            _flatten_scalars(to_host(hook.final_ops_values), key, metrics)
-        if metrics:
-            raw.log_metrics(metrics, step=raw.global_step)
 
     # -- training session ------------------------------------------------------------------
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -391,7 +284,9 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """Training session: ``after_create_session`` (model on device, state restored)."""
-        self._create(TRAINING)
+        session = self._sessions.get(TRAINING)
+        if session is not None:
+            session.create()
 
     def on_train_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
@@ -416,18 +311,20 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         self._close(TRAINING)
 
     # -- evaluation sessions ---------------------------------------------------------------
-    def _eval_start(self, trainer: Any, pl_module: Any) -> None:
-        if self._is_session(trainer) and self._open(EVALUATION, trainer, pl_module):
-            self._create(EVALUATION)
-
-    def _eval_end(self, prefix: str) -> None:
-        session = self._close(EVALUATION)
+    def _eval_start(self, trainer: Any, pl_module: Any, prefix: str) -> None:
+        if not self._is_session(trainer):
+            return
+        extra: List[SessionRunHook] = []
+        final_ops_hooks = [h for h in self.evaluation_hooks if isinstance(h, FinalOpsHook)]
+        if self.log_final_ops and final_ops_hooks and trainer.loggers:
+            extra.append(FinalOpsExportHook(final_ops_hooks, prefix))
+        session = self._open(EVALUATION, trainer, pl_module, extra)
         if session is not None:
-            self._log_final_ops(session.raw, prefix)
+            session.create()
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         """Evaluation session: ``begin()`` and ``after_create_session``."""
-        self._eval_start(trainer, pl_module)
+        self._eval_start(trainer, pl_module, "final_ops/val")
 
     def on_validation_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
@@ -444,11 +341,11 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         """Evaluation session: every hook's ``end()``, then the values to the loggers."""
-        self._eval_end("final_ops/val")
+        self._close(EVALUATION)
 
     def on_test_start(self, trainer: Any, pl_module: Any) -> None:
         """Evaluation session: ``begin()`` and ``after_create_session``."""
-        self._eval_start(trainer, pl_module)
+        self._eval_start(trainer, pl_module, "final_ops/test")
 
     def on_test_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
@@ -465,13 +362,14 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
 
     def on_test_end(self, trainer: Any, pl_module: Any) -> None:
         """Evaluation session: every hook's ``end()``, then the values to the loggers."""
-        self._eval_end("final_ops/test")
+        self._close(EVALUATION)
 
     # -- prediction session ----------------------------------------------------------------
     def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
         """Prediction session: ``begin()`` and ``after_create_session``."""
-        if self._open(PREDICTION, trainer, pl_module):
-            self._create(PREDICTION)
+        session = self._open(PREDICTION, trainer, pl_module)
+        if session is not None:
+            session.create()
 
     def on_predict_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
@@ -497,7 +395,7 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         # flight and forget the sessions; never raise here (it would skip Lightning's cleanup).
         for session in self._sessions.values():
             try:
-                session.end_step()
+                session.abort_run()
             except Exception as e:  # pragma: no cover - defensive
                 warnings.warn(f"HookCallback could not end the step: {e!r}", stacklevel=2)
         self._sessions.clear()
@@ -505,6 +403,8 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
 
 def _refuse_spawn_launcher(trainer: Any, hooks: Sequence[SessionRunHook]) -> None:
     """Refuse spawn-style launchers when hooks hold results the launching process would lose."""
+    # Lightning has no public way to ask whether the launching process is a rank: its
+    # launchers are exported under private names only, so the class is matched by name.
     launcher = getattr(trainer.strategy, "launcher", None)
     if type(launcher).__name__ != "_MultiProcessingLauncher":
         return
@@ -513,8 +413,9 @@ def _refuse_spawn_launcher(trainer: Any, hooks: Sequence[SessionRunHook]) -> Non
         raise RuntimeError(
             f"HookCallback: {holders} collect values in the worker processes of "
             f"strategy={type(trainer.strategy).__name__} with start method "
-            f"'{launcher._start_method}', and the launching process never sees them (Lightning "
-            "sends back only the model and callback_metrics). Use strategy='ddp' (the "
-            "launching process is rank 0 and keeps its hooks' values), or log the values "
+            f"'{getattr(launcher, '_start_method', 'spawn')}', and the launching process never "
+            "sees them (Lightning sends back only the model and callback_metrics). Use "
+            "strategy='ddp' (the launching process is rank 0 and keeps its hooks' values), or "
+            "log the values "
             "(HookCallback(log_final_ops=True) writes each evaluation's values to the loggers)."
         )

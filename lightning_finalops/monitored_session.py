@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Type
+from typing import Any, Callable, Dict, Mapping, Optional, Type
 
 import torch
 
 from lightning_finalops.checkpoints import atomic_torch_save, latest_checkpoint
-from lightning_finalops.fetches import (
-    TensorFeeds,
-    _is_metric,
-    accepted_keywords,
-    check_fetches,
-    evaluate,
-    iter_callables,
-    snapshot,
-    split_feeds,
-)
+from lightning_finalops.distributed import is_rank_zero
+from lightning_finalops.fetches import check_fetches, evaluate, is_metric, snapshot
 from lightning_finalops.hooked_session import (
     STOP_REQUESTED_MESSAGE,
-    HookRunner,
-    PendingRun,
-    trace_run,
+    Engine,
+    HookedSession,
 )
 from lightning_finalops.session_run_hook import (
     Coordinator,
@@ -33,49 +23,6 @@ from lightning_finalops.session_run_hook import (
 )
 
 __all__ = ["MonitoredSession", "StepContext"]
-
-_EMPTY: Mapping[str, Any] = {}
-
-
-def _names(values: Any) -> Mapping[str, Any]:
-    """What later fetches can name: the run's values if they are a dict, else nothing."""
-    return values if type(values) is dict or isinstance(values, Mapping) else _EMPTY
-
-
-def _is_rank_zero() -> bool:
-    """Global rank 0 of ``torch.distributed``, or True when it is not initialized."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _check_str_feeds_accepted(str_feeds: Mapping[str, Any], *structures: Any) -> None:
-    """Raise unless every string feed is accepted by some callable of the run."""
-    if not str_feeds:
-        return
-    accepted = set()
-    for structure in structures:
-        for fn in iter_callables(structure):
-            accepted.update(accepted_keywords(fn, list(str_feeds)))
-    unused = [name for name in str_feeds if name not in accepted]
-    if unused:
-        raise ValueError(
-            f"feed_dict keys {unused} are str feeds, which are passed as keyword arguments to "
-            "the callables fetched in the run, but no callable of this run accepts them. "
-            "Add the parameter to the step function, or feed a tensor instead."
-        )
-
-
-@contextlib.contextmanager
-def _tensor_feeds_applied(feeds: Mapping[torch.Tensor, Any]) -> Iterator[None]:
-    if not feeds:
-        yield
-        return
-    applied = TensorFeeds(feeds)
-    applied.apply()
-    try:
-        yield
-    finally:  # restored even when the run raises
-        applied.restore()
 
 
 def _named(objects: Any, argument: str, kind: type) -> Dict[str, Any]:
@@ -101,10 +48,11 @@ def _named(objects: Any, argument: str, kind: type) -> Dict[str, Any]:
     return items
 
 
-class _PlainRawSession(RawSession):
-    """The raw session of a :class:`MonitoredSession`: runs on it trigger no hooks.
+class _PlainEngine(Engine):
+    """The engine of a :class:`MonitoredSession`: the hooks' raw session in a plain loop.
 
-    Names in its fetches resolve against the dict returned by the latest run.
+    Names in its fetches resolve against the dict returned by the latest run (a plain loop
+    names nothing else).
     """
 
     def __init__(self, modules: Any, optimizers: Any,
@@ -118,7 +66,6 @@ class _PlainRawSession(RawSession):
         self._named_optimizers = _named(optimizers, "optimizers", torch.optim.Optimizer)
         self._session_state = session_state
         self._global_step = 0
-        self._named_values: Mapping[str, Any] = _EMPTY
 
     @property
     def global_step(self) -> int:
@@ -138,7 +85,7 @@ class _PlainRawSession(RawSession):
         """
         if self._is_chief is not None:
             return self._is_chief
-        return _is_rank_zero()
+        return is_rank_zero()
 
     def save_checkpoint(self, path: str) -> None:
         """Write modules, optimizers, global step and hook state to ``path``, atomically.
@@ -174,20 +121,6 @@ class _PlainRawSession(RawSession):
             for name, obj in named.items():
                 obj.load_state_dict(saved[name])
         return checkpoint["session"]
-
-    def run(self, fetches: Any, feed_dict: Optional[Mapping[Any, Any]] = None) -> Any:
-        """Evaluate ``fetches`` now, without hooks, with ``feed_dict`` applied for this call.
-
-        Raises:
-            TypeError: an invalid fetch or feed key (the message names its position).
-            KeyError: a name is not in the latest run's returned dict.
-            ValueError: a str feed no fetched callable accepts, or a tensor feed of the wrong shape.
-        """
-        check_fetches(fetches, "fetches")
-        tensor_feeds, str_feeds = split_feeds(feed_dict, "feed_dict")
-        _check_str_feeds_accepted(str_feeds, fetches)
-        with _tensor_feeds_applied(tensor_feeds):
-            return evaluate(fetches, (self._named_values,), str_feeds)
 
 
 class StepContext:
@@ -263,11 +196,10 @@ class MonitoredSession:
         checkpoint_basename: str = "model.ckpt",
         is_chief: Optional[bool] = None,
     ) -> None:
-        self._runner = HookRunner(hooks, "hooks")
-        self._raw = _PlainRawSession(modules, optimizers, self.state_dict, is_chief)
-        self._coord = Coordinator()
+        self._engine = _PlainEngine(modules, optimizers, self.state_dict, is_chief)
+        self._session = HookedSession(hooks, self._engine, "hooks")
         self._closed = False
-        self._runner.begin()
+        self._session.begin()
         latest = latest_checkpoint(checkpoint_dir, checkpoint_basename) if checkpoint_dir else None
         if latest is not None:
             if state is not None:
@@ -275,33 +207,33 @@ class MonitoredSession:
                     f"Pass either state or a checkpoint_dir to restore from, not both "
                     f"({latest} exists)."
                 )
-            state = self._raw.restore_checkpoint(latest)
+            state = self._engine.restore_checkpoint(latest)
         if state is not None:
             self.load_state_dict(state)
-        self._runner.after_create_session(self._raw, self._coord)
+        self._session.create()
 
     @property
     def hooks(self) -> tuple[SessionRunHook, ...]:
         """The session's hooks, in call order."""
-        return self._runner.hooks
+        return self._session.hooks
 
     @property
     def global_step(self) -> int:
         """Completed runs: without the current run in ``before_run``, with it in ``after_run``."""
-        return self._raw.global_step
+        return self._engine.global_step
 
     @property
     def coordinator(self) -> Coordinator:
         """The coordinator hooks received in ``after_create_session``."""
-        return self._coord
+        return self._session.coord
 
     def raw_session(self) -> RawSession:
         """The raw session hooks receive: runs on it trigger no hooks."""
-        return self._raw
+        return self._engine
 
     def should_stop(self) -> bool:
         """True once closed, after a hook requested a stop, or when the coordinator stopped."""
-        return self._closed or self._runner.should_stop or self._coord.should_stop()
+        return self._closed or self._session.should_stop or self._session.coord.should_stop()
 
     def run(
         self,
@@ -332,48 +264,26 @@ class MonitoredSession:
         """
         if self._closed:
             raise RuntimeError("Run called on a closed MonitoredSession.")
-        runner = self._runner
-        if runner.should_stop:
+        session = self._session
+        if session.should_stop:
             raise RuntimeError(STOP_REQUESTED_MESSAGE)
         if not callable(fetches):  # a lone callable (the step) is always a valid fetch
             check_fetches(fetches, "fetches")
-        if runner.idle_per_run and feed_dict is None and options is None:
-            # The common run of a session whose hooks act only at its start and end (a lone
-            # FinalOpsHook): nothing to call, merge or feed, so no per-run objects either.
-            raw = self._raw
-            values = self._evaluate_fetches(fetches, _EMPTY)
-            raw._named_values = _names(values)
-            raw._global_step += 1
-            return values
-        pending = runner.before_run(self._raw, fetches, feed_dict, options)
-        str_feeds = pending.str_feeds
-        if str_feeds:
-            _check_str_feeds_accepted(str_feeds, fetches, [f for _, f in pending.hook_fetches])
-        raw = self._raw
-        if pending.tensor_feeds or pending.wants_trace:
-            trace = trace_run(pending) if pending.wants_trace else contextlib.nullcontext()
-            with trace, _tensor_feeds_applied(pending.tensor_feeds):
-                values = self._step(pending, fetches)
-        else:  # the common run: no context managers on the hot path
-            values = self._step(pending, fetches)
-        raw._global_step += 1
-        self._runner.after_run(pending)
-        return values
-
-    def _step(self, pending: PendingRun, fetches: Any) -> Any:
-        """Evaluate the user's fetches (the step), then the hooks' fetches against them."""
-        values = self._evaluate_fetches(fetches, pending.str_feeds)
-        named = _names(values)
-        if pending.hook_fetches:
-            self._runner.evaluate(pending, (named,))
-        self._raw._named_values = named
+        pending = session.start_run(fetches, feed_dict, options)
+        try:
+            values = self._evaluate_fetches(fetches, pending.str_feeds)
+        except BaseException:
+            session.abort_run()
+            raise
+        self._engine._global_step += 1
+        session.finish_run(values)
         return values
 
     def _evaluate_fetches(self, fetches: Any, str_feeds: Mapping[str, Any]) -> Any:
         """The user's fetches evaluated; names resolve against the previous run's dict."""
-        if not str_feeds and callable(fetches) and not _is_metric(fetches):
+        if not str_feeds and callable(fetches) and not is_metric(fetches):
             return snapshot(fetches())  # what evaluate does for a lone step, without its checks
-        return evaluate(fetches, (self._raw._named_values,), str_feeds)
+        return evaluate(fetches, self._engine.namespaces(), str_feeds)
 
     def run_step_fn(self, step_fn: Callable[[StepContext], Any]) -> Any:
         """Run ``step_fn(step_context)``: hooks fire only for ``step_context.run_with_hooks``.
@@ -400,7 +310,7 @@ class MonitoredSession:
                 "`step_context` arguments if it's an instance method. "
                 f"Got {names} instead."
             )
-        return step_fn(StepContext(self._raw, self.run))
+        return step_fn(StepContext(self._engine, self.run))
 
     def close(self) -> None:
         """Call every hook's ``end()`` and close the session.
@@ -417,13 +327,13 @@ class MonitoredSession:
     def _close_internal(self, exception_type: Optional[Type[BaseException]]) -> None:
         try:
             if exception_type is None:
-                self._runner.end(None if self._closed else self._raw)
+                self._session.end(closed=self._closed)
         finally:
             if self._closed:
                 raise RuntimeError("Session is already closed.")
             self._closed = True
-            self._coord.request_stop()
-            self._coord.raise_requested_exception()
+            self._session.coord.request_stop()
+            self._session.coord.raise_requested_exception()
 
     def __enter__(self) -> MonitoredSession:
         return self
@@ -438,7 +348,7 @@ class MonitoredSession:
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         """The session's state: ``{"global_step": int, "hooks": {state_key: hook state}}``."""
-        return {"global_step": self._raw.global_step, "hooks": self._runner.state_dict()}
+        return {"global_step": self._engine.global_step, "hooks": self._session.state_dict()}
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
         """Restore the global step and every hook's state.
@@ -465,5 +375,5 @@ class MonitoredSession:
         step = state_dict["global_step"]
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise TypeError(f"state_dict['global_step'] must be an int >= 0, got {step!r}.")
-        self._runner.load_state_dict(state_dict["hooks"], strict=strict)
-        self._raw._global_step = step
+        self._session.load_state_dict(state_dict["hooks"], strict=strict)
+        self._engine._global_step = step

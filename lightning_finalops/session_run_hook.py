@@ -18,7 +18,7 @@ from __future__ import annotations
 import abc
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, NamedTuple, Optional
+from typing import Any, ClassVar, Dict, Mapping, NamedTuple, Optional
 
 __all__ = [
     "Coordinator",
@@ -168,7 +168,7 @@ class SessionRunContext:
         self._stop_requested = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunOptions:
     """Per-run options a hook may ask for; merged across hooks as TensorFlow merges them.
 
@@ -176,6 +176,8 @@ class RunOptions:
     ``trace_level`` above :attr:`NO_TRACE` makes the engine record that run with
     ``torch.profiler`` (CPU activity; CUDA activity too from :attr:`HARDWARE_TRACE` on, when
     CUDA is available) and hand the profiler to every hook in ``run_metadata.profile``.
+    Options are immutable: the merged options a run hands its hooks cannot be changed by
+    one of them for the others or for later runs.
 
     Attributes:
         trace_level: one of ``NO_TRACE``, ``SOFTWARE_TRACE``, ``HARDWARE_TRACE``, ``FULL_TRACE``.
@@ -184,10 +186,10 @@ class RunOptions:
         with_stack: record Python stacks in the trace.
     """
 
-    NO_TRACE = 0
-    SOFTWARE_TRACE = 1
-    HARDWARE_TRACE = 2
-    FULL_TRACE = 3
+    NO_TRACE: ClassVar[int] = 0
+    SOFTWARE_TRACE: ClassVar[int] = 1
+    HARDWARE_TRACE: ClassVar[int] = 2
+    FULL_TRACE: ClassVar[int] = 3
 
     trace_level: int = 0
     profile_memory: bool = False
@@ -200,19 +202,27 @@ class RunOptions:
                 "RunOptions trace_level must be one of NO_TRACE (0), SOFTWARE_TRACE (1), "
                 f"HARDWARE_TRACE (2) or FULL_TRACE (3), got {self.trace_level!r}."
             )
+        for flag in ("profile_memory", "record_shapes", "with_stack"):
+            value = getattr(self, flag)
+            if not isinstance(value, bool):
+                raise TypeError(
+                    f"RunOptions {flag} must be a bool, got {type(value).__name__} ({value!r})."
+                )
 
-    def merge_from(self, other: RunOptions) -> None:
-        """Merge ``other`` into these options in place (max of levels, OR of flags).
+    def merged(self, other: RunOptions) -> RunOptions:
+        """These options merged with ``other`` (max of levels, OR of flags), as a new object.
 
         Raises:
             TypeError: ``other`` is not a :class:`RunOptions`.
         """
         if not isinstance(other, RunOptions):
             raise TypeError(f"options must be a RunOptions, got {type(other).__name__}.")
-        self.trace_level = max(self.trace_level, other.trace_level)
-        self.profile_memory = self.profile_memory or other.profile_memory
-        self.record_shapes = self.record_shapes or other.record_shapes
-        self.with_stack = self.with_stack or other.with_stack
+        return RunOptions(
+            trace_level=max(self.trace_level, other.trace_level),
+            profile_memory=self.profile_memory or other.profile_memory,
+            record_shapes=self.record_shapes or other.record_shapes,
+            with_stack=self.with_stack or other.with_stack,
+        )
 
 
 class RunMetadata:

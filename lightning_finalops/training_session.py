@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import numbers
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
+from lightning_finalops.distributed import is_rank_zero
 from lightning_finalops.hooked_session import check_hooks, has_state
 from lightning_finalops.hooks.checkpoint import CheckpointSaverHook
 from lightning_finalops.hooks.summary import StepCounterHook, SummarySaverHook
-from lightning_finalops.monitored_session import MonitoredSession, _is_rank_zero
+from lightning_finalops.monitored_session import MonitoredSession
 from lightning_finalops.session_run_hook import SessionRunHook
+from lightning_finalops.validation import check_number
 
 __all__ = ["MonitoredTrainingSession"]
 
@@ -25,13 +26,6 @@ class _UseDefault:
 
 
 USE_DEFAULT: Any = _UseDefault()
-
-
-def _check_period(value: Any, argument: str) -> None:
-    if value is None or value is USE_DEFAULT:
-        return
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{argument} must be a number or None, got {type(value).__name__}.")
 
 
 def _on(value: Any) -> Any:
@@ -141,7 +135,8 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
         (log_step_count_steps, "log_step_count_steps"),
         (save_checkpoint_steps, "save_checkpoint_steps"),
     ):
-        _check_period(value, argument)
+        if value is not USE_DEFAULT:
+            check_number(value, argument, allow_none=True)
     if summary_op is not None and not (summary_dir or checkpoint_dir):
         raise ValueError(
             "summary_op is written to summary_dir (default: checkpoint_dir); pass one of them."
@@ -169,7 +164,7 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
         _on(save_checkpoint_secs),
     )
     if is_chief is None:
-        is_chief = _is_rank_zero()
+        is_chief = is_rank_zero()
     all_hooks: List[SessionRunHook] = []
     if is_chief:
         all_hooks.extend(chief_hooks)

@@ -15,15 +15,13 @@ import torch
 from lightning_models import make_module_class, make_trainer
 
 from lightning_finalops import (
-    Coordinator,
     HookCallback,
     MonitoredSession,
-    RawSession,
     RunOptions,
     SessionRunArgs,
     SessionRunHook,
 )
-from lightning_finalops.hooked_session import HookRunner, trace_run
+from lightning_finalops.hooked_session import Engine, HookedSession
 from lightning_finalops.hooks import timers
 from lightning_finalops.hooks.profiler import ProfilerHook
 
@@ -206,18 +204,18 @@ def test_it_asks_for_a_full_trace_with_its_flags_only_when_due():
             requests.append(run_values.options)
 
     hook = ProfilerHook(save_steps=2, show_dataflow=False, show_memory=True, output_dir="unused")
-    runner = HookRunner([hook, Spy()])
     session = ChiefSession(is_chief=True)
-    runner.begin()
+    hooked = HookedSession([hook, Spy()], session)
+    hooked.begin()
     for _ in range(3):
-        pending = runner.before_run(session)
+        hooked.start_run()
         session.step += 1
-        runner.after_run(pending)  # no profile delivered: nothing written
+        hooked.finish_run(None)
     assert [r.trace_level for r in requests] == [0, RunOptions.FULL_TRACE, 0]
     assert (requests[1].profile_memory, requests[1].record_shapes) == (True, False)
 
 
-class ChiefSession(RawSession):
+class ChiefSession(Engine):
     def __init__(self, is_chief: bool) -> None:
         self.step, self.chief = 0, is_chief
 
@@ -229,25 +227,20 @@ class ChiefSession(RawSession):
     def is_chief(self) -> bool:
         return self.chief
 
-    def run(self, fetches, feed_dict=None):
-        return None
-
 
 def test_other_processes_neither_trace_nor_write(tmp_path):
     hook = ProfilerHook(save_steps=1, output_dir=tmp_path)
     session = ChiefSession(is_chief=False)
-    runner = HookRunner([hook])
-    runner.begin()
-    runner.after_create_session(session, Coordinator())
+    hooked = HookedSession([hook], session)
+    hooked.begin()
+    hooked.create()
     traced = []
     for _ in range(3):
-        pending = runner.before_run(session)
+        pending = hooked.start_run()
         traced.append(pending.wants_trace)
-        if pending.wants_trace:
-            with trace_run(pending):
-                matmul_step()
+        matmul_step()
         session.step += 1
-        runner.after_run(pending)
+        hooked.finish_run(None)
     assert traced == [False, False, False]
     assert timelines(tmp_path) == []
 
@@ -255,12 +248,14 @@ def test_other_processes_neither_trace_nor_write(tmp_path):
 def test_a_missing_profile_is_reported_once_and_writes_nothing(tmp_path, caplog):
     hook = ProfilerHook(save_steps=1, output_dir=tmp_path)
     session = ChiefSession(is_chief=True)
-    runner = HookRunner([hook])
-    runner.begin()
+    hooked = HookedSession([hook], session)
+    hooked.begin()
     for _ in range(4):
-        pending = runner.before_run(session)  # an engine that ignores trace requests
+        pending = hooked.start_run()
+        pending.exit()  # an engine that drops the trace it was asked for
+        pending.run_metadata.profile = None
         session.step += 1
-        runner.after_run(pending)
+        hooked.finish_run(None)
     assert timelines(tmp_path) == []
     assert [r.getMessage() for r in caplog.records].count(
         "ProfilerHook asked for a trace of global step 2, but the engine delivered no profile "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -122,34 +123,46 @@ def test_run_options_rejects_an_unknown_trace_level(level):
         RunOptions(trace_level=level)
 
 
-def test_run_options_merge_from_takes_the_max_trace_level():
+def test_run_options_merged_takes_the_max_trace_level():
     options = RunOptions(trace_level=RunOptions.HARDWARE_TRACE)
-    options.merge_from(RunOptions(trace_level=RunOptions.SOFTWARE_TRACE))
+    options = options.merged(RunOptions(trace_level=RunOptions.SOFTWARE_TRACE))
     assert options.trace_level == RunOptions.HARDWARE_TRACE
-    options.merge_from(RunOptions(trace_level=RunOptions.FULL_TRACE))
+    options = options.merged(RunOptions(trace_level=RunOptions.FULL_TRACE))
     assert options.trace_level == RunOptions.FULL_TRACE
 
 
-def test_run_options_merge_from_ors_the_flags():
+def test_run_options_merged_ors_the_flags():
     options = RunOptions(profile_memory=True)
-    options.merge_from(RunOptions(record_shapes=True))
-    options.merge_from(RunOptions())
+    options = options.merged(RunOptions(record_shapes=True)).merged(RunOptions())
     assert options.profile_memory is True
     assert options.record_shapes is True
     assert options.with_stack is False
-    options.merge_from(RunOptions(with_stack=True))
-    assert options.with_stack is True
+    assert options.merged(RunOptions(with_stack=True)).with_stack is True
 
 
-def test_run_options_merge_from_does_not_change_the_other_options():
+def test_run_options_merged_changes_neither_operand():
+    mine = RunOptions(trace_level=RunOptions.FULL_TRACE, with_stack=True)
     other = RunOptions(trace_level=RunOptions.SOFTWARE_TRACE)
-    RunOptions(trace_level=RunOptions.FULL_TRACE, with_stack=True).merge_from(other)
+    mine.merged(other)
     assert other == RunOptions(trace_level=RunOptions.SOFTWARE_TRACE)
+    assert mine == RunOptions(trace_level=RunOptions.FULL_TRACE, with_stack=True)
 
 
-def test_run_options_merge_from_rejects_a_non_run_options():
+def test_run_options_are_immutable_so_a_hook_cannot_change_them_for_later_runs():
+    options = RunOptions()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.trace_level = RunOptions.FULL_TRACE  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("flag", ["profile_memory", "record_shapes", "with_stack"])
+def test_run_options_flags_must_be_bools(flag):
+    with pytest.raises(TypeError, match=f"RunOptions {flag} must be a bool, got str"):
+        RunOptions(**{flag: "no"})
+
+
+def test_run_options_merged_rejects_a_non_run_options():
     with pytest.raises(TypeError, match="RunOptions"):
-        RunOptions().merge_from({"trace_level": 3})  # type: ignore[arg-type]
+        RunOptions().merged({"trace_level": 3})  # type: ignore[arg-type]
 
 
 # -- Coordinator ---------------------------------------------------------------------------------

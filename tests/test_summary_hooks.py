@@ -21,16 +21,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_finalops import (
-    Coordinator,
     HookCallback,
     MonitoredSession,
-    RawSession,
     SessionRunArgs,
     SessionRunHook,
     to_host,
 )
-from lightning_finalops.fetches import evaluate
-from lightning_finalops.hooked_session import HookRunner
+from lightning_finalops.hooked_session import Engine, HookedSession
 from lightning_finalops.hooks import summary, timers
 from lightning_finalops.hooks.summary import StepCounterHook, SummarySaverHook
 
@@ -101,8 +98,8 @@ def counter(start: float = 0.0) -> Callable[[], torch.Tensor]:
     return assign_add
 
 
-class PlainSession(RawSession):
-    """A raw session driven by hand: its global step, chief flag and loggers are the test's."""
+class PlainSession(Engine):
+    """An engine driven by hand: its global step, chief flag and loggers are the test's."""
 
     def __init__(self, is_chief: bool = True, advance: int = 1) -> None:
         self.step, self.chief, self.advance = 0, is_chief, advance
@@ -119,21 +116,17 @@ class PlainSession(RawSession):
     def log_metrics(self, metrics, step):
         self.logged.append((step, dict(metrics)))
 
-    def run(self, fetches, feed_dict=None):
-        return evaluate(fetches)
-
 
 def drive(hooks: List[SessionRunHook], session: PlainSession, n: int) -> None:
     """Run ``n`` runs through the engine-neutral runner, advancing the step by ``advance``."""
-    runner = HookRunner(hooks)
-    runner.begin()
-    runner.after_create_session(session, Coordinator())
+    hooked = HookedSession(hooks, session)
+    hooked.begin()
+    hooked.create()
     for _ in range(n):
-        pending = runner.before_run(session)
-        runner.evaluate(pending)
+        hooked.start_run()
         session.step += session.advance
-        runner.after_run(pending)
-    runner.end(session)
+        hooked.finish_run(None)
+    hooked.end()
 
 
 # -- SummarySaverHook: validation -----------------------------------------------------------------

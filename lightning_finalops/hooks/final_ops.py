@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from lightning_finalops.fetches import check_fetches, split_feeds
+import torch
+
+from lightning_finalops.fetches import check_fetches, leaves, path_tag, split_feeds, to_host
 from lightning_finalops.session_run_hook import RawSession, SessionRunHook
 
-__all__ = ["FinalOpsHook"]
+__all__ = ["FinalOpsExportHook", "FinalOpsHook"]
 
 logger = logging.getLogger("lightning_finalops")
 
@@ -104,3 +106,44 @@ class FinalOpsHook(SessionRunHook):
         history = [(int(step), values) for step, values in state_dict["final_ops_history"]]
         self._final_ops_history = history
         self._final_ops_values = history[-1][1] if history else None
+
+
+class FinalOpsExportHook(SessionRunHook):
+    """Sends the scalar final values of ``FinalOpsHook`` s to the engine's loggers at ``end()``.
+
+    List it after the hooks it reads. At ``end()`` it collects the scalar leaves of each
+    hook's ``final_ops_values`` (one-element tensors and plain numbers), brings them to the
+    host in one transfer (larger tensors, such as weights, stay where they are) and calls
+    ``session.log_metrics`` with ``{"<prefix>/<key>": value}`` at the session's global step
+    (``"<prefix>/<i>/<key>"`` when it reads several hooks), as ``Estimator.evaluate`` wrote
+    its summary.
+
+    Args:
+        final_ops_hooks: the hooks whose values to send.
+        prefix: the tag prefix, for example ``"final_ops/val"``.
+    """
+
+    def __init__(self, final_ops_hooks: List[FinalOpsHook], prefix: str) -> None:
+        self._hooks = list(final_ops_hooks)
+        self._prefix = prefix
+
+    def end(self, session: Optional[RawSession]) -> None:
+        """Send the scalar final values to ``session.log_metrics``."""
+        if session is None:
+            return
+        tags: List[str] = []
+        scalars: List[Any] = []
+        for i, hook in enumerate(self._hooks):
+            if hook.final_ops_values is None:
+                continue
+            root = self._prefix if len(self._hooks) == 1 else f"{self._prefix}/{i}"
+            for path, value in leaves(hook.final_ops_values, (root,)):
+                is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if is_number or (isinstance(value, torch.Tensor) and value.numel() == 1):
+                    assert path is not None
+                    tags.append(path_tag(path))
+                    scalars.append(value)
+        if tags:
+            host = to_host(scalars)
+            metrics = {tag: float(value) for tag, value in zip(tags, host)}
+            session.log_metrics(metrics, step=session.global_step)

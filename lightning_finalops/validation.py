@@ -1,0 +1,118 @@
+"""Argument checks shared by every public constructor: one message style, the argument named.
+
+Each check returns the value in its normalised form (a path as ``str``, an integer scalar of
+numpy or torch as ``int``) or raises ``TypeError`` (wrong kind) / ``ValueError`` (right kind,
+wrong value) naming the argument, the value given and what was expected.
+"""
+
+from __future__ import annotations
+
+import numbers
+import operator
+import os
+from typing import Any, List, Mapping, Optional, Type, TypeVar
+
+__all__ = [
+    "check_int",
+    "check_number",
+    "check_path",
+    "check_sequence_of",
+    "is_int",
+]
+
+T = TypeVar("T")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} ({text})"
+
+
+def is_int(value: Any) -> bool:
+    """Whether ``value`` is an integer: ``int``, numpy or torch integer scalars; not a bool."""
+    if isinstance(value, bool) or "bool" in str(getattr(value, "dtype", "")):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def check_int(
+    value: Any, argument: str, *, minimum: Optional[int] = None, allow_none: bool = False
+) -> Optional[int]:
+    """``value`` as an ``int``, checked against ``minimum``.
+
+    Raises:
+        TypeError: ``value`` is not an integer (bools are not), or ``None`` when not allowed.
+        ValueError: ``value`` is below ``minimum``.
+    """
+    if value is None and allow_none:
+        return None
+    if not is_int(value):
+        expected = "an int" + (" or None" if allow_none else "")
+        raise TypeError(f"{argument} must be {expected}, got {_shown(value)}.")
+    result = int(value)
+    if minimum is not None and result < minimum:
+        raise ValueError(f"{argument} must be an int >= {minimum}, got {result}.")
+    return result
+
+
+def check_number(value: Any, argument: str, *, allow_none: bool = False) -> Optional[float]:
+    """``value`` as a real number (not a bool).
+
+    Raises:
+        TypeError: ``value`` is not a real number, or ``None`` when not allowed.
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        expected = "a number" + (" or None" if allow_none else "")
+        raise TypeError(f"{argument} must be {expected}, got {_shown(value)}.")
+    return value  # type: ignore[return-value]
+
+
+def check_path(
+    value: Any, argument: str, *, allow_none: bool = False, allow_empty: bool = False
+) -> Optional[str]:
+    """``value`` as a ``str`` path (``os.PathLike`` of ``str`` accepted).
+
+    Raises:
+        TypeError: ``value`` is not a str or ``os.PathLike`` of str (bytes are not), or
+            ``None`` when not allowed.
+        ValueError: ``value`` is empty and ``allow_empty`` is false.
+    """
+    if value is None and allow_none:
+        return None
+    path = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    if not isinstance(path, str):
+        expected = "a str or os.PathLike path" + (" or None" if allow_none else "")
+        raise TypeError(f"{argument} must be {expected}, got {_shown(value)}.")
+    if not path and not allow_empty:
+        raise ValueError(f"{argument} must be a non-empty path, got {value!r}.")
+    return path
+
+
+def check_sequence_of(items: Any, kind: Type[T], argument: str) -> List[T]:
+    """``items`` (a list, tuple or other iterable; ``None`` for none) as a list of ``kind``.
+
+    Raises:
+        TypeError: ``items`` is a lone ``kind``, a str, a mapping or not iterable, or an item
+            is not a ``kind`` (the message names its position).
+    """
+    if items is None:
+        return []
+    if isinstance(items, (kind, str, bytes, Mapping)) or not hasattr(items, "__iter__"):
+        raise TypeError(
+            f"{argument} must be a list of {kind.__name__}, got {type(items).__name__}."
+        )
+    checked = list(items)
+    for i, item in enumerate(checked):
+        if not isinstance(item, kind):
+            raise TypeError(
+                f"{argument}[{i}] must be a {kind.__name__}, got {_shown(item)}."
+            )
+    return checked
