@@ -340,9 +340,11 @@ def test_a_scaffold_without_a_saver_is_refused_after_the_timer_errors(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"checkpoint_dir": 3}, TypeError, "checkpoint_dir must be a non-empty str"),
-        ({"checkpoint_dir": b"dir"}, TypeError, "checkpoint_dir must be a non-empty str"),
-        ({"checkpoint_dir": ""}, TypeError, "checkpoint_dir must be a non-empty str"),
+        ({"checkpoint_dir": 3}, TypeError, r"checkpoint_dir must be a str or os.PathLike path, "
+         r"got int \(3\)"),
+        ({"checkpoint_dir": b"dir"}, TypeError, "checkpoint_dir must be a str or os.PathLike "
+         "path, got bytes"),
+        ({"checkpoint_dir": ""}, ValueError, "checkpoint_dir must be a non-empty path"),
         ({"checkpoint_basename": 1}, TypeError, "checkpoint_basename must be a str"),
         ({"checkpoint_basename": "a/b"}, ValueError, "without a directory"),
         ({"saver": "saver"}, TypeError, r"saver must be None or a callable saver\(session, path\)"),
@@ -350,7 +352,7 @@ def test_a_scaffold_without_a_saver_is_refused_after_the_timer_errors(tmp_path):
         ({"listeners": [CheckpointSaverListener(), 3]}, TypeError, r"listeners\[1\] must be a"),
         ({"max_to_keep": "5"}, TypeError, "max_to_keep must be an int or None, got str"),
         ({"max_to_keep": True}, TypeError, "max_to_keep must be an int or None, got bool"),
-        ({"max_to_keep": -1}, ValueError, "max_to_keep must be >= 0"),
+        ({"max_to_keep": -1}, ValueError, "max_to_keep must be an int >= 0, got -1"),
     ],
 )
 def test_constructor_misuse_names_the_argument(tmp_path, kwargs, error, match):

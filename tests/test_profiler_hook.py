@@ -62,7 +62,7 @@ def test_raise_in_none_secs_and_steps():
 
 
 def test_output_dir_must_be_a_path():
-    with pytest.raises(TypeError, match="output_dir must be a str or an os.PathLike, got int"):
+    with pytest.raises(TypeError, match=r"output_dir must be a str or os.PathLike path, got int"):
         ProfilerHook(save_steps=1, output_dir=3)
 
 

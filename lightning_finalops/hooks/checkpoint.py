@@ -15,6 +15,7 @@ from lightning_finalops.session_run_hook import (
     SessionRunHook,
     SessionRunValues,
 )
+from lightning_finalops.validation import check_int, check_path, check_sequence_of
 
 __all__ = ["CheckpointSaverHook", "CheckpointSaverListener"]
 
@@ -119,7 +120,7 @@ class CheckpointSaverHook(SessionRunHook):
     ) -> None:
         if saver is not None and scaffold is not None:
             raise ValueError("You cannot provide both saver and scaffold.")
-        self._checkpoint_dir = _check_dir(checkpoint_dir)
+        self._checkpoint_dir = check_path(checkpoint_dir, "checkpoint_dir")
         if not isinstance(checkpoint_basename, str):
             raise TypeError(
                 f"checkpoint_basename must be a str, got {type(checkpoint_basename).__name__}."
@@ -140,17 +141,8 @@ class CheckpointSaverHook(SessionRunHook):
                 "saver must be None or a callable saver(session, path), got "
                 f"{type(saver).__name__}."
             )
-        if max_to_keep is not None and (
-            isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int)
-        ):
-            raise TypeError(
-                f"max_to_keep must be an int or None, got {type(max_to_keep).__name__}."
-            )
-        if max_to_keep is not None and max_to_keep < 0:
-            raise ValueError(
-                f"max_to_keep must be >= 0 (None or 0 keeps every checkpoint), got {max_to_keep}."
-            )
-        self._listeners = _check_listeners(listeners)
+        max_to_keep = check_int(max_to_keep, "max_to_keep", minimum=0, allow_none=True)
+        self._listeners = check_sequence_of(listeners, CheckpointSaverListener, "listeners")
         self._saver = saver
         self._basename = checkpoint_basename
         self._save_path = os.path.join(self._checkpoint_dir, checkpoint_basename)
@@ -240,34 +232,3 @@ class CheckpointSaverHook(SessionRunHook):
                 pass
         deleted = set(excess)
         self._written = [p for p in self._written if p not in deleted]
-
-
-def _check_dir(checkpoint_dir: Any) -> str:
-    if isinstance(checkpoint_dir, (str, os.PathLike)):
-        path = os.fspath(checkpoint_dir)
-        if isinstance(path, str) and path:
-            return path
-    raise TypeError(
-        "checkpoint_dir must be a non-empty str or os.PathLike of str, got "
-        f"{type(checkpoint_dir).__name__} ({checkpoint_dir!r})."
-    )
-
-
-def _check_listeners(listeners: Any) -> List[CheckpointSaverListener]:
-    if listeners is None:
-        return []
-    if isinstance(listeners, (CheckpointSaverListener, str)) or not hasattr(
-        listeners, "__iter__"
-    ):
-        raise TypeError(
-            f"listeners must be a list of CheckpointSaverListener or None, got "
-            f"{type(listeners).__name__}."
-        )
-    checked = list(listeners)
-    for i, listener in enumerate(checked):
-        if not isinstance(listener, CheckpointSaverListener):
-            raise TypeError(
-                f"listeners[{i}] must be a CheckpointSaverListener, got "
-                f"{type(listener).__name__}."
-            )
-    return checked

@@ -17,6 +17,7 @@ from lightning_finalops.session_run_hook import (
     SessionRunHook,
     SessionRunValues,
 )
+from lightning_finalops.validation import check_path
 
 __all__ = ["ProfilerHook"]
 
@@ -82,12 +83,7 @@ class ProfilerHook(SessionRunHook):
         show_dataflow: bool = True,
         show_memory: bool = False,
     ) -> None:
-        if not isinstance(output_dir, (str, os.PathLike)):
-            raise TypeError(
-                f"output_dir must be a str or an os.PathLike, got {type(output_dir).__name__} "
-                f"({output_dir!r})."
-            )
-        self._output_dir = os.fspath(output_dir)
+        self._output_dir = check_path(output_dir, "output_dir", allow_empty=True)
         self._show_dataflow = bool(show_dataflow)
         self._show_memory = bool(show_memory)
         self._timer = SecondOrStepTimer(every_secs=save_secs, every_steps=save_steps)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import numbers
 import time
 from typing import Any, Callable, Optional
 
@@ -18,6 +17,7 @@ from lightning_finalops.session_run_hook import (
     SessionRunHook,
     SessionRunValues,
 )
+from lightning_finalops.validation import check_int
 
 __all__ = [
     "GlobalStepWaiterHook",
@@ -34,13 +34,6 @@ sleep: Callable[[float], None] = time.sleep
 
 _POLL_SECS = 0.5
 _LOG_EVERY_STEPS = 1000
-
-
-def _check_optional_int(value: Any, argument: str) -> None:
-    if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)):
-        raise TypeError(
-            f"{argument} must be an int or None, got {type(value).__name__} ({value!r})."
-        )
 
 
 class StopAtStepHook(SessionRunHook):
@@ -69,8 +62,8 @@ class StopAtStepHook(SessionRunHook):
             raise ValueError("One of num_steps or last_step must be specified.")
         if num_steps is not None and last_step is not None:
             raise ValueError("Only one of num_steps or last_step can be specified.")
-        _check_optional_int(num_steps, "num_steps")
-        _check_optional_int(last_step, "last_step")
+        num_steps = check_int(num_steps, "num_steps", allow_none=True)
+        last_step = check_int(last_step, "last_step", allow_none=True)
         self._num_steps = num_steps
         self._given_last_step = last_step
         self._last_step = last_step
@@ -197,12 +190,7 @@ class GlobalStepWaiterHook(SessionRunHook):
     """
 
     def __init__(self, wait_until_step: int) -> None:
-        if not isinstance(wait_until_step, numbers.Integral) or isinstance(wait_until_step, bool):
-            raise TypeError(
-                f"wait_until_step must be an int, got {type(wait_until_step).__name__} "
-                f"({wait_until_step!r})."
-            )
-        self._wait_until_step = int(wait_until_step)
+        self._wait_until_step = check_int(wait_until_step, "wait_until_step")
         self._worker_is_started = False
 
     def begin(self) -> None:

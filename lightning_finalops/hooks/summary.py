@@ -19,7 +19,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from lightning_finalops.fetches import check_fetches, to_host
+from lightning_finalops.fetches import check_fetches, leaves, path_tag, to_host
 from lightning_finalops.hooks.timers import SecondOrStepTimer
 from lightning_finalops.session_run_hook import (
     RawSession,
@@ -28,6 +28,7 @@ from lightning_finalops.session_run_hook import (
     SessionRunHook,
     SessionRunValues,
 )
+from lightning_finalops.validation import check_path
 
 __all__ = ["StepCounterHook", "SummarySaverHook"]
 
@@ -89,17 +90,6 @@ class _SummaryWriterCache:
                 cls._writers.pop(key).close()
 
 
-def _check_output_dir(output_dir: Any) -> Optional[str]:
-    if output_dir is None:
-        return None
-    if not isinstance(output_dir, (str, os.PathLike)):
-        raise TypeError(
-            f"output_dir must be a str, an os.PathLike or None, got "
-            f"{type(output_dir).__name__} ({output_dir!r})."
-        )
-    return os.fspath(output_dir)
-
-
 def _check_writer(summary_writer: Any, methods: Tuple[str, ...]) -> Any:
     if summary_writer is None:
         return None
@@ -146,30 +136,30 @@ class _WriterHolder:
 
 
 def _collect(tag: str, value: Any, scalars: Dict[str, float], tensors: Dict[str, Any]) -> None:
-    """Sort one evaluated summary value (host side) into scalars and histograms by tag."""
-    if value is None:
-        return
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            _collect(f"{tag}/{key}", item, scalars, tensors)
-    elif isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            _collect(f"{tag}/{i}", item, scalars, tensors)
-    elif isinstance(value, (torch.Tensor, np.ndarray)):
-        size = value.size if isinstance(value, np.ndarray) else value.numel()
-        if size == 0:
-            logger.warning("SummarySaverHook: summary %r is empty; nothing written.", tag)
-        elif size == 1:
-            scalars[tag] = float(value.item())
+    """Sort one evaluated summary value (host side) into scalars and histograms by tag.
+
+    A value that is a dict or list is written under ``tag/key``.
+    """
+    for path, leaf in leaves(value, (tag,)):
+        assert path is not None
+        at = path_tag(path)
+        if leaf is None:
+            continue
+        if isinstance(leaf, (torch.Tensor, np.ndarray)):
+            size = leaf.size if isinstance(leaf, np.ndarray) else leaf.numel()
+            if size == 0:
+                logger.warning("SummarySaverHook: summary %r is empty; nothing written.", at)
+            elif size == 1:
+                scalars[at] = float(leaf.item())
+            else:
+                tensors[at] = leaf
+        elif isinstance(leaf, Number):
+            scalars[at] = float(leaf)  # type: ignore[arg-type]
         else:
-            tensors[tag] = value
-    elif isinstance(value, Number):
-        scalars[tag] = float(value)  # type: ignore[arg-type]
-    else:
-        raise TypeError(
-            f"SummarySaverHook: summary_op[{tag!r}] evaluated to {type(value).__name__} "
-            f"({value!r:.60}); a summary needs a tensor, an array or a number."
-        )
+            raise TypeError(
+                f"SummarySaverHook: summary_op[{at!r}] evaluated to {type(leaf).__name__} "
+                f"({leaf!r:.60}); a summary needs a tensor, an array or a number."
+            )
 
 
 class SummarySaverHook(SessionRunHook):
@@ -246,7 +236,7 @@ class SummarySaverHook(SessionRunHook):
         self._summary_op = summary_op
         self._writer = _WriterHolder(
             _check_writer(summary_writer, ("add_scalar", "add_histogram", "flush")),
-            _check_output_dir(output_dir),
+            check_path(output_dir, "output_dir", allow_none=True, allow_empty=True),
         )
         self._first_run = True
         self._request_summary = False
@@ -355,7 +345,8 @@ class StepCounterHook(SessionRunHook):
             raise ValueError("exactly one of every_n_steps and every_n_secs should be provided.")
         self._timer = SecondOrStepTimer(every_steps=every_n_steps, every_secs=every_n_secs)
         self._writer = _WriterHolder(
-            _check_writer(summary_writer, ("add_scalar", "flush")), _check_output_dir(output_dir)
+            _check_writer(summary_writer, ("add_scalar", "flush")),
+            check_path(output_dir, "output_dir", allow_none=True, allow_empty=True),
         )
         self._last_global_step: Optional[int] = None
         self._warnings_logged = 0

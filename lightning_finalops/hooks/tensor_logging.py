@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import numbers
 from typing import Any, Callable, Container, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from lightning_finalops.fetches import check_fetches, to_host
+from lightning_finalops.fetches import check_fetches, map_structure, to_host
 from lightning_finalops.hooks.timers import NeverTriggerTimer, SecondOrStepTimer
 from lightning_finalops.session_run_hook import (
     RawSession,
@@ -18,14 +17,11 @@ from lightning_finalops.session_run_hook import (
     SessionRunHook,
     SessionRunValues,
 )
+from lightning_finalops.validation import check_int, check_number
 
 __all__ = ["LoggingTensorHook"]
 
 logger = logging.getLogger("lightning_finalops")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _tag_of(item: Any, position: int, taken: Container[str]) -> str:
@@ -50,8 +46,7 @@ def _tag_of(item: Any, position: int, taken: Container[str]) -> str:
     return f"tensors[{position}]"
 
 
-def _numpy(value: Any) -> Any:
-    """Host tensors as numpy values (0-d tensors as numpy scalars), containers kept."""
+def _numpy_leaf(value: Any, path: Any = None) -> Any:
     if isinstance(value, torch.Tensor):
         value = value.detach()
         try:
@@ -59,23 +54,30 @@ def _numpy(value: Any) -> Any:
         except TypeError:  # dtypes numpy lacks (bfloat16, float8): print them as float32
             array = value.float().numpy()
         return array[()] if array.ndim == 0 else array
-    if isinstance(value, Mapping):
-        return {k: _numpy(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        items = [_numpy(v) for v in value]
-        return type(value)(*items) if hasattr(type(value), "_fields") else type(value)(items)
     return value
+
+
+def _numpy(value: Any) -> Any:
+    """Host tensors as numpy values (0-d tensors as numpy scalars), containers kept."""
+    return map_structure(_numpy_leaf, value)
+
+
+class _Printed:
+    """A leaf whose ``repr`` is its ``str``, so a container prints its leaves as numpy does."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, value: Any) -> None:
+        self.text = str(value)
+
+    def __repr__(self) -> str:
+        return self.text
 
 
 def _text(value: Any) -> str:
     """``str`` of a value as numpy prints it; containers without numpy's ``repr`` noise."""
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{k!r}: {_text(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, list):
-        return "[" + ", ".join(_text(v) for v in value) + "]"
-    if isinstance(value, tuple) and not hasattr(type(value), "_fields"):
-        inner = ", ".join(_text(v) for v in value)
-        return f"({inner},)" if len(value) == 1 else f"({inner})"
+    if isinstance(value, (Mapping, list, tuple)):
+        return repr(map_structure(lambda leaf, _: _Printed(leaf), value))
     return str(value)
 
 
@@ -130,21 +132,10 @@ class LoggingTensorHook(SessionRunHook):
                 "either at_end and/or exactly one of every_n_iter and every_n_secs must be "
                 "provided."
             )
-        if every_n_iter is not None:
-            if not _is_int(every_n_iter):
-                raise TypeError(
-                    f"every_n_iter must be an int or None, got {type(every_n_iter).__name__} "
-                    f"({every_n_iter!r})."
-                )
-            if every_n_iter <= 0:
-                raise ValueError(f"invalid every_n_iter={every_n_iter}.")
-        if every_n_secs is not None and (
-            not isinstance(every_n_secs, numbers.Real) or isinstance(every_n_secs, bool)
-        ):
-            raise TypeError(
-                f"every_n_secs must be a number or None, got {type(every_n_secs).__name__} "
-                f"({every_n_secs!r})."
-            )
+        every_n_iter = check_int(every_n_iter, "every_n_iter", allow_none=True)
+        if every_n_iter is not None and every_n_iter <= 0:
+            raise ValueError(f"invalid every_n_iter={every_n_iter}.")
+        check_number(every_n_secs, "every_n_secs", allow_none=True)
         if formatter is not None and not callable(formatter):
             raise TypeError(
                 f"formatter must be a callable taking the dict of values, or None; got "
