@@ -91,10 +91,6 @@ def _rebuild_mapping(template: Mapping[Any, Any], items: Dict[Any, Any]) -> Mapp
         return items
 
 
-def _no_leaf(obj: Any) -> bool:
-    return False
-
-
 def is_fetch_leaf(obj: Any) -> bool:
     """Whether ``obj`` is a leaf of a fetch structure, not a container to walk into.
 
@@ -108,7 +104,7 @@ def map_structure(
     fn: Callable[[Any, Optional[Path]], Any],
     obj: Any,
     path: Optional[Path] = None,
-    is_leaf: Callable[[Any], bool] = _no_leaf,
+    is_leaf: Optional[Callable[[Any], bool]] = None,
 ) -> Any:
     """The one walker over nested structures: ``fn(leaf, path)`` for every leaf, rebuilt.
 
@@ -129,11 +125,16 @@ def map_structure(
     Returns:
         The structure with every leaf replaced by ``fn``'s result.
     """
-    if is_leaf(obj):
+    # Tensors first: the most common leaf, and never a container (this runs every step).
+    if isinstance(obj, torch.Tensor) or (is_leaf is not None and is_leaf(obj)):
         return fn(obj, path)
     if type(obj) is dict:  # the usual case first, without the Mapping ABC check
-        if path is None:
-            return {k: map_structure(fn, v, None, is_leaf) for k, v in obj.items()}
+        if path is None:  # tensor values inline: one call per leaf, not two
+            return {
+                k: fn(v, None) if isinstance(v, torch.Tensor)
+                else map_structure(fn, v, None, is_leaf)
+                for k, v in obj.items()
+            }
         return {k: map_structure(fn, v, (path, k), is_leaf) for k, v in obj.items()}
     if isinstance(obj, Mapping):
         return _rebuild_mapping(
@@ -147,7 +148,7 @@ def map_structure(
 
 
 def leaves(
-    obj: Any, path: Optional[Path] = None, is_leaf: Callable[[Any], bool] = _no_leaf
+    obj: Any, path: Optional[Path] = None, is_leaf: Optional[Callable[[Any], bool]] = None
 ) -> List[Tuple[Optional[Path], Any]]:
     """``[(path, leaf)]`` of a structure in walk order (:func:`map_structure`'s leaves)."""
     found: List[Tuple[Optional[Path], Any]] = []

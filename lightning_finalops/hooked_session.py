@@ -253,6 +253,11 @@ class PendingRun:
         """Whether a hook or the user asked for a profiler trace of this run."""
         return self.options.trace_level > RunOptions.NO_TRACE
 
+    @property
+    def entered(self) -> bool:
+        """Whether feeds are applied or a trace runs: :meth:`exit` has something to undo."""
+        return self._applied is not None or self._trace is not None
+
     def enter(self) -> None:
         """Apply the tensor feeds, then start the trace (the run's protected region)."""
         try:
@@ -352,6 +357,7 @@ class HookedSession:
         self.should_stop = False
         self.created = False
         self._run: Optional[PendingRun] = None
+        self._agrees_across_ranks = type(engine).any_rank is not Engine.any_rank
 
     # -- session lifecycle -------------------------------------------------------------------
     def begin(self) -> None:
@@ -420,7 +426,7 @@ class HookedSession:
             return _IDLE_RUN
         context = SessionRunContext(SessionRunArgs(fetches, feed_dict), self.engine)
         pending = PendingRun(context, options or _DEFAULT_OPTIONS)
-        hook_fetches: List[Tuple[int, Any]] = []
+        hook_fetches: Optional[List[Tuple[int, Any]]] = None
         hook_feeds: Optional[Dict[Any, Any]] = None
         for i, hook, before_run in self._before:
             request = before_run(context)
@@ -433,6 +439,8 @@ class HookedSession:
                 )
             if request.fetches is not None:
                 check_fetches(request.fetches, f"{_hook_name(hook)}.before_run fetches")
+                if hook_fetches is None:
+                    hook_fetches = []
                 hook_fetches.append((i, request.fetches))
             if request.feed_dict:
                 split_feeds(request.feed_dict, f"{_hook_name(hook)}.before_run feed_dict")
@@ -459,8 +467,9 @@ class HookedSession:
             pending.tensor_feeds = tensor_feeds
             pending.str_feeds = str_feeds
             if str_feeds and self._str_feeds_as_keywords:
-                check_str_feeds_accepted(str_feeds, fetches, [f for _, f in hook_fetches])
-        pending.enter()
+                check_str_feeds_accepted(str_feeds, fetches, [f for _, f in hook_fetches or ()])
+        if pending.tensor_feeds or pending.options.trace_level:
+            pending.enter()
         self._run = pending
         return pending
 
@@ -481,16 +490,19 @@ class HookedSession:
         if pending is None:
             raise RuntimeError("finish_run() called without a run in flight.")
         engine = self.engine
-        engine._step_outputs = outputs if isinstance(outputs, Mapping) else _EMPTY
+        engine._step_outputs = (
+            outputs if type(outputs) is dict or isinstance(outputs, Mapping) else _EMPTY
+        )
         if pending is _IDLE_RUN:
             self._run = None
             return self.should_stop
         engine._step_outputs_fresh = True
         try:
             try:
-                results = self._evaluate_hook_fetches(pending)
+                results = self._evaluate_hook_fetches(pending) if pending.hook_fetches else None
             finally:
-                pending.exit()
+                if pending._applied is not None or pending._trace is not None:
+                    pending.exit()
             context = pending.context
             assert context is not None
             no_results = SessionRunValues(None, pending.options, pending.run_metadata)
@@ -509,19 +521,18 @@ class HookedSession:
         finally:
             engine._step_outputs_fresh = False
             self._run = None
-        self.should_stop = engine.any_rank(self.should_stop)
+        if self._agrees_across_ranks:
+            self.should_stop = engine.any_rank(self.should_stop)
         return self.should_stop
 
     def abort_run(self) -> None:
         """The step raised (or never finished): leave the run without any ``after_run``."""
         pending, self._run = self._run, None
         self.engine._step_outputs_fresh = False
-        if pending is not None:
+        if pending is not None and pending.entered:
             pending.exit()
 
     def _evaluate_hook_fetches(self, pending: PendingRun) -> Dict[int, Any]:
-        if not pending.hook_fetches:
-            return {}
         namespaces = self.engine.namespaces()
         return {
             i: evaluate(

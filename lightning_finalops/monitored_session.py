@@ -10,11 +10,7 @@ import torch
 from lightning_finalops.checkpoints import atomic_torch_save, latest_checkpoint
 from lightning_finalops.distributed import is_rank_zero
 from lightning_finalops.fetches import check_fetches, evaluate, is_metric, snapshot
-from lightning_finalops.hooked_session import (
-    STOP_REQUESTED_MESSAGE,
-    Engine,
-    HookedSession,
-)
+from lightning_finalops.hooked_session import Engine, HookedSession
 from lightning_finalops.session_run_hook import (
     Coordinator,
     RawSession,
@@ -265,8 +261,6 @@ class MonitoredSession:
         if self._closed:
             raise RuntimeError("Run called on a closed MonitoredSession.")
         session = self._session
-        if session.should_stop:
-            raise RuntimeError(STOP_REQUESTED_MESSAGE)
         if not callable(fetches):  # a lone callable (the step) is always a valid fetch
             check_fetches(fetches, "fetches")
         pending = session.start_run(fetches, feed_dict, options)
