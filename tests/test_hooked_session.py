@@ -1,0 +1,395 @@
+"""The engine-neutral session core (``hooked_session.py``), driven through a small engine.
+
+``StepEngine`` is a real implementation of the :class:`Engine` interface, as an adapter writes
+one: its global step, named values and agreement are the test's. Every behaviour here holds
+for both adapters, which only translate their engine's events into these calls.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional
+
+import pytest
+import torch
+from conftest import Counter
+
+from lightning_finalops import (
+    RunOptions,
+    SessionRunArgs,
+    SessionRunHook,
+)
+from lightning_finalops.hooked_session import Engine, HookedSession, hook_state_dict
+
+
+class StepEngine(Engine):
+    """An engine driven by hand: the test advances the step and names values."""
+
+    def __init__(self, named: Optional[Dict[str, Any]] = None) -> None:
+        self.step = 0
+        self.named = named or {}
+        self.named_reads = 0
+
+    @property
+    def global_step(self) -> int:
+        return self.step
+
+    def named_values(self) -> Mapping[str, Any]:
+        self.named_reads += 1
+        return self.named
+
+
+class AgreeingEngine(StepEngine):
+    """An engine of several ranks: ``votes`` records each local flag, ``others`` is the rest."""
+
+    def __init__(self, others: bool) -> None:
+        super().__init__()
+        self.others = others
+        self.votes: List[bool] = []
+
+    def any_rank(self, flag: bool) -> bool:
+        self.votes.append(flag)
+        return flag or self.others
+
+
+class Recorder(SessionRunHook):
+    """Records every call into a shared log; optionally asks for something in before_run."""
+
+    def __init__(self, name: str, log: List[Any], args: Optional[SessionRunArgs] = None) -> None:
+        self.name, self.log, self.args = name, log, args
+        self.results: List[Any] = []
+
+    def begin(self) -> None:
+        self.log.append((self.name, "begin"))
+
+    def after_create_session(self, session, coord) -> None:
+        self.log.append((self.name, "after_create_session"))
+
+    def before_run(self, run_context):
+        self.log.append((self.name, "before_run"))
+        return self.args
+
+    def after_run(self, run_context, run_values) -> None:
+        self.log.append((self.name, "after_run"))
+        self.results.append(run_values.results)
+
+    def end(self, session) -> None:
+        self.log.append((self.name, "end"))
+
+
+def one_run(session: HookedSession, outputs: Any = None, **start: Any) -> bool:
+    session.start_run(**start)
+    session.engine.step += 1  # type: ignore[attr-defined]
+    return session.finish_run(outputs)
+
+
+# -- order ---------------------------------------------------------------------------------------
+
+
+def test_hooks_are_called_in_list_order_at_every_point():
+    log: List[Any] = []
+    session = HookedSession([Recorder("a", log), Recorder("b", log)], StepEngine())
+    session.begin()
+    session.create()
+    one_run(session)
+    session.end()
+    assert log == [
+        ("a", "begin"), ("b", "begin"),
+        ("a", "after_create_session"), ("b", "after_create_session"),
+        ("a", "before_run"), ("b", "before_run"),
+        ("a", "after_run"), ("b", "after_run"),
+        ("a", "end"), ("b", "end"),
+    ]
+
+
+def test_create_runs_once_and_end_creates_a_session_the_engine_never_created():
+    log: List[Any] = []
+    session = HookedSession([Recorder("a", log)], StepEngine())
+    session.end()
+    session.create()
+    assert log == [("a", "after_create_session"), ("a", "end")]
+
+
+def test_a_closed_session_ended_again_hands_the_hooks_none():
+    seen = []
+
+    class End(SessionRunHook):
+        def end(self, session):
+            seen.append(session)
+
+    engine = StepEngine()
+    session = HookedSession([End()], engine)
+    session.end()
+    session.end(closed=True)
+    assert seen == [engine, None]
+
+
+# -- requests ------------------------------------------------------------------------------------
+
+
+def test_each_hook_gets_its_own_fetches_evaluated_against_the_step_outputs():
+    log: List[Any] = []
+    a = Recorder("a", log, SessionRunArgs({"x": "loss"}))
+    b = Recorder("b", log)
+    c = Recorder("c", log, SessionRunArgs(["loss", lambda: 7]))
+    one_run(HookedSession([a, b, c], StepEngine()), {"loss": torch.tensor(2.0)})
+    assert a.results == [{"x": torch.tensor(2.0)}]
+    assert b.results == [None]
+    assert c.results[0][0] == torch.tensor(2.0) and c.results[0][1] == 7
+
+
+def test_options_merge_across_hooks_and_the_callers_options_are_kept():
+    log: List[Any] = []
+    hooks = [
+        Recorder("a", log, SessionRunArgs(None, options=RunOptions(record_shapes=True))),
+        Recorder("b", log, SessionRunArgs(None, options=RunOptions(trace_level=1))),
+    ]
+    seen = []
+
+    class Spy(SessionRunHook):
+        def after_run(self, run_context, run_values):
+            seen.append(run_values.options)
+
+    user = RunOptions(with_stack=True)
+    one_run(HookedSession([*hooks, Spy()], StepEngine()), options=user)
+    assert seen == [RunOptions(trace_level=1, record_shapes=True, with_stack=True)]
+    assert user == RunOptions(with_stack=True)
+
+
+def test_a_hook_returning_something_else_than_run_args_is_a_type_error():
+    class Bad(SessionRunHook):
+        def before_run(self, run_context):
+            return {"fetches": "loss"}
+
+    with pytest.raises(TypeError, match="Bad.before_run must return a SessionRunArgs or None"):
+        HookedSession([Bad()], StepEngine()).start_run()
+
+
+def test_a_run_cannot_start_while_another_is_in_flight_nor_finish_twice():
+    session = HookedSession([Recorder("a", [])], StepEngine())
+    session.start_run()
+    with pytest.raises(RuntimeError, match="while a run is in flight"):
+        session.start_run()
+    session.finish_run(None)
+    with pytest.raises(RuntimeError, match="without a run in flight"):
+        session.finish_run(None)
+
+
+# -- the protected region ------------------------------------------------------------------------
+
+
+class Feeder(SessionRunHook):
+    def __init__(self, feeds: Dict[Any, Any]) -> None:
+        self.feeds = feeds
+
+    def before_run(self, run_context):
+        return SessionRunArgs(None, feed_dict=self.feeds)
+
+
+def test_tensor_feeds_hold_for_the_step_and_the_hook_fetches_and_are_restored_before_after_run():
+    w = torch.zeros(3)
+    seen = []
+
+    class Reader(SessionRunHook):
+        def before_run(self, run_context):
+            return SessionRunArgs(lambda: w.clone())
+
+        def after_run(self, run_context, run_values):
+            seen.append(("fetched", run_values.results.tolist()))
+            seen.append(("after_run", w.tolist()))
+
+    session = HookedSession([Feeder({w: [1.0, 2.0, 3.0]}), Reader()], StepEngine())
+    session.start_run()
+    seen.append(("step", w.tolist()))
+    session.finish_run(None)
+    assert seen == [
+        ("step", [1.0, 2.0, 3.0]),
+        ("fetched", [1.0, 2.0, 3.0]),
+        ("after_run", [0.0, 0.0, 0.0]),
+    ]
+
+
+def test_feeds_are_restored_when_the_step_raises():
+    w = torch.zeros(2)
+    session = HookedSession([Feeder({w: [5.0, 5.0]})], StepEngine())
+    session.start_run()
+    assert w.tolist() == [5.0, 5.0]
+    session.abort_run()  # what an adapter calls when the step raised
+    assert w.tolist() == [0.0, 0.0]
+    assert not session.in_run
+
+
+def test_feeds_are_restored_when_a_hook_fetch_raises():
+    w = torch.zeros(2)
+
+    class Failing(SessionRunHook):
+        def before_run(self, run_context):
+            return SessionRunArgs(lambda: 1 / 0)
+
+    session = HookedSession([Feeder({w: [5.0, 5.0]}), Failing()], StepEngine())
+    session.start_run()
+    with pytest.raises(ZeroDivisionError):
+        session.finish_run(None)
+    assert w.tolist() == [0.0, 0.0]
+
+
+def test_feeds_of_overlapping_tensors_are_restored_in_reverse_order():
+    w = torch.zeros(3)
+    # Two hooks feed a tensor and a view of it: only a reverse-order restore gives w back.
+    session = HookedSession([Feeder({w: [1.0, 1.0, 1.0]}), Feeder({w[:2]: [2.0, 2.0]})],
+                            StepEngine())
+    session.start_run()
+    assert w.tolist() == [2.0, 2.0, 1.0]
+    session.finish_run(None)
+    assert w.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_a_feed_of_the_wrong_shape_fails_before_any_tensor_is_touched():
+    w, v = torch.zeros(2), torch.zeros(2)
+    session = HookedSession([Feeder({w: [1.0, 1.0], v: [1.0, 1.0, 1.0]})], StepEngine())
+    with pytest.raises(ValueError, match="shape"):
+        session.start_run()
+    assert w.tolist() == [0.0, 0.0] and not session.in_run
+
+
+def test_the_trace_covers_the_step_and_the_hook_fetches():
+    ops = []
+
+    class Tracer(SessionRunHook):
+        def before_run(self, run_context):
+            fetch = lambda: torch.mm(torch.ones(2, 2), torch.ones(2, 2))  # noqa: E731
+            return SessionRunArgs(fetch, options=RunOptions(trace_level=RunOptions.FULL_TRACE))
+
+        def after_run(self, run_context, run_values):
+            profile = run_values.run_metadata.profile
+            ops.extend(event.key for event in profile.key_averages())
+
+    session = HookedSession([Tracer()], StepEngine())
+    session.start_run()
+    torch.ones(3).cumsum(0)  # the step
+    session.finish_run(None)
+    assert "aten::cumsum" in ops and "aten::mm" in ops
+
+
+# -- names ---------------------------------------------------------------------------------------
+
+
+def test_names_resolve_to_the_fresh_step_outputs_then_the_named_values_then_older_outputs():
+    engine = StepEngine(named={"loss": "named", "acc": "named acc"})
+    seen: Dict[str, Any] = {}
+
+    class Names(SessionRunHook):
+        def before_run(self, run_context):
+            return SessionRunArgs(["loss", "acc"])
+
+        def after_run(self, run_context, run_values):
+            seen["fetch"] = run_values.results
+            seen["raw run in after_run"] = run_context.session.run("loss")
+
+        def end(self, session):
+            seen["raw run in end"] = session.run(["loss", "only_in_outputs"])
+
+    session = HookedSession([Names()], engine)
+    session.start_run()
+    session.finish_run({"loss": "fresh", "only_in_outputs": 1})
+    session.end()
+    assert seen == {
+        "fetch": ["fresh", "named acc"],
+        "raw run in after_run": "fresh",
+        "raw run in end": ["named", 1],
+    }
+
+
+def test_named_values_are_read_only_for_a_name_the_step_outputs_lack():
+    engine = StepEngine(named={"acc": 1})
+    one_run(HookedSession([Recorder("a", [], SessionRunArgs("loss"))], engine), {"loss": 0})
+    assert engine.named_reads == 0
+    one_run(HookedSession([Recorder("a", [], SessionRunArgs("acc"))], engine), {"loss": 0})
+    assert engine.named_reads == 1
+
+
+def test_an_unknown_name_lists_the_names_of_every_namespace():
+    log: List[Any] = []
+    session = HookedSession([Recorder("a", log, SessionRunArgs("nope"))],
+                            StepEngine(named={"acc": 1}))
+    session.start_run()
+    with pytest.raises(KeyError, match=r"unknown fetch name 'nope'.*\['acc', 'loss'\]"):
+        session.finish_run({"loss": 0})
+
+
+# -- stop and exceptions -------------------------------------------------------------------------
+
+
+def test_a_stop_lets_every_after_run_fire_then_refuses_the_next_run():
+    log: List[Any] = []
+
+    class Stopper(SessionRunHook):
+        def after_run(self, run_context, run_values):
+            run_context.request_stop()
+
+    session = HookedSession([Stopper(), Recorder("b", log)], StepEngine())
+    assert one_run(session) is True
+    assert log[-1] == ("b", "after_run")
+    with pytest.raises(RuntimeError, match="Run called even after should_stop requested."):
+        session.start_run()
+
+
+def test_an_exception_in_after_run_skips_the_later_hooks_and_the_stop():
+    log: List[Any] = []
+
+    class Failing(SessionRunHook):
+        def after_run(self, run_context, run_values):
+            run_context.request_stop()
+            raise ValueError("boom")
+
+    session = HookedSession([Failing(), Recorder("b", log)], StepEngine())
+    session.start_run()
+    with pytest.raises(ValueError, match="boom"):
+        session.finish_run(None)
+    assert ("b", "after_run") not in log
+    assert session.should_stop is False and not session.in_run
+
+
+def test_an_engine_of_several_ranks_is_asked_to_agree_after_every_run_with_hooks():
+    engine = AgreeingEngine(others=False)
+    session = HookedSession([Recorder("a", [])], engine)
+    assert [one_run(session), one_run(session)] == [False, False]
+    assert engine.votes == [False, False]
+    stopped_elsewhere = AgreeingEngine(others=True)
+    assert one_run(HookedSession([Recorder("a", [])], stopped_elsewhere)) is True
+
+
+def test_an_idle_session_calls_no_hook_per_run_and_still_records_the_outputs():
+    engine = AgreeingEngine(others=True)
+    seen = []
+
+    class AtEnd(SessionRunHook):
+        def end(self, session):
+            seen.append(session.run("loss"))
+
+    session = HookedSession([AtEnd()], engine)
+    assert session.idle_per_run
+    for loss in (1, 2):
+        assert one_run(session, {"loss": loss}) is False
+    session.end()
+    assert seen == [2]
+    assert engine.votes == []  # no hook can stop: nothing to agree on
+
+
+# -- state ---------------------------------------------------------------------------------------
+
+
+def test_only_stateful_hooks_have_state_once_each_with_repeats_numbered():
+    first, second = Counter(runs=1), Counter(runs=2)
+    hooks = [Recorder("a", []), first, Recorder("b", []), second, first]
+    session = HookedSession(hooks[:4], StepEngine())
+    assert session.state_dict() == {"Counter": {"runs": 1}, "Counter#1": {"runs": 2}}
+    assert hook_state_dict(hooks) == session.state_dict()  # the same hook twice: one state
+
+
+def test_state_with_no_hook_to_go_to_is_an_error_unless_not_strict():
+    session = HookedSession([Counter()], StepEngine())
+    saved = {"Counter": {"runs": 3}, "Counter#1": {"runs": 4}}
+    with pytest.raises(ValueError, match=r"\['Counter#1'\] has no hook here"):
+        session.load_state_dict(saved)
+    session.load_state_dict(saved, strict=False)
+    assert session.hooks[0].runs == 3
