@@ -1,4 +1,7 @@
-"""``FinalOpsHook``: evaluate tensors, metrics or callables once, when a session ends."""
+"""``FinalOpsHook``: evaluate tensors, metrics or callables once, when a session ends.
+
+``FinalOpsExportHook`` sends the scalar final values of such hooks to the engine's loggers.
+"""
 
 from __future__ import annotations
 
