@@ -1,21 +1,44 @@
-"""Agreement across ranks, without synchronising the host with a GPU.
+"""Agreement across ranks: one small non-blocking all-reduce per run, never a GPU sync.
 
-A stop flag is a host-side bool, so it is agreed over a CPU (gloo) process group: an
-all-reduce of one CPU integer per vote. Under NCCL a gloo group is created once, on the
-first vote, which every rank reaches at the same batch.
+Every decision that must be the same on every rank of a session (a stop, a time trigger)
+goes through :class:`RankAgreement`: at the end of each run every rank contributes its stop
+vote and rank 0 its clock to one all-reduce of a two-element CPU float64 tensor over a gloo
+group, issued without waiting (``async_op=True``) and read at the end of the next run, when
+it has long completed. So every rank applies the same decision at the same global step, one
+run after the request, and no rank waits for another on a step where nothing was decided.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict
+import math
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
+__all__ = ["RankAgreement", "is_rank_zero"]
+
 _GLOO_GROUPS: Dict[int, Any] = {}
 
 
+def is_rank_zero() -> bool:
+    """Global rank 0 of ``torch.distributed``, or True when it is not initialized."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def world_size() -> int:
+    """The ``torch.distributed`` world size, or 1 when it is not initialized."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
 def _cpu_group() -> Any:
+    """A group that reduces CPU tensors: the default one under gloo, else a gloo group.
+
+    A new group is a collective of its own: every rank creates it at the same point (the
+    first agreement of the first session, at session creation).
+    """
     if dist.get_backend() == "gloo":
         return None  # the default group already reduces CPU tensors
     key = id(dist.group.WORLD)
@@ -25,20 +48,75 @@ def _cpu_group() -> Any:
     return group
 
 
-def is_rank_zero() -> bool:
-    """Global rank 0 of ``torch.distributed``, or True when it is not initialized."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+class RankAgreement:
+    """The ranks of one session agreeing, run after run, on stops and on rank 0's clock.
 
-
-def any_rank(flag: bool, world_size: int) -> bool:
-    """Whether ``flag`` is true on any rank; every rank must call it at the same point.
+    Every rank must make the same calls in the same order: :meth:`start` at session
+    creation, :meth:`receive` then :meth:`send` at the end of every run, :meth:`close` at a
+    clean end. The
+    tensors are CPU tensors, so reading a result never synchronises the host with a GPU.
 
     Args:
-        flag: this rank's vote.
-        world_size: the number of ranks; with one, nothing is communicated.
+        group: the process group of the session's ranks; ``None``: every rank of
+            ``torch.distributed`` (through a gloo group when the default backend is not gloo).
     """
-    if world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
-        return flag
-    vote = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=_cpu_group())
-    return bool(vote.item())  # a CPU tensor: no device synchronisation
+
+    def __init__(self, group: Any = None) -> None:
+        self._group = _cpu_group() if group is None else group
+        self._is_rank_zero = dist.get_rank() == 0
+        self._pending: Optional[Tuple[Any, torch.Tensor]] = None
+
+    def _vector(self, stop: bool, now: float) -> torch.Tensor:
+        # element 0: any rank's stop vote; element 1: rank 0's clock (the others give -inf)
+        return torch.tensor(
+            [1.0 if stop else 0.0, now if self._is_rank_zero else -math.inf],
+            dtype=torch.float64,
+        )
+
+    def start(self, now: float) -> float:
+        """Agree on rank 0's clock at session creation; a blocking collective, once.
+
+        Args:
+            now: this rank's clock (only rank 0's is used).
+
+        Returns:
+            Rank 0's clock.
+        """
+        vector = self._vector(False, now)
+        dist.all_reduce(vector, op=dist.ReduceOp.MAX, group=self._group)
+        return float(vector[1])
+
+    def receive(self) -> Optional[Tuple[bool, float]]:
+        """What the ranks agreed on at the previous run, or ``None`` before the first vote.
+
+        Returns:
+            ``(any rank asked to stop, rank 0's clock)``.
+        """
+        if self._pending is None:
+            return None
+        work, vector = self._pending
+        self._pending = None
+        work.wait()  # issued a whole run ago: already complete unless a rank lags behind
+        return bool(vector[0] > 0), float(vector[1])
+
+    def send(self, stop: bool, now: float) -> None:
+        """Send this run's vote without waiting; :meth:`receive` reads it at the next run.
+
+        Args:
+            stop: whether a hook of this rank asked to stop in this run.
+            now: this rank's clock (only rank 0's is used).
+        """
+        vector = self._vector(stop, now)
+        work = dist.all_reduce(vector, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        self._pending = (work, vector)
+
+    def close(self) -> None:
+        """Wait for the last vote (every rank sent it), at a clean end of the session."""
+        if self._pending is not None:
+            work, _ = self._pending
+            self._pending = None
+            work.wait()
+
+    def abandon(self) -> None:
+        """Forget the last vote without waiting (the session ended by an exception)."""
+        self._pending = None

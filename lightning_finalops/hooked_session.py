@@ -3,8 +3,8 @@
 Two pieces, each imported by every adapter and importing none:
 
 - :class:`Engine`, the short list of verbs an engine supplies (the global step, whether this
-  process is the chief, the engine's named values, checkpoints, scalar logging, agreement
-  across ranks). Hooks receive the engine as their raw session; the core implements its
+  process is the chief, the engine's named values, checkpoints, scalar logging, how its
+  ranks agree). Hooks receive the engine as their raw session; the core implements its
   :meth:`~Engine.run` once, with one name-lookup order.
 - :class:`HookedSession`, which owns a session from ``begin`` to ``end``: the hooks in list
   order at every call (nothing reversed), the merging of their ``before_run`` requests
@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from lightning_finalops.distributed import RankAgreement
 from lightning_finalops.fetches import (
     LazyNamespace,
     Namespace,
@@ -39,6 +40,7 @@ from lightning_finalops.fetches import (
     evaluate,
     split_feeds,
 )
+from lightning_finalops.hooks import timers
 from lightning_finalops.session_run_hook import (
     Coordinator,
     RawSession,
@@ -85,12 +87,12 @@ class Engine(RawSession):
         """
         return _EMPTY
 
-    def any_rank(self, flag: bool) -> bool:
-        """Whether ``flag`` is true on any rank; every rank calls it at the same point.
+    def rank_agreement(self) -> Optional[RankAgreement]:
+        """How the ranks of a training session agree (stops, time), or ``None``: one process.
 
-        One process: ``flag`` itself.
+        Called once per session, at its creation, by every rank.
         """
-        return flag
+        return None
 
     def restore_checkpoint(self, path: str) -> Mapping[str, Any]:
         """Restore what :meth:`save_checkpoint` wrote; return the saved session state.
@@ -326,6 +328,10 @@ class HookedSession:
         str_feeds_as_keywords: whether the engine passes str feeds as keyword arguments to
             the callables of the run (a plain loop: each must be accepted by one of them),
             rather than by other means (Lightning sets them on the batch).
+        agree_across_ranks: agree on stops and time through ``engine.rank_agreement()``
+            (training sessions, whose ranks all run the same steps). Evaluation and
+            prediction sessions, whose ranks may see different numbers of batches, agree on
+            nothing: no rank could wait for a vote another rank never sends.
 
     Raises:
         TypeError: an item of ``hooks`` is not a :class:`SessionRunHook`.
@@ -338,6 +344,7 @@ class HookedSession:
         argument: str = "hooks",
         *,
         str_feeds_as_keywords: bool = True,
+        agree_across_ranks: bool = False,
     ) -> None:
         self.hooks = check_hooks(hooks, argument)
         self.engine = engine
@@ -357,7 +364,10 @@ class HookedSession:
         self.should_stop = False
         self.created = False
         self._run: Optional[PendingRun] = None
-        self._agrees_across_ranks = type(engine).any_rank is not Engine.any_rank
+        # A session whose hooks act only at its start and end can neither stop nor trigger
+        # on time: it needs no agreement, so no collective at all.
+        self._agree = agree_across_ranks and not self.idle_per_run
+        self._agreement: Optional[RankAgreement] = None
 
     # -- session lifecycle -------------------------------------------------------------------
     def begin(self) -> None:
@@ -370,6 +380,10 @@ class HookedSession:
         if self.created:
             return
         self.created = True
+        if self._agree:
+            self._agreement = self.engine.rank_agreement()
+            if self._agreement is not None:
+                timers.set_agreed_time(self._agreement.start(timers.clock()))
         for hook in self.hooks:
             hook.after_create_session(self.engine, self.coord)
 
@@ -384,6 +398,20 @@ class HookedSession:
         session = None if closed else self.engine
         for hook in self.hooks:
             hook.end(session)
+        if self._agreement is not None:
+            self._agreement.close()
+            self._leave_agreement()
+
+    def abandon(self) -> None:
+        """The session ends by an exception: leave the run and the agreement, no ``end()``."""
+        self.abort_run()
+        if self._agreement is not None:
+            self._agreement.abandon()
+            self._leave_agreement()
+
+    def _leave_agreement(self) -> None:
+        self._agreement = None
+        timers.set_agreed_time(None)
 
     # -- one run ---------------------------------------------------------------------------
     @property
@@ -505,6 +533,13 @@ class HookedSession:
                     pending.exit()
             context = pending.context
             assert context is not None
+            agreement = self._agreement
+            agreed_stop = False
+            if agreement is not None:
+                agreed = agreement.receive()
+                if agreed is not None:
+                    agreed_stop, agreed_time = agreed
+                    timers.set_agreed_time(agreed_time)
             no_results = SessionRunValues(None, pending.options, pending.run_metadata)
             if not results:
                 for after_run in self._after_calls:
@@ -517,12 +552,17 @@ class HookedSession:
                         after_run(context, values)
                     else:
                         after_run(context, no_results)
-            self.should_stop = self.should_stop or context.stop_requested
+            if agreement is None:
+                self.should_stop = self.should_stop or context.stop_requested
+            else:
+                # A request made in this run reaches the other ranks with this vote and
+                # stops every rank after the next run; a rank-consistent one applies now.
+                consistent = context.rank_consistent_stop
+                agreement.send(context.stop_requested and not consistent, timers.clock())
+                self.should_stop = self.should_stop or agreed_stop or consistent
         finally:
             engine._step_outputs_fresh = False
             self._run = None
-        if self._agrees_across_ranks:
-            self.should_stop = engine.any_rank(self.should_stop)
         return self.should_stop
 
     def abort_run(self) -> None:

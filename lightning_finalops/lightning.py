@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence,
 import pytorch_lightning
 
 from lightning_finalops.checkpoints import atomic_write
-from lightning_finalops.distributed import any_rank
+from lightning_finalops.distributed import RankAgreement
 from lightning_finalops.hooked_session import (
     Engine,
     HookedSession,
@@ -54,7 +54,7 @@ class _LightningEngine(Engine):
     def __init__(self, trainer: Any, pl_module: Any) -> None:
         self.trainer = trainer
         self.pl_module = pl_module
-        self._world_size: int = trainer.world_size  # fixed for the session; read every batch
+        self._world_size: int = trainer.world_size
 
     @property
     def global_step(self) -> int:
@@ -75,9 +75,9 @@ class _LightningEngine(Engine):
         """``trainer.callback_metrics``."""
         return self.trainer.callback_metrics
 
-    def any_rank(self, flag: bool) -> bool:
-        """Whether ``flag`` is true on any rank (a CPU all-reduce when there are several)."""
-        return any_rank(flag, self._world_size) if self._world_size > 1 else flag
+    def rank_agreement(self) -> Optional[RankAgreement]:
+        """Over every rank of the trainer (a gloo group), when there are several."""
+        return RankAgreement() if self._world_size > 1 else None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Send scalars to every logger of the trainer, on global rank 0 only."""
@@ -222,7 +222,7 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         _refuse_spawn_launcher(trainer, hooks)
         session = HookedSession(
             [*hooks, *extra], _LightningEngine(trainer, pl_module), f"{kind}_hooks",
-            str_feeds_as_keywords=False,
+            str_feeds_as_keywords=False, agree_across_ranks=kind == TRAINING,
         )
         self._sessions[kind] = session
         session.begin()
@@ -395,7 +395,7 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         # flight and forget the sessions; never raise here (it would skip Lightning's cleanup).
         for session in self._sessions.values():
             try:
-                session.abort_run()
+                session.abandon()
             except Exception as e:  # pragma: no cover - defensive
                 warnings.warn(f"HookCallback could not end the step: {e!r}", stacklevel=2)
         self._sessions.clear()

@@ -322,6 +322,8 @@ class MonitoredSession:
         try:
             if exception_type is None:
                 self._session.end(closed=self._closed)
+            elif not self._closed:
+                self._session.abandon()
         finally:
             if self._closed:
                 raise RuntimeError("Session is already closed.")

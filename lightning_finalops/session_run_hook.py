@@ -141,12 +141,13 @@ class SessionRunContext:
         session: the raw session (runs on it trigger no hooks).
     """
 
-    __slots__ = ("_original_args", "_session", "_stop_requested")
+    __slots__ = ("_original_args", "_session", "_stop_requested", "_consistent_stop")
 
     def __init__(self, original_args: SessionRunArgs, session: RawSession) -> None:
         self._original_args = original_args
         self._session = session
         self._stop_requested = False
+        self._consistent_stop = False
 
     @property
     def original_args(self) -> SessionRunArgs:
@@ -163,9 +164,32 @@ class SessionRunContext:
         """Whether a hook asked to stop in this run."""
         return self._stop_requested
 
-    def request_stop(self) -> None:
-        """Ask to stop after this run: the run completes and every ``after_run`` still fires."""
+    @property
+    def rank_consistent_stop(self) -> bool:
+        """Whether a hook asked to stop in this run with ``rank_consistent=True``."""
+        return self._consistent_stop
+
+    def request_stop(self, *, rank_consistent: bool = False) -> None:
+        """Ask to stop after this run: the run completes and every ``after_run`` still fires.
+
+        With one process the session stops after this run (TF's rule). With several ranks
+        (a training session under DDP, ``torchrun`` or Fabric) every rank must stop at the
+        same step, or the others wait forever in their next collective, so a request is
+        agreed: any rank's request stops every rank after the *next* run, through one small
+        non-blocking all-reduce per run. A hook whose decision is already the same on every
+        rank at this run passes ``rank_consistent=True`` and the stop applies after this
+        run everywhere, as with one process.
+
+        Args:
+            rank_consistent: the hook asserts that every rank requests this stop in this
+                run: the decision depends only on the global step, on values agreed across
+                ranks (:func:`lightning_finalops.hooks.timers.now`, a torchmetrics
+                ``compute()``), or on the same data. A request that is not in fact made on
+                every rank leaves the others running into their next collective.
+        """
         self._stop_requested = True
+        if rank_consistent:
+            self._consistent_stop = True
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
+import sys
 from typing import List
 
 import pytest
@@ -54,3 +58,26 @@ class Counter(SessionRunHook):
 
     def load_state_dict(self, state_dict) -> None:
         self.runs = state_dict["runs"]
+
+
+def run_launch(script: str, *args: str, timeout: float = 180) -> None:
+    """Run ``python script args...`` (which launches its own ranks) and fail if it hangs.
+
+    The launch runs in a process group of its own, so a hang kills every rank it started,
+    not only the first: a test fails instead of blocking CI.
+    """
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.Popen(
+        [sys.executable, script, *args], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{os.path.basename(script)} {' '.join(args)} hung for {timeout} s:\n"
+                    + output[-3000:])
+    assert proc.returncode == 0, output[-5000:]

@@ -57,7 +57,9 @@ def main() -> None:
     training_final = FinalOpsHook({"w": model.layer.weight, "b": lambda: model.layer.bias})
     callback = HookCallback(
         training_hooks=[
-            StopOnRankOne(step=6),
+            # The request reaches the other rank with the run's vote, so under DDP every rank
+            # stops one run after it: asked at 5 on two ranks, at 6 in one process.
+            StopOnRankOne(step=5 if ddp else 6),
             training_final,
             # every rank calls trainer.save_checkpoint (a collective), rank 0 writes
             CheckpointSaverHook(os.path.join(out_dir, f"ckpt-{mode}"), save_steps=2),

@@ -14,11 +14,14 @@ import torch
 from conftest import Counter
 
 from lightning_finalops import (
+    FinalOpsHook,
     RunOptions,
     SessionRunArgs,
     SessionRunHook,
 )
+from lightning_finalops.distributed import RankAgreement
 from lightning_finalops.hooked_session import Engine, HookedSession, hook_state_dict
+from lightning_finalops.hooks import timers
 
 
 class StepEngine(Engine):
@@ -38,17 +41,47 @@ class StepEngine(Engine):
         return self.named
 
 
+class OtherRank(RankAgreement):
+    """The core's side of an agreement with a second rank whose votes the test scripts.
+
+    ``other_stops`` holds the runs (1-based) at which the other rank asks to stop;
+    ``other_clock`` is rank 0's clock (the other rank plays rank 0). The real agreement
+    over two processes is tested in ``test_lightning_ddp.py``.
+    """
+
+    def __init__(self, other_stops=(), other_clock: float = 100.0) -> None:
+        self.other_stops, self.other_clock = set(other_stops), other_clock
+        self.sent: List[bool] = []
+        self.closed = self.abandoned = False
+        self._last: Optional[tuple] = None
+
+    def start(self, now: float) -> float:
+        return self.other_clock
+
+    def receive(self):
+        last, self._last = self._last, None
+        return last
+
+    def send(self, stop: bool, now: float) -> None:
+        self.sent.append(stop)
+        run = len(self.sent)
+        self.other_clock += 10.0
+        self._last = (stop or run in self.other_stops, self.other_clock)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abandon(self) -> None:
+        self.abandoned = True
+
+
 class AgreeingEngine(StepEngine):
-    """An engine of several ranks: ``votes`` records each local flag, ``others`` is the rest."""
-
-    def __init__(self, others: bool) -> None:
+    def __init__(self, agreement: OtherRank) -> None:
         super().__init__()
-        self.others = others
-        self.votes: List[bool] = []
+        self.agreement = agreement
 
-    def any_rank(self, flag: bool) -> bool:
-        self.votes.append(flag)
-        return flag or self.others
+    def rank_agreement(self):
+        return self.agreement
 
 
 class Recorder(SessionRunHook):
@@ -349,30 +382,96 @@ def test_an_exception_in_after_run_skips_the_later_hooks_and_the_stop():
     assert session.should_stop is False and not session.in_run
 
 
-def test_an_engine_of_several_ranks_is_asked_to_agree_after_every_run_with_hooks():
-    engine = AgreeingEngine(others=False)
-    session = HookedSession([Recorder("a", [])], engine)
-    assert [one_run(session), one_run(session)] == [False, False]
-    assert engine.votes == [False, False]
-    stopped_elsewhere = AgreeingEngine(others=True)
-    assert one_run(HookedSession([Recorder("a", [])], stopped_elsewhere)) is True
+def agreeing_session(hooks, agreement: OtherRank) -> HookedSession:
+    session = HookedSession(hooks, AgreeingEngine(agreement), agree_across_ranks=True)
+    session.begin()
+    session.create()
+    return session
+
+
+class StopAt(SessionRunHook):
+    def __init__(self, step: int, rank_consistent: bool = False) -> None:
+        self.step, self.rank_consistent = step, rank_consistent
+
+    def after_run(self, run_context, run_values):
+        if run_context.session.global_step == self.step:
+            run_context.request_stop(rank_consistent=self.rank_consistent)
+
+
+def test_a_stop_requested_on_another_rank_stops_this_one_one_run_later():
+    session = agreeing_session([Recorder("a", [])], OtherRank(other_stops={2}))
+    assert [one_run(session) for _ in range(2)] == [False, False]
+    assert one_run(session) is True  # the vote of run 2 is read at the end of run 3
+    session.end()
+    assert session.engine.agreement.closed
+
+
+def test_a_stop_requested_here_is_agreed_too_and_applies_one_run_later_on_every_rank():
+    agreement = OtherRank()
+    session = agreeing_session([StopAt(step=2)], agreement)
+    assert [one_run(session) for _ in range(3)] == [False, False, True]
+    assert agreement.sent == [False, True, False]
+
+
+def test_a_rank_consistent_stop_applies_at_once_as_with_one_process():
+    agreement = OtherRank()
+    session = agreeing_session([StopAt(step=2, rank_consistent=True)], agreement)
+    assert [one_run(session) for _ in range(2)] == [False, True]
+    assert agreement.sent == [False, False]  # nothing to tell the others: they stop too
+
+
+def test_hooks_of_every_rank_decide_on_rank_zeros_clock_as_agreed_one_run_behind(monkeypatch):
+    monkeypatch.setattr(timers, "clock", lambda: 5.0)  # this rank's own clock
+    seen = []
+
+    class Clock(SessionRunHook):
+        def after_create_session(self, session, coord):
+            seen.append(("created", timers.now()))
+
+        def after_run(self, run_context, run_values):
+            seen.append((run_context.session.global_step, timers.now()))
+
+    session = agreeing_session([Clock()], OtherRank(other_clock=100.0))
+    for _ in range(3):
+        one_run(session)
+    session.end()
+    # creation agrees at once; run k reads what run k-1 sent (the first run has nothing yet)
+    assert seen == [("created", 100.0), (1, 100.0), (2, 110.0), (3, 120.0)]
+    assert timers.now() == 5.0  # after the session: this process's clock again
+
+
+def test_sessions_that_do_not_agree_or_cannot_stop_send_nothing():
+    silent = OtherRank()
+    session = HookedSession([Recorder("a", [])], AgreeingEngine(silent))  # an evaluation
+    session.create()
+    one_run(session)
+    idle = OtherRank()
+    session = agreeing_session([FinalOpsHook({"x": "loss"})], idle)  # no per-run method
+    one_run(session, {"loss": 1})
+    assert silent.sent == idle.sent == []
+
+
+def test_an_abandoned_session_drops_its_vote_without_waiting():
+    agreement = OtherRank()
+    session = agreeing_session([Recorder("a", [])], agreement)
+    one_run(session)
+    session.abandon()
+    assert agreement.abandoned and not agreement.closed
 
 
 def test_an_idle_session_calls_no_hook_per_run_and_still_records_the_outputs():
-    engine = AgreeingEngine(others=True)
     seen = []
 
     class AtEnd(SessionRunHook):
         def end(self, session):
             seen.append(session.run("loss"))
 
-    session = HookedSession([AtEnd()], engine)
+    session = HookedSession([AtEnd()], StepEngine())
     assert session.idle_per_run
     for loss in (1, 2):
         assert one_run(session, {"loss": loss}) is False
     session.end()
     assert seen == [2]
-    assert engine.votes == []  # no hook can stop: nothing to agree on
 
 
 # -- state ---------------------------------------------------------------------------------------

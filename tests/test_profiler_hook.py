@@ -196,14 +196,14 @@ def test_two_profiler_hooks_tracing_the_same_run_both_write_it(tmp_path):
     )
 
 
-def test_it_asks_for_a_full_trace_with_its_flags_only_when_due():
+def test_it_asks_for_a_full_trace_with_its_flags_only_when_due(tmp_path):
     requests = []
 
     class Spy(SessionRunHook):
         def after_run(self, run_context, run_values):
             requests.append(run_values.options)
 
-    hook = ProfilerHook(save_steps=2, show_dataflow=False, show_memory=True, output_dir="unused")
+    hook = ProfilerHook(save_steps=2, show_dataflow=False, show_memory=True, output_dir=tmp_path)
     session = ChiefSession(is_chief=True)
     hooked = HookedSession([hook, Spy()], session)
     hooked.begin()
@@ -212,6 +212,7 @@ def test_it_asks_for_a_full_trace_with_its_flags_only_when_due():
         session.step += 1
         hooked.finish_run(None)
     assert [r.trace_level for r in requests] == [0, RunOptions.FULL_TRACE, 0]
+    assert timelines(tmp_path) == ["timeline-2.json"]
     assert (requests[1].profile_memory, requests[1].record_shapes) == (True, False)
 
 

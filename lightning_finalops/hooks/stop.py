@@ -91,7 +91,8 @@ class StopAtStepHook(SessionRunHook):
                 "which was not called for this session."
             )
         if run_context.session.global_step >= self._last_step:
-            run_context.request_stop()
+            # the global step is the same on every rank: so is this decision
+            run_context.request_stop(rank_consistent=True)
 
 
 class NanLossDuringTrainingError(RuntimeError):

@@ -5,15 +5,43 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional, Tuple
 
-__all__ = ["NeverTriggerTimer", "SecondOrStepTimer"]
+__all__ = ["NeverTriggerTimer", "SecondOrStepTimer", "now"]
 
 # Hooks read the time through this name, so tests control time without sleeping
 # (``monkeypatch.setattr(lightning_finalops.hooks.timers, "clock", fake)``).
 clock: Callable[[], float] = time.time
 
+# Rank 0's clock as the ranks of a session last agreed on it; None with one process.
+_agreed_time: Optional[float] = None
+
+
+def now() -> float:
+    """The time periodic hooks decide on: the same value on every rank of a session.
+
+    With one process it is ``clock()``. While a session of several ranks runs, it is rank 0's
+    ``clock()`` as the ranks last agreed on it (at session creation, then once per run, one
+    run behind), so a decision taken from the time (``every_n_secs``, ``save_secs``) comes
+    out the same on every rank at the same global step. :class:`SecondOrStepTimer` reads it;
+    a hook with a schedule of its own should too.
+    """
+    agreed = _agreed_time
+    return clock() if agreed is None else agreed
+
+
+def set_agreed_time(value: Optional[float]) -> None:
+    """Set what :func:`now` returns (``None``: this process's ``clock()``).
+
+    The session core calls it; a hook never needs to.
+    """
+    global _agreed_time
+    _agreed_time = value
+
 
 class SecondOrStepTimer:
     """Triggers at most every ``every_secs`` seconds or every ``every_steps`` steps.
+
+    Time is read through :func:`now`: under several ranks, rank 0's clock as agreed by the
+    session, so every rank triggers at the same step.
 
     ``should_trigger_for_step(step)`` is True the first time, False for the step it last
     triggered at, then True once ``every_secs`` seconds or ``every_steps`` steps have passed
@@ -51,7 +79,7 @@ class SecondOrStepTimer:
             return False
         if self._every_secs is not None:
             assert self._last_triggered_time is not None
-            if clock() >= self._last_triggered_time + self._every_secs:
+            if now() >= self._last_triggered_time + self._every_secs:
                 return True
         if self._every_steps is not None:
             if step >= self._last_triggered_step + self._every_steps:
@@ -63,14 +91,14 @@ class SecondOrStepTimer:
 
         Both are ``None`` the first time.
         """
-        now = clock()
+        current = now()
         if self._last_triggered_time is None:
             elapsed_secs, elapsed_steps = None, None
         else:
             assert self._last_triggered_step is not None
-            elapsed_secs = now - self._last_triggered_time
+            elapsed_secs = current - self._last_triggered_time
             elapsed_steps = step - self._last_triggered_step
-        self._last_triggered_time = now
+        self._last_triggered_time = current
         self._last_triggered_step = step
         return elapsed_secs, elapsed_steps
 

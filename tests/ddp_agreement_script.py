@@ -1,0 +1,222 @@
+"""Run by tests/test_ddp_agreement.py: ``python ddp_agreement_script.py OUT_DIR MODE``.
+
+Two CPU processes (gloo, ``strategy="ddp"``) that disagree on purpose, each writing what it
+saw to ``OUT_DIR/<mode>-rank<r>.pt``:
+
+- ``clocks``: each rank's clock (``lightning_finalops.hooks.timers.clock``) runs at its own
+  speed; a ``CheckpointSaverHook(save_secs=...)`` and a ``LoggingTensorHook(every_n_secs=...)``
+  that fetches a torchmetrics metric (``compute()`` is a collective) must trigger at the same
+  steps on both ranks, or the run hangs.
+- ``uneven``: a stop requested on rank 1 only, ten no-op hooks, and every collective counted
+  while ``HookCallback`` handles a training batch; validations in which rank 0 has 3 batches
+  and rank 1 has 1, with a hook that stops rank 0's evaluation early; then ``predict`` over 5
+  samples (3 batches and 2) with a per-run prediction hook.
+"""
+
+import functools
+import itertools
+import os
+import sys
+import warnings
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+warnings.filterwarnings("ignore")
+
+import torchmetrics  # noqa: E402
+from lightning_models import dataset, make_module_class, make_trainer  # noqa: E402
+from torch.utils.data import DataLoader, Subset  # noqa: E402
+
+from lightning_finalops import (  # noqa: E402
+    CheckpointSaverHook,
+    CheckpointSaverListener,
+    FinalOpsHook,
+    HookCallback,
+    LoggingTensorHook,
+    SessionRunHook,
+)
+from lightning_finalops.hooks import timers  # noqa: E402
+
+COLLECTIVES = ("all_reduce", "all_gather", "broadcast", "barrier", "reduce", "gather",
+               "scatter", "all_gather_object", "broadcast_object_list", "reduce_scatter")
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("LOCAL_RANK", 0))
+
+
+class Module(make_module_class()):
+    """Per-rank data in order; a training metric; rank-dependent evaluation/predict loaders."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.train_mean = torchmetrics.MeanMetric()
+
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        self.train_mean.update(out["loss"].detach())
+        return out
+
+    def _rank_subset(self, n: int, seed: int, indices_per_rank) -> DataLoader:
+        data = dataset(n, seed)
+        return DataLoader(Subset(data, indices_per_rank[rank()]), batch_size=1)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._rank_subset(16, 0, {0: range(0, 16, 2), 1: range(1, 16, 2)})
+
+    def val_dataloader(self) -> DataLoader:
+        return self._rank_subset(4, 1, {0: [0, 1, 2], 1: [3]})  # 3 batches and 1
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._rank_subset(5, 3, {0: [0, 2, 4], 1: [1, 3]})  # as Lightning splits 5
+
+
+class Listener(CheckpointSaverListener):
+    def __init__(self) -> None:
+        self.saved = []
+
+    def after_save(self, session, global_step_value):
+        self.saved.append(global_step_value)
+
+
+class Logged:
+    """LoggingTensorHook's formatter: records the global step of every log."""
+
+    def __init__(self) -> None:
+        self.steps = []
+        self.trainer = None
+
+    def __call__(self, values) -> str:
+        self.steps.append(self.trainer.global_step)
+        return f"acc = {float(values['acc'])}"
+
+
+def clocks(out_dir: str) -> dict:
+    # rank 0's clock advances 1 s per reading, rank 1's 2.7 s: without agreement the two
+    # ranks would save and compute() at different steps, and wait for each other forever
+    speed = {0: 1.0, 1: 2.7}[rank()]
+    ticks = itertools.count()
+    timers.clock = lambda: next(ticks) * speed
+    model = Module()
+    listener, logged = Listener(), Logged()
+    callback = HookCallback(training_hooks=[
+        LoggingTensorHook({"acc": model.train_mean}, every_n_secs=2, formatter=logged),
+        CheckpointSaverHook(os.path.join(out_dir, "ckpt"), save_secs=3, listeners=[listener]),
+    ])
+    trainer = make_trainer(max_steps=8, callbacks=[callback], strategy="ddp", devices=2,
+                           use_distributed_sampler=False, limit_val_batches=0)
+    logged.trainer = trainer
+    trainer.fit(model)
+    return {"saved": listener.saved, "logged": logged.steps, "global_step": trainer.global_step}
+
+
+class StopOnRankOne(SessionRunHook):
+    def after_run(self, run_context, run_values) -> None:
+        if rank() == 1 and run_context.session.global_step == 4:
+            run_context.request_stop()
+
+
+class NoOp(SessionRunHook):
+    def before_run(self, run_context):
+        return None
+
+    def after_run(self, run_context, run_values):
+        pass
+
+
+class StopRankZeroEvaluation(SessionRunHook):
+    def __init__(self) -> None:
+        self.runs = []
+
+    def begin(self) -> None:
+        self.runs.append(0)
+
+    def after_run(self, run_context, run_values) -> None:
+        self.runs[-1] += 1
+        if rank() == 0:
+            run_context.request_stop()
+
+
+class CountRuns(SessionRunHook):
+    def __init__(self) -> None:
+        self.runs = 0
+
+    def after_run(self, run_context, run_values) -> None:
+        self.runs += 1
+
+
+def count_collectives(callback_class) -> dict:
+    """Count every collective issued while HookCallback handles a training batch."""
+    counts = {"blocking": 0, "async": 0, "batches": 0}
+    inside = [False]
+
+    def counting(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            if inside[0]:
+                counts["async" if kwargs.get("async_op") else "blocking"] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for name in COLLECTIVES:
+        setattr(dist, name, counting(getattr(dist, name)))
+
+    def in_batch_hook(method):
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            inside[0] = True
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                inside[0] = False
+        return wrapper
+
+    original_end = callback_class.on_train_batch_end
+    callback_class.on_train_batch_start = in_batch_hook(callback_class.on_train_batch_start)
+
+    def end(self, *args, **kwargs):
+        counts["batches"] += 1
+        return original_end(self, *args, **kwargs)
+
+    callback_class.on_train_batch_end = in_batch_hook(end)
+    return counts
+
+
+def uneven(out_dir: str) -> dict:
+    counts = count_collectives(HookCallback)
+    model = Module()
+    evaluation_stop, predictions = StopRankZeroEvaluation(), CountRuns()
+    final = FinalOpsHook({"mse": model.val_sample_mse})
+    callback = HookCallback(
+        training_hooks=[StopOnRankOne(), *(NoOp() for _ in range(10))],
+        evaluation_hooks=[evaluation_stop, final],
+        prediction_hooks=[predictions],
+    )
+    trainer = make_trainer(max_epochs=3, callbacks=[callback], strategy="ddp", devices=2,
+                           use_distributed_sampler=False, val_check_interval=2)
+    trainer.fit(model)
+    fit_step = trainer.global_step
+    trainer.validate(model)
+    trainer.predict(model)
+    return {
+        "global_step": fit_step,
+        "collectives": counts,
+        "evaluation_runs": evaluation_stop.runs,
+        "evaluations": final.final_ops_history,
+        "prediction_runs": predictions.runs,
+    }
+
+
+def main() -> None:
+    out_dir, mode = sys.argv[1], sys.argv[2]
+    torch.manual_seed(0)
+    result = {"clocks": clocks, "uneven": uneven}[mode](out_dir)
+    torch.save(result, os.path.join(out_dir, f"{mode}-rank{rank()}.pt"))
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()  # avoids gloo's abort at interpreter exit
+
+
+if __name__ == "__main__":
+    main()
