@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -41,24 +42,40 @@ def latest_checkpoint(checkpoint_dir: str, basename: str = "model.ckpt") -> Opti
     return found[-1][1] if found else None
 
 
-def atomic_write(path: str, write: Callable[[str], Any]) -> None:
-    """Call ``write(tmp_path)``, then move the finished file to ``path`` in one rename.
+def atomic_write(path: str, write: Callable[[str], Any], tmp: Optional[str] = None) -> None:
+    """Call ``write(tmp)``, then move the finished file (or directory) to ``path`` in one rename.
+
+    A file is flushed to disk before the rename. A directory (what sharded checkpoints
+    write) replaces an earlier one of the same name.
+
+    Args:
+        path: the final name.
+        write: writes a file or a directory at the path it is given.
+        tmp: the temporary name, in ``path``'s directory; by default a fresh unique file.
+            Give one when several processes must write to the same temporary name.
 
     Raises:
         Exception: whatever ``write`` raised; the temporary file is removed.
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
-                               dir=directory)
-    os.close(fd)
+    if tmp is None:
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
+                                   dir=directory)
+        os.close(fd)
     try:
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if os.path.isdir(tmp):
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+        else:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
             os.remove(tmp)
         raise
 

@@ -27,6 +27,8 @@ from typing import (
 
 import torch
 
+from lightning_finalops.validation import describe
+
 __all__ = ["to_host"]
 
 # A path is a linked tuple (parent, key) so building it per node is cheap; it is only turned
@@ -156,17 +158,10 @@ def leaves(
     return found
 
 
-def _describe(obj: Any) -> str:
-    text = repr(obj)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{type(obj).__name__} ({text})"
-
-
 def _bad_leaf(obj: Any, path: Path) -> TypeError:
     return TypeError(
         f"{format_path(path)} must be a torch.Tensor, a metric with compute(), a callable, a "
-        f"str name, None, or a list/tuple/dict of those; got {_describe(obj)}."
+        f"str name, None, or a list/tuple/dict of those; got {describe(obj)}."
     )
 
 
@@ -405,7 +400,7 @@ def split_feeds(
     if not feed_dict:
         return {}, {}
     if not isinstance(feed_dict, Mapping):
-        raise TypeError(f"{root} must be a mapping or None, got {_describe(feed_dict)}.")
+        raise TypeError(f"{root} must be a mapping or None, got {describe(feed_dict)}.")
     tensors: Dict[torch.Tensor, Any] = {}
     names: Dict[str, Any] = {}
     for key, value in feed_dict.items():
@@ -416,7 +411,7 @@ def split_feeds(
         else:
             raise TypeError(
                 f"{root} keys must be torch.Tensor (overridden for one run) or str (passed to "
-                f"the step as a keyword argument); got key {_describe(key)}."
+                f"the step as a keyword argument); got key {describe(key)}."
             )
     return tensors, names
 

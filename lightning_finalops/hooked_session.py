@@ -53,7 +53,14 @@ from lightning_finalops.session_run_hook import (
 )
 from lightning_finalops.validation import check_sequence_of
 
-__all__ = ["Engine", "HookedSession"]
+__all__ = [
+    "Engine",
+    "HookedSession",
+    "check_hooks",
+    "has_state",
+    "hook_state_dict",
+    "load_hook_state_dict",
+]
 
 STOP_REQUESTED_MESSAGE = "Run called even after should_stop requested."
 _EMPTY: Mapping[Any, Any] = types.MappingProxyType({})
@@ -76,6 +83,11 @@ class Engine(RawSession):
     aggregated ``callback_metrics`` before the last batch's outputs.
     """
 
+    #: Whether the engine passes str feeds as keyword arguments to the callables of the run
+    #: (then each must be accepted by one of them), rather than by other means (Lightning
+    #: sets them on the batch).
+    str_feeds_as_keywords: bool = True
+
     # Set by the session core only: the latest step's outputs and whether they are fresh.
     _step_outputs: Mapping[str, Any] = _EMPTY
     _step_outputs_fresh: bool = False
@@ -86,6 +98,12 @@ class Engine(RawSession):
         Read only when a name is not among the fresh step outputs.
         """
         return _EMPTY
+
+    def step_completed(self) -> None:
+        """The step and the hooks' fetches of a run succeeded; its ``after_run`` s come next.
+
+        An engine that counts runs itself (a plain loop) advances its global step here.
+        """
 
     def rank_agreement(self) -> Optional[RankAgreement]:
         """How the ranks of a training session agree (stops, time), or ``None``: one process.
@@ -173,6 +191,11 @@ def _stateful(hooks: Sequence[SessionRunHook]) -> Tuple[List[str], List[SessionR
     return keys, list(distinct.values())
 
 
+def _is_empty(state: Any) -> bool:
+    # what the base class's state_dict() returns; anything else is state to keep
+    return isinstance(state, Mapping) and len(state) == 0
+
+
 def hook_state_dict(hooks: Sequence[SessionRunHook]) -> Dict[str, Dict[str, Any]]:
     """``{key: state}`` of the distinct stateful hooks of ``hooks``; both adapters use it.
 
@@ -199,7 +222,9 @@ def load_hook_state_dict(
         raise TypeError(f"hook state must be a mapping, got {type(state).__name__}.")
     keys, stateful = _stateful(hooks)
     if strict:
-        unexpected = sorted(key for key, value in state.items() if key not in keys and value)
+        unexpected = sorted(
+            key for key, value in state.items() if key not in keys and not _is_empty(value)
+        )
         if unexpected:
             raise ValueError(
                 "The saved hook state does not match the session's hooks: saved state of "
@@ -325,13 +350,12 @@ class HookedSession:
         hooks: the session's hooks, called in this order at every point.
         engine: the engine the session runs on; hooks receive it as their raw session.
         argument: the argument name the hooks came from, for error messages.
-        str_feeds_as_keywords: whether the engine passes str feeds as keyword arguments to
-            the callables of the run (a plain loop: each must be accepted by one of them),
-            rather than by other means (Lightning sets them on the batch).
         agree_across_ranks: agree on stops and time through ``engine.rank_agreement()``
             (training sessions, whose ranks all run the same steps). Evaluation and
             prediction sessions, whose ranks may see different numbers of batches, agree on
-            nothing: no rank could wait for a vote another rank never sends.
+            nothing: no rank could wait for a vote another rank never sends. Every rank
+            must then have hooks with the same per-run methods: a session whose hooks have
+            none sends no vote at all.
 
     Raises:
         TypeError: an item of ``hooks`` is not a :class:`SessionRunHook`.
@@ -343,13 +367,12 @@ class HookedSession:
         engine: Engine,
         argument: str = "hooks",
         *,
-        str_feeds_as_keywords: bool = True,
         agree_across_ranks: bool = False,
     ) -> None:
         self.hooks = check_hooks(hooks, argument)
+        _stateful(self.hooks)  # a bad state_key fails here, not at the first checkpoint
         self.engine = engine
         self.coord = Coordinator()
-        self._str_feeds_as_keywords = str_feeds_as_keywords
         # Bound methods, looked up once, of the hooks that override them: these loops run
         # at every step, and skipping the base class's empty methods is invisible to hooks.
         self._before = [
@@ -494,7 +517,7 @@ class HookedSession:
                 str_feeds = {**hook_str_feeds, **str_feeds}
             pending.tensor_feeds = tensor_feeds
             pending.str_feeds = str_feeds
-            if str_feeds and self._str_feeds_as_keywords:
+            if str_feeds and self.engine.str_feeds_as_keywords:
                 check_str_feeds_accepted(str_feeds, fetches, [f for _, f in hook_fetches or ()])
         if pending.tensor_feeds or pending.options.trace_level:
             pending.enter()
@@ -505,8 +528,9 @@ class HookedSession:
         """The step ran: evaluate the hooks' fetches, leave the run, call every ``after_run``.
 
         The hooks' fetches are evaluated against ``outputs`` (when it is a mapping), then
-        the engine's named values. An exception in a fetch or in an ``after_run`` skips the
-        later hooks and propagates; the stop flag is then not applied (TF's rule).
+        the engine's named values; then ``engine.step_completed()``. An exception in a fetch
+        or in an ``after_run`` skips the later hooks and propagates; the stop flag is then
+        not applied (TF's rule), and a failed fetch leaves the run uncounted.
 
         Args:
             outputs: what the step returned (a dict makes its keys fetchable by name).
@@ -518,19 +542,25 @@ class HookedSession:
         if pending is None:
             raise RuntimeError("finish_run() called without a run in flight.")
         engine = self.engine
+        previous_outputs = engine._step_outputs
         engine._step_outputs = (
             outputs if type(outputs) is dict or isinstance(outputs, Mapping) else _EMPTY
         )
         if pending is _IDLE_RUN:
             self._run = None
+            engine.step_completed()
             return self.should_stop
         engine._step_outputs_fresh = True
         try:
             try:
                 results = self._evaluate_hook_fetches(pending) if pending.hook_fetches else None
+            except BaseException:
+                engine._step_outputs = previous_outputs  # a failed run names nothing
+                raise
             finally:
                 if pending._applied is not None or pending._trace is not None:
                     pending.exit()
+            engine.step_completed()
             context = pending.context
             assert context is not None
             agreement = self._agreement

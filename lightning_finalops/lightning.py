@@ -28,6 +28,7 @@ from lightning_finalops.hooked_session import (
 )
 from lightning_finalops.hooks.final_ops import FinalOpsExportHook, FinalOpsHook
 from lightning_finalops.session_run_hook import SessionRunHook
+from lightning_finalops.validation import check_bool
 
 try:  # the unified package is optional; its Callback is a distinct class
     import lightning.pytorch as _lightning_pytorch
@@ -47,9 +48,11 @@ class _LightningEngine(Engine):
     """The engine of a Lightning session: the hooks' raw session inside a ``Trainer``.
 
     Its named values are ``trainer.callback_metrics`` (at the end of a validation: that
-    validation's aggregated values), read only when a name is not among the step's fresh
-    outputs.
+    validation's aggregated values), read only when a lookup reaches them (see
+    :class:`~lightning_finalops.hooked_session.Engine` for the order).
     """
+
+    str_feeds_as_keywords = False  # HookCallback sets them on the batch
 
     def __init__(self, trainer: Any, pl_module: Any) -> None:
         self.trainer = trainer
@@ -86,17 +89,19 @@ class _LightningEngine(Engine):
                 logger.log_metrics(dict(metrics), step=step)
 
     def save_checkpoint(self, path: str) -> None:
-        """``trainer.save_checkpoint`` (every rank calls it), written atomically by rank 0.
+        """``trainer.save_checkpoint`` (every rank calls it), made atomic by rank 0's rename.
 
-        The file is a Lightning checkpoint: ``fit(ckpt_path=path)`` resumes from it, hooks'
-        state included. Lightning's strategies write a checkpoint file on rank 0 only; the
-        other ranks take part in the collective and write nothing.
+        The checkpoint is a Lightning checkpoint: ``fit(ckpt_path=path)`` resumes from it,
+        hooks' state included. Every rank writes to the same temporary name (DDP writes a
+        file from rank 0; sharded strategies write a directory from every rank), then rank 0
+        renames it to ``path``.
         """
+        tmp = path + ".tmp"
         if self.trainer.is_global_zero:
-            atomic_write(path, self.trainer.save_checkpoint)
+            atomic_write(path, self.trainer.save_checkpoint, tmp=tmp)
         else:
-            self.trainer.save_checkpoint(path)
-        # every rank returns once the file is in place under its final name
+            self.trainer.save_checkpoint(tmp)  # a collective: returns once every rank wrote
+        # every rank returns once the checkpoint is in place under its final name
         self.trainer.strategy.barrier("lightning_finalops.save_checkpoint")
 
 
@@ -160,8 +165,8 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         self.training_hooks = training
         self.evaluation_hooks = evaluation
         self.prediction_hooks = prediction
-        self.include_sanity_check = bool(include_sanity_check)
-        self.log_final_ops = bool(log_final_ops)
+        self.include_sanity_check = check_bool(include_sanity_check, "include_sanity_check")
+        self.log_final_ops = check_bool(log_final_ops, "log_final_ops")
         self.name = name
         self._sessions: Dict[str, HookedSession] = {}
         self._warned_continue = False
@@ -222,7 +227,7 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         _refuse_spawn_launcher(trainer, hooks)
         session = HookedSession(
             [*hooks, *extra], _LightningEngine(trainer, pl_module), f"{kind}_hooks",
-            str_feeds_as_keywords=False, agree_across_ranks=kind == TRAINING,
+            agree_across_ranks=kind == TRAINING,
         )
         self._sessions[kind] = session
         session.begin()
@@ -300,6 +305,12 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         """Training session: fetches evaluated, ``after_run``; a stop stops ``fit``."""
         if self._after_run(TRAINING, outputs):
             trainer.should_stop = True
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        """Closes a run whose batch end Lightning skipped (``on_train_batch_start`` -> -1)."""
+        session = self._sessions.get(TRAINING)
+        if session is not None:
+            session.abort_run()
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """Training session: every hook's ``end()``, the model still on its device."""

@@ -17,6 +17,7 @@ from lightning_finalops.session_run_hook import (
     RunOptions,
     SessionRunHook,
 )
+from lightning_finalops.validation import check_bool
 
 __all__ = ["MonitoredSession", "StepContext"]
 
@@ -54,9 +55,7 @@ class _PlainEngine(Engine):
     def __init__(self, modules: Any, optimizers: Any,
                  session_state: Callable[[], Dict[str, Any]],
                  is_chief: Optional[bool] = None) -> None:
-        if is_chief is not None and not isinstance(is_chief, bool):
-            raise TypeError(f"is_chief must be a bool or None, got {type(is_chief).__name__}.")
-        self._is_chief = is_chief
+        self._is_chief = check_bool(is_chief, "is_chief", allow_none=True)
         self._modules = modules
         self._named_modules = _named(modules, "modules", torch.nn.Module)
         self._named_optimizers = _named(optimizers, "optimizers", torch.optim.Optimizer)
@@ -67,6 +66,10 @@ class _PlainEngine(Engine):
     def global_step(self) -> int:
         """Completed runs of the monitored session (restored with its state)."""
         return self._global_step
+
+    def step_completed(self) -> None:
+        """Count the run: its step and the hooks' fetches succeeded."""
+        self._global_step += 1
 
     @property
     def modules(self) -> Any:
@@ -254,7 +257,9 @@ class MonitoredSession:
 
         Raises:
             RuntimeError: the session is closed, a hook requested a stop in an earlier run
-                (``"Run called even after should_stop requested."``), or feeds conflict.
+                (``"Run called even after should_stop requested."``), feeds conflict, or
+                ``run`` was called from inside a step of this session (runs do not nest;
+                hooks and steps use ``raw_session().run``, which triggers no hooks).
             TypeError: an invalid fetch, feed key or option.
             ValueError: a str feed no callable accepts, or a tensor feed of the wrong shape.
         """
@@ -269,7 +274,6 @@ class MonitoredSession:
         except BaseException:
             session.abort_run()
             raise
-        self._engine._global_step += 1
         session.finish_run(values)
         return values
 

@@ -11,7 +11,7 @@ from lightning_finalops.hooks.checkpoint import CheckpointSaverHook
 from lightning_finalops.hooks.summary import StepCounterHook, SummarySaverHook
 from lightning_finalops.monitored_session import MonitoredSession
 from lightning_finalops.session_run_hook import SessionRunHook
-from lightning_finalops.validation import check_number
+from lightning_finalops.validation import check_bool, check_number
 
 __all__ = ["MonitoredTrainingSession"]
 
@@ -36,9 +36,10 @@ def _on(value: Any) -> Any:
 class _ChiefHookState(SessionRunHook):
     """A worker's stand-in for a stateful chief-only hook: it holds the hook's key.
 
-    The chief's checkpoint has that hook's state under a key counted among all the chief's
-    hooks; with the stand-in in the worker's list, the worker's own hooks get the same keys
-    as on the chief, and the chief-only state is dropped, not handed to another hook.
+    The chief's checkpoint has that hook's state under a key counted among the chief's
+    stateful hooks of the same ``state_key``; with the stand-in in the worker's list, the
+    worker's own hooks get the same keys as on the chief, and the chief-only state is
+    dropped, not handed to another hook.
     """
 
     def __init__(self, state_key: str) -> None:
@@ -163,6 +164,7 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
         _on(save_checkpoint_steps),
         _on(save_checkpoint_secs),
     )
+    check_bool(is_chief, "is_chief", allow_none=True)
     if is_chief is None:
         is_chief = is_rank_zero()
     all_hooks: List[SessionRunHook] = []
@@ -200,5 +202,5 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
         modules,
         optimizers,
         checkpoint_dir=os.fspath(checkpoint_dir) if checkpoint_dir else None,
-        is_chief=bool(is_chief),
+        is_chief=is_chief,
     )

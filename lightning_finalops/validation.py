@@ -13,17 +13,20 @@ import os
 from typing import Any, List, Mapping, Optional, Type, TypeVar
 
 __all__ = [
+    "check_bool",
     "check_int",
     "check_number",
     "check_path",
     "check_sequence_of",
+    "describe",
     "is_int",
 ]
 
 T = TypeVar("T")
 
 
-def _shown(value: Any) -> str:
+def describe(value: Any) -> str:
+    """A value as error messages show it: its type and a short ``repr``."""
     text = repr(value)
     if len(text) > 60:
         text = text[:57] + "..."
@@ -54,11 +57,25 @@ def check_int(
         return None
     if not is_int(value):
         expected = "an int" + (" or None" if allow_none else "")
-        raise TypeError(f"{argument} must be {expected}, got {_shown(value)}.")
+        raise TypeError(f"{argument} must be {expected}, got {describe(value)}.")
     result = int(value)
     if minimum is not None and result < minimum:
         raise ValueError(f"{argument} must be an int >= {minimum}, got {result}.")
     return result
+
+
+def check_bool(value: Any, argument: str, *, allow_none: bool = False) -> Optional[bool]:
+    """``value`` itself, checked to be a ``bool`` (numpy and torch bools are not, nor ``"no"``).
+
+    Raises:
+        TypeError: ``value`` is not a ``bool``, or ``None`` when not allowed.
+    """
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, bool):
+        expected = "a bool" + (" or None" if allow_none else "")
+        raise TypeError(f"{argument} must be {expected}, got {describe(value)}.")
+    return value
 
 
 def check_number(value: Any, argument: str, *, allow_none: bool = False) -> Optional[float]:
@@ -71,7 +88,7 @@ def check_number(value: Any, argument: str, *, allow_none: bool = False) -> Opti
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         expected = "a number" + (" or None" if allow_none else "")
-        raise TypeError(f"{argument} must be {expected}, got {_shown(value)}.")
+        raise TypeError(f"{argument} must be {expected}, got {describe(value)}.")
     return value  # type: ignore[return-value]
 
 
@@ -90,7 +107,7 @@ def check_path(
     path = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
     if not isinstance(path, str):
         expected = "a str or os.PathLike path" + (" or None" if allow_none else "")
-        raise TypeError(f"{argument} must be {expected}, got {_shown(value)}.")
+        raise TypeError(f"{argument} must be {expected}, got {describe(value)}.")
     if not path and not allow_empty:
         raise ValueError(f"{argument} must be a non-empty path, got {value!r}.")
     return path
@@ -113,6 +130,6 @@ def check_sequence_of(items: Any, kind: Type[T], argument: str) -> List[T]:
     for i, item in enumerate(checked):
         if not isinstance(item, kind):
             raise TypeError(
-                f"{argument}[{i}] must be a {kind.__name__}, got {_shown(item)}."
+                f"{argument}[{i}] must be a {kind.__name__}, got {describe(item)}."
             )
     return checked

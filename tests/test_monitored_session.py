@@ -731,6 +731,26 @@ def test_feeds_of_several_hooks_are_all_applied():
     assert (x.item(), y.item()) == (1.0, 2.0)
 
 
+def test_a_run_whose_hook_fetch_fails_is_not_counted_and_names_nothing():
+    log = []
+    hook = Recorder("h", log, args=SessionRunArgs("missing"))
+    with pytest.raises(KeyError, match="missing"):
+        with MonitoredSession([hook]) as sess:
+            sess.run(lambda: {"loss": torch.tensor(1.0)})
+    assert sess.global_step == 0
+    with pytest.raises(KeyError, match="'loss'"):
+        sess.raw_session().run("loss")
+    assert ("h", "after_run") not in log
+
+
+def test_run_cannot_be_called_from_inside_a_step_of_the_same_session():
+    with MonitoredSession([Recorder("h", [])]) as sess:
+        with pytest.raises(RuntimeError, match="while a run is in flight"):
+            sess.run(lambda: sess.run(noop))
+        sess.run(noop)  # the failed run left the session usable
+        assert sess.global_step == 1
+
+
 def test_tensor_feed_is_restored_when_the_step_raises():
     log = []
     x = torch.tensor([1.0, 2.0])

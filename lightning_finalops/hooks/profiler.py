@@ -17,7 +17,7 @@ from lightning_finalops.session_run_hook import (
     SessionRunHook,
     SessionRunValues,
 )
-from lightning_finalops.validation import check_path
+from lightning_finalops.validation import check_bool, check_path
 
 __all__ = ["ProfilerHook"]
 
@@ -84,8 +84,8 @@ class ProfilerHook(SessionRunHook):
         show_memory: bool = False,
     ) -> None:
         self._output_dir = check_path(output_dir, "output_dir", allow_empty=True)
-        self._show_dataflow = bool(show_dataflow)
-        self._show_memory = bool(show_memory)
+        self._show_dataflow = check_bool(show_dataflow, "show_dataflow")
+        self._show_memory = check_bool(show_memory, "show_memory")
         self._timer = SecondOrStepTimer(every_secs=save_secs, every_steps=save_steps)
         self._stale_global_step: Optional[int] = None
         self._primed = False

@@ -17,7 +17,7 @@ from lightning_finalops.session_run_hook import (
     SessionRunHook,
     SessionRunValues,
 )
-from lightning_finalops.validation import check_int
+from lightning_finalops.validation import check_bool, check_int
 
 __all__ = [
     "GlobalStepWaiterHook",
@@ -133,7 +133,7 @@ class NanTensorHook(SessionRunHook):
             )
         check_fetches(loss_tensor, "loss_tensor")
         self._loss_tensor = loss_tensor
-        self._fail_on_nan_loss = bool(fail_on_nan_loss)
+        self._fail_on_nan_loss = check_bool(fail_on_nan_loss, "fail_on_nan_loss")
 
     def before_run(self, run_context: SessionRunContext) -> Optional[SessionRunArgs]:
         """Fetch the loss (left on its device)."""

@@ -17,7 +17,7 @@ from lightning_finalops.session_run_hook import (
     SessionRunHook,
     SessionRunValues,
 )
-from lightning_finalops.validation import check_int, check_number
+from lightning_finalops.validation import check_bool, check_int, check_number
 
 __all__ = ["LoggingTensorHook"]
 
@@ -126,6 +126,7 @@ class LoggingTensorHook(SessionRunHook):
         at_end: bool = False,
         formatter: Optional[Callable[[Dict[str, Any]], str]] = None,
     ) -> None:
+        check_bool(at_end, "at_end")
         only_log_at_end = at_end and every_n_iter is None and every_n_secs is None
         if not only_log_at_end and (every_n_iter is None) == (every_n_secs is None):
             raise ValueError(
@@ -143,7 +144,7 @@ class LoggingTensorHook(SessionRunHook):
             )
         self._tensors, self._tag_order = self._tags(tensors)
         self._formatter = formatter
-        self._log_at_end = bool(at_end)
+        self._log_at_end = at_end
         self._timer: SecondOrStepTimer = (
             NeverTriggerTimer()
             if only_log_at_end
