@@ -165,22 +165,68 @@ def _bad_leaf(obj: Any, path: Path) -> TypeError:
     )
 
 
-def check_fetches(fetches: Any, root: str) -> None:
+def _misfit_callable(obj: Any, path: Path) -> Optional[TypeError]:
+    """Why a callable leaf is not a fetch (a class, a module), or ``None`` if it is one."""
+    if isinstance(obj, type):
+        return TypeError(
+            f"{format_path(path)} is the class {obj.__qualname__}, not an instance: fetch "
+            f"an instance (e.g. {obj.__name__}()) or a callable returning the value."
+        )
+    if isinstance(obj, torch.nn.Module) and not is_metric(obj):
+        return TypeError(
+            f"{format_path(path)} is a module ({type(obj).__name__}), which is not a value: "
+            "fetch a tensor of it (model.weight), a metric, or a callable returning the value."
+        )
+    return None
+
+
+def required_parameters(fn: Callable[..., Any]) -> List[str]:
+    """The parameters ``fn`` cannot be called without (no default, not ``*args``/``**kw``)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature: nothing we can see
+        return []
+    return [
+        p.name
+        for p in params
+        if p.default is inspect.Parameter.empty
+        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
+
+
+def check_fetches(
+    fetches: Any, root: str, str_feeds: Optional[Sequence[str]] = None
+) -> None:
     """Raise ``TypeError`` naming the first position of ``fetches`` that is not a valid fetch.
 
     Args:
         fetches: a fetch structure.
         root: the name of the argument, used as the start of the position (``"final_ops"``).
+        str_feeds: when the str feeds of the evaluation are known in advance, their names:
+            a callable whose required parameters they do not all supply is rejected too.
 
     Raises:
-        TypeError: a leaf is of a type that cannot be fetched.
+        TypeError: a leaf is of a type that cannot be fetched (a class or a module is not
+            a value), or a callable needs arguments the feeds do not supply.
     """
-    if is_fetch_leaf(fetches):  # the common lone fetch, without a walk
-        return
+    if fetches is None or isinstance(fetches, (torch.Tensor, str)):
+        return  # the common lone fetch, without a walk
     for path, leaf in leaves(fetches, (root,), is_fetch_leaf):
+        assert path is not None
         if not is_fetch_leaf(leaf):
-            assert path is not None
             raise _bad_leaf(leaf, path)
+        if callable(leaf) and not isinstance(leaf, torch.Tensor):
+            misfit = _misfit_callable(leaf, path)
+            if misfit is not None:
+                raise misfit
+            if str_feeds is not None and not is_metric(leaf):
+                missing = [p for p in required_parameters(leaf) if p not in str_feeds]
+                if missing:
+                    raise TypeError(
+                        f"{format_path(path)} is a callable that needs {missing}, which no "
+                        f"str feed supplies (str feeds: {sorted(str_feeds)}): a fetched "
+                        "callable is called with no positional arguments."
+                    )
 
 
 def iter_callables(fetches: Any) -> Iterator[Callable[..., Any]]:
@@ -361,7 +407,14 @@ class TensorFeeds:
     def __init__(self, feeds: Mapping[torch.Tensor, Any], root: str = "feed_dict") -> None:
         pairs = []
         for tensor, value in feeds.items():
-            value = torch.as_tensor(value, dtype=tensor.dtype, device=tensor.device)
+            try:
+                value = torch.as_tensor(value, dtype=tensor.dtype, device=tensor.device)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise TypeError(
+                    f"{root}: cannot feed {describe(value)} to a tensor of dtype "
+                    f"{tensor.dtype} and shape {tuple(tensor.shape)}: feed a number, an array "
+                    f"or a tensor ({e})."
+                ) from e
             if value.shape != tensor.shape:
                 raise ValueError(
                     f"{root}: cannot feed value of shape {tuple(value.shape)} for a tensor of "
@@ -413,7 +466,39 @@ def split_feeds(
                 f"{root} keys must be torch.Tensor (overridden for one run) or str (passed to "
                 f"the step as a keyword argument); got key {describe(key)}."
             )
+    if len(tensors) > 1:
+        keys = list(tensors)
+        overlapping = [b for i, a in enumerate(keys) for b in keys[i + 1:] if shares_memory(a, b)]
+        if overlapping:
+            raise RuntimeError(
+                f"Same tensor is fed twice in {root} (two keys share memory: a tensor and a "
+                f"view of it). Conflict(s): {overlapping}"
+            )
     return tensors, names
+
+
+def _memory_range(tensor: torch.Tensor) -> Optional[Tuple[int, int]]:
+    if tensor.numel() == 0:
+        return None
+    item = tensor.element_size()
+    extent = 1 + sum((n - 1) * abs(step) for n, step in zip(tensor.shape, tensor.stride()))
+    start = tensor.untyped_storage().data_ptr() + tensor.storage_offset() * item
+    return start, start + extent * item
+
+
+def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors may overlap in memory (a tensor and a view of it, two views...).
+
+    Conservative for strided views: the ranges each one spans are compared.
+    """
+    if a is b:
+        return True
+    if a.device != b.device:
+        return False
+    range_a, range_b = _memory_range(a), _memory_range(b)
+    if range_a is None or range_b is None:
+        return False
+    return range_a[0] < range_b[1] and range_b[0] < range_a[1]
 
 
 def to_host(values: Any) -> Any:

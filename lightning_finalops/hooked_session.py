@@ -38,6 +38,7 @@ from lightning_finalops.fetches import (
     check_fetches,
     check_str_feeds_accepted,
     evaluate,
+    shares_memory,
     split_feeds,
 )
 from lightning_finalops.hooks import timers
@@ -148,12 +149,22 @@ class Engine(RawSession):
 
 
 def check_hooks(hooks: Any, argument: str) -> Tuple[SessionRunHook, ...]:
-    """Return ``hooks`` as a tuple after checking every item is a :class:`SessionRunHook`.
+    """Return ``hooks`` as a tuple after checking every item is a distinct hook.
 
     Raises:
         TypeError: ``hooks`` is not an iterable of hooks (the message names the position).
+        ValueError: one hook object is listed twice (it would run twice per call).
     """
-    return tuple(check_sequence_of(hooks, SessionRunHook, argument))
+    checked = tuple(check_sequence_of(hooks, SessionRunHook, argument))
+    first: Dict[int, int] = {}
+    for i, hook in enumerate(checked):
+        j = first.setdefault(id(hook), i)
+        if j != i:
+            raise ValueError(
+                f"{argument}[{i}] is the same {_hook_name(hook)} object as {argument}[{j}]: "
+                "it would run twice at every call. List it once."
+            )
+    return checked
 
 
 def _hook_name(hook: SessionRunHook) -> str:
@@ -240,8 +251,15 @@ def load_hook_state_dict(
 def _raise_if_feeds_intersect(
     feeds_a: Mapping[Any, Any], feeds_b: Mapping[Any, Any], message: str
 ) -> None:
-    # dict membership compares tensors by identity and strings by value, as TF's key sets do
-    intersection = [key for key in feeds_b if key in feeds_a]
+    # dict membership compares tensors by identity and strings by value, as TF's key sets
+    # do; beyond TF, a tensor and a view of it are the same memory, so they conflict too
+    tensors_a = [key for key in feeds_a if isinstance(key, torch.Tensor)]
+    intersection = [
+        key
+        for key in feeds_b
+        if key in feeds_a
+        or (isinstance(key, torch.Tensor) and any(shares_memory(key, t) for t in tensors_a))
+    ]
     if intersection:
         raise RuntimeError(message + " Conflict(s): " + str(intersection))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -11,7 +12,7 @@ from lightning_finalops.hooks.checkpoint import CheckpointSaverHook
 from lightning_finalops.hooks.summary import StepCounterHook, SummarySaverHook
 from lightning_finalops.monitored_session import MonitoredSession
 from lightning_finalops.session_run_hook import SessionRunHook
-from lightning_finalops.validation import check_bool, check_number
+from lightning_finalops.validation import check_bool, check_int, check_number, check_path
 
 __all__ = ["MonitoredTrainingSession"]
 
@@ -129,15 +130,30 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
             built); on any process, ``summary_op`` is given with neither ``summary_dir`` nor
             ``checkpoint_dir`` to write it to.
     """
+    # TF's rule: None, 0 or a negative period turns a hook off; anything else must be a
+    # real period (an int of steps, a finite number of seconds), never silently nothing.
     for value, argument in (
-        (save_checkpoint_secs, "save_checkpoint_secs"),
         (save_summaries_steps, "save_summaries_steps"),
-        (save_summaries_secs, "save_summaries_secs"),
         (log_step_count_steps, "log_step_count_steps"),
         (save_checkpoint_steps, "save_checkpoint_steps"),
     ):
         if value is not USE_DEFAULT:
-            check_number(value, argument, allow_none=True)
+            check_int(value, argument, allow_none=True)
+    for value, argument in (
+        (save_checkpoint_secs, "save_checkpoint_secs"),
+        (save_summaries_secs, "save_summaries_secs"),
+    ):
+        if value is not USE_DEFAULT and check_number(value, argument, allow_none=True) is not None:
+            if math.isnan(value) or (math.isinf(value) and value > 0):
+                raise ValueError(
+                    f"{argument} must be a finite number of seconds (or None, 0 or a negative "
+                    f"number to turn it off), got {value!r}."
+                )
+    # TF's rule too: an empty directory is none (summary_dir "" means checkpoint_dir)
+    checkpoint_dir = check_path(checkpoint_dir, "checkpoint_dir", allow_none=True,
+                                allow_empty=True) or None
+    summary_dir = check_path(summary_dir, "summary_dir", allow_none=True, allow_empty=True)
+    max_to_keep = check_int(max_to_keep, "max_to_keep", minimum=0, allow_none=True)
     if summary_op is not None and not (summary_dir or checkpoint_dir):
         raise ValueError(
             "summary_op is written to summary_dir (default: checkpoint_dir); pass one of them."
@@ -201,6 +217,6 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
         all_hooks,
         modules,
         optimizers,
-        checkpoint_dir=os.fspath(checkpoint_dir) if checkpoint_dir else None,
+        checkpoint_dir=checkpoint_dir,
         is_chief=is_chief,
     )

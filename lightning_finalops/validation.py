@@ -7,6 +7,7 @@ wrong value) naming the argument, the value given and what was expected.
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 import os
@@ -17,6 +18,7 @@ __all__ = [
     "check_int",
     "check_number",
     "check_path",
+    "check_seconds",
     "check_sequence_of",
     "describe",
     "is_int",
@@ -90,6 +92,19 @@ def check_number(value: Any, argument: str, *, allow_none: bool = False) -> Opti
         expected = "a number" + (" or None" if allow_none else "")
         raise TypeError(f"{argument} must be {expected}, got {describe(value)}.")
     return value  # type: ignore[return-value]
+
+
+def check_seconds(value: Any, argument: str, *, allow_none: bool = False) -> Optional[float]:
+    """``value`` as a finite number of seconds > 0 (not a bool).
+
+    Raises:
+        TypeError: ``value`` is not a real number, or ``None`` when not allowed.
+        ValueError: ``value`` is not finite or not > 0.
+    """
+    seconds = check_number(value, argument, allow_none=allow_none)
+    if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{argument} must be a finite number of seconds > 0, got {value!r}.")
+    return seconds
 
 
 def check_path(

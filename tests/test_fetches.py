@@ -292,6 +292,17 @@ def test_tensor_feeds_apply_overwrites_in_place_and_restore_puts_back():
     assert torch.equal(t, torch.tensor([1.0, 2.0]))
 
 
+def test_tensor_feeds_restore_in_reverse_order_of_application():
+    w = torch.zeros(3)
+    # overlapping feeds (a session rejects them; TensorFeeds alone does not): only a
+    # restore in reverse order gives w back
+    feeds = TensorFeeds({w: [1.0, 1.0, 1.0], w[:2]: [2.0, 2.0]})
+    feeds.apply()
+    assert w.tolist() == [2.0, 2.0, 1.0]
+    feeds.restore()
+    assert w.tolist() == [0.0, 0.0, 0.0]
+
+
 def test_tensor_feeds_restore_is_safe_twice():
     t = torch.tensor(1.0)
     feeds = TensorFeeds({t: 2.0})

@@ -282,6 +282,27 @@ def test_init_rejects_a_final_ops_feed_dict_key_of_a_bad_type():
         FinalOpsHook(lambda: 1, final_ops_feed_dict={3: 2.0})
 
 
+def test_init_rejects_a_module_which_is_callable_but_no_value():
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(TypeError, match=r"final_ops\['model'\] is a module \(Linear\)"):
+        FinalOpsHook({"model": model})
+    FinalOpsHook({"w": model.weight, "metric": MeanMetric()})  # a metric is a module too
+
+
+def test_init_rejects_a_metric_class_that_was_not_instantiated():
+    with pytest.raises(TypeError, match=r"final_ops\['m'\] is the class MeanMetric, not an"):
+        FinalOpsHook({"m": MeanMetric})
+
+
+def test_init_rejects_a_callable_needing_arguments_no_str_feed_supplies():
+    with pytest.raises(TypeError, match=r"final_ops\['f'\] is a callable that needs \['x'\]"):
+        FinalOpsHook({"f": lambda x: x})
+    hook = FinalOpsHook({"f": lambda x, y=2: x * y}, final_ops_feed_dict={"x": 3})
+    with MonitoredSession([hook]) as sess:
+        sess.run(lambda: None)
+    assert hook.final_ops_values == {"f": 6}
+
+
 def test_final_ops_property_returns_what_was_given():
     final_ops = {"a": "loss"}
     assert FinalOpsHook(final_ops).final_ops is final_ops

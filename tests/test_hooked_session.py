@@ -265,15 +265,40 @@ def test_feeds_are_restored_when_a_hook_fetch_raises():
     assert w.tolist() == [0.0, 0.0]
 
 
-def test_feeds_of_overlapping_tensors_are_restored_in_reverse_order():
+def test_feeds_of_a_tensor_and_a_view_of_it_conflict_like_one_tensor_fed_twice():
     w = torch.zeros(3)
-    # Two hooks feed a tensor and a view of it: only a reverse-order restore gives w back.
     session = HookedSession([Feeder({w: [1.0, 1.0, 1.0]}), Feeder({w[:2]: [2.0, 2.0]})],
                             StepEngine())
+    with pytest.raises(RuntimeError, match=r"^Same tensor is fed by two hooks. Conflict"):
+        session.start_run()
+    user = HookedSession([Feeder({w[1:]: [2.0, 2.0]})], StepEngine())
+    with pytest.raises(RuntimeError, match="fed by a SessionRunHook and user. Conflict"):
+        user.start_run(feed_dict={w: [1.0, 1.0, 1.0]})
+    with pytest.raises(RuntimeError, match=r"Same tensor is fed twice in feed_dict"):
+        HookedSession([], StepEngine()).start_run(feed_dict={w: [1.0] * 3, w[:1]: [2.0]})
+    assert w.tolist() == [0.0, 0.0, 0.0] and not session.in_run
+
+
+def test_views_of_one_tensor_that_do_not_overlap_can_both_be_fed():
+    w = torch.zeros(4)
+    session = HookedSession([Feeder({w[:2]: [1.0, 1.0]}), Feeder({w[2:]: [2.0, 2.0]})],
+                            StepEngine())
     session.start_run()
-    assert w.tolist() == [2.0, 2.0, 1.0]
+    assert w.tolist() == [1.0, 1.0, 2.0, 2.0]
     session.finish_run(None)
-    assert w.tolist() == [0.0, 0.0, 0.0]
+    assert w.tolist() == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_a_feed_value_that_is_no_number_is_a_type_error_naming_the_feed():
+    w = torch.zeros(2)
+    with pytest.raises(TypeError, match=r"feed_dict: cannot feed str \('abc'\) to a tensor"):
+        HookedSession([], StepEngine()).start_run(feed_dict={w: "abc"})
+
+
+def test_the_same_hook_object_twice_in_one_list_is_a_value_error():
+    hook = Recorder("a", [])
+    with pytest.raises(ValueError, match=r"hooks\[2\] is the same Recorder object as hooks\[0\]"):
+        HookedSession([hook, Recorder("b", []), hook], StepEngine())
 
 
 def test_a_feed_of_the_wrong_shape_fails_before_any_tensor_is_touched():

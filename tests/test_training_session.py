@@ -193,8 +193,20 @@ def test_errors_name_the_argument(tmp_path):
         MonitoredTrainingSession(hooks=["loss"])
     with pytest.raises(TypeError, match="chief_only_hooks must be a list"):
         MonitoredTrainingSession(chief_only_hooks=Noop())
-    with pytest.raises(TypeError, match="save_checkpoint_steps must be a number"):
+    with pytest.raises(TypeError, match="save_checkpoint_steps must be an int or None, got str"):
         MonitoredTrainingSession(checkpoint_dir=tmp_path, save_checkpoint_steps="10")
+    for period in ("save_checkpoint_steps", "save_summaries_steps", "log_step_count_steps"):
+        with pytest.raises(TypeError, match=f"{period} must be an int or None, got float"):
+            MonitoredTrainingSession(checkpoint_dir=tmp_path, **{period: float("nan")})
+    for period in ("save_checkpoint_secs", "save_summaries_secs"):
+        with pytest.raises(ValueError, match=f"{period} must be a finite number of seconds"):
+            MonitoredTrainingSession(checkpoint_dir=tmp_path, **{period: float("nan")})
+    with pytest.raises(TypeError, match=r"checkpoint_dir must be a str or os.PathLike path"):
+        MonitoredTrainingSession(checkpoint_dir=5)
+    with pytest.raises(TypeError, match=r"checkpoint_dir must be .* got bytes"):
+        MonitoredTrainingSession(checkpoint_dir=b"ckpts")
+    with pytest.raises(TypeError, match=r"is_chief must be a bool or None, got str"):
+        MonitoredTrainingSession(is_chief="no")
     with pytest.raises(ValueError, match="Can not provide both every_secs and every_steps."):
         MonitoredTrainingSession(
             checkpoint_dir=tmp_path, save_checkpoint_secs=10, save_checkpoint_steps=10

@@ -130,7 +130,10 @@ class CheckpointSaverHook(SessionRunHook):
                 "checkpoint_basename must be a non-empty file name without a directory, got "
                 f"{checkpoint_basename!r}."
             )
-        self._timer = SecondOrStepTimer(every_secs=save_secs, every_steps=save_steps)
+        self._timer = SecondOrStepTimer(
+            every_secs=save_secs, every_steps=save_steps, secs_argument="save_secs",
+            steps_argument="save_steps",
+        )
         if scaffold is not None:
             raise ValueError(
                 f"scaffold must be None, got {type(scaffold).__name__}: there is no Scaffold "

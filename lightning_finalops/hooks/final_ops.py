@@ -47,13 +47,15 @@ class FinalOpsHook(SessionRunHook):
 
     Raises:
         TypeError: a leaf of ``final_ops`` cannot be fetched (the message names its position,
-            e.g. ``final_ops['acc'][1]``), or ``final_ops_feed_dict`` is not a mapping of
-            tensor or str keys.
+            e.g. ``final_ops['acc'][1]``): a module, a class (``MeanMetric`` rather than
+            ``MeanMetric()``), a callable needing arguments that no str feed of
+            ``final_ops_feed_dict`` supplies; or ``final_ops_feed_dict`` is not a mapping
+            of tensor or str keys.
     """
 
     def __init__(self, final_ops: Any, final_ops_feed_dict: Optional[Mapping[Any, Any]] = None):
-        check_fetches(final_ops, "final_ops")
-        split_feeds(final_ops_feed_dict, "final_ops_feed_dict")
+        _, str_feeds = split_feeds(final_ops_feed_dict, "final_ops_feed_dict")
+        check_fetches(final_ops, "final_ops", str_feeds=list(str_feeds))
         self._final_ops = final_ops
         self._final_ops_feed_dict = final_ops_feed_dict
         self._final_ops_values: Any = None

@@ -86,7 +86,10 @@ class ProfilerHook(SessionRunHook):
         self._output_dir = check_path(output_dir, "output_dir", allow_empty=True)
         self._show_dataflow = check_bool(show_dataflow, "show_dataflow")
         self._show_memory = check_bool(show_memory, "show_memory")
-        self._timer = SecondOrStepTimer(every_secs=save_secs, every_steps=save_steps)
+        self._timer = SecondOrStepTimer(
+            every_secs=save_secs, every_steps=save_steps, secs_argument="save_secs",
+            steps_argument="save_steps",
+        )
         self._stale_global_step: Optional[int] = None
         self._primed = False
         self._request_trace = False

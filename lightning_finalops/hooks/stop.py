@@ -62,8 +62,8 @@ class StopAtStepHook(SessionRunHook):
             raise ValueError("One of num_steps or last_step must be specified.")
         if num_steps is not None and last_step is not None:
             raise ValueError("Only one of num_steps or last_step can be specified.")
-        num_steps = check_int(num_steps, "num_steps", allow_none=True)
-        last_step = check_int(last_step, "last_step", allow_none=True)
+        num_steps = check_int(num_steps, "num_steps", minimum=1, allow_none=True)
+        last_step = check_int(last_step, "last_step", minimum=0, allow_none=True)
         self._num_steps = num_steps
         self._given_last_step = last_step
         self._last_step = last_step

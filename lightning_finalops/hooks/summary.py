@@ -217,7 +217,10 @@ class SummarySaverHook(SessionRunHook):
     ) -> None:
         if (scaffold is None) == (summary_op is None):
             raise ValueError("Exactly one of scaffold or summary_op must be provided.")
-        self._timer = SecondOrStepTimer(every_secs=save_secs, every_steps=save_steps)
+        self._timer = SecondOrStepTimer(
+            every_secs=save_secs, every_steps=save_steps, secs_argument="save_secs",
+            steps_argument="save_steps",
+        )
         if scaffold is not None:
             raise ValueError(
                 f"SummarySaverHook got scaffold={type(scaffold).__name__}, but lightning_finalops "
@@ -343,7 +346,10 @@ class StepCounterHook(SessionRunHook):
     ) -> None:
         if (every_n_steps is None) == (every_n_secs is None):
             raise ValueError("exactly one of every_n_steps and every_n_secs should be provided.")
-        self._timer = SecondOrStepTimer(every_steps=every_n_steps, every_secs=every_n_secs)
+        self._timer = SecondOrStepTimer(
+            every_steps=every_n_steps, every_secs=every_n_secs, secs_argument="every_n_secs",
+            steps_argument="every_n_steps",
+        )
         self._writer = _WriterHolder(
             _check_writer(summary_writer, ("add_scalar", "flush")),
             check_path(output_dir, "output_dir", allow_none=True, allow_empty=True),

@@ -17,7 +17,7 @@ from lightning_finalops.session_run_hook import (
     SessionRunHook,
     SessionRunValues,
 )
-from lightning_finalops.validation import check_bool, check_int, check_number
+from lightning_finalops.validation import check_bool, check_int, check_seconds
 
 __all__ = ["LoggingTensorHook"]
 
@@ -136,7 +136,7 @@ class LoggingTensorHook(SessionRunHook):
         every_n_iter = check_int(every_n_iter, "every_n_iter", allow_none=True)
         if every_n_iter is not None and every_n_iter <= 0:
             raise ValueError(f"invalid every_n_iter={every_n_iter}.")
-        check_number(every_n_secs, "every_n_secs", allow_none=True)
+        check_seconds(every_n_secs, "every_n_secs", allow_none=True)
         if formatter is not None and not callable(formatter):
             raise TypeError(
                 f"formatter must be a callable taking the dict of values, or None; got "
@@ -148,7 +148,10 @@ class LoggingTensorHook(SessionRunHook):
         self._timer: SecondOrStepTimer = (
             NeverTriggerTimer()
             if only_log_at_end
-            else SecondOrStepTimer(every_secs=every_n_secs, every_steps=every_n_iter)
+            else SecondOrStepTimer(
+                every_secs=every_n_secs, every_steps=every_n_iter,
+                secs_argument="every_n_secs", steps_argument="every_n_iter",
+            )
         )
         self._iter_count = 0
         self._should_trigger = False

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional, Tuple
 
+from lightning_finalops.validation import check_int, check_seconds
+
 __all__ = ["NeverTriggerTimer", "SecondOrStepTimer", "now"]
 
 # Hooks read the time through this name, so tests control time without sleeping
@@ -48,23 +50,29 @@ class SecondOrStepTimer:
     since it last triggered (``update_last_triggered_step`` records that).
 
     Args:
-        every_secs: seconds between triggers.
-        every_steps: steps between triggers.
+        every_secs: seconds between triggers: a finite number > 0.
+        every_steps: steps between triggers: an int >= 1.
+        secs_argument: the name ``every_secs`` has in error messages (a hook passes its
+            own argument's name, such as ``"save_secs"``).
+        steps_argument: likewise for ``every_steps``.
 
     Raises:
         ValueError: ``"Either every_secs or every_steps should be provided."`` or
-            ``"Can not provide both every_secs and every_steps."`` (TF's messages).
+            ``"Can not provide both every_secs and every_steps."`` (TF's messages), then a
+            period that is not > 0 (or not finite).
+        TypeError: a period is not a number (steps: not an int; bools are neither).
     """
 
     def __init__(self, every_secs: Optional[float] = None,
-                 every_steps: Optional[int] = None) -> None:
+                 every_steps: Optional[int] = None, *, secs_argument: str = "every_secs",
+                 steps_argument: str = "every_steps") -> None:
         self.reset()
-        self._every_secs = every_secs
-        self._every_steps = every_steps
-        if self._every_secs is None and self._every_steps is None:
+        if every_secs is None and every_steps is None:
             raise ValueError("Either every_secs or every_steps should be provided.")
-        if self._every_secs is not None and self._every_steps is not None:
+        if every_secs is not None and every_steps is not None:
             raise ValueError("Can not provide both every_secs and every_steps.")
+        self._every_secs = check_seconds(every_secs, secs_argument, allow_none=True)
+        self._every_steps = check_int(every_steps, steps_argument, minimum=1, allow_none=True)
 
     def reset(self) -> None:
         """Forget the last trigger: the next ``should_trigger_for_step`` is True."""
