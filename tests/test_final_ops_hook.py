@@ -446,3 +446,36 @@ def test_cuda_loop_does_not_synchronise_and_keeps_final_values_on_cuda():
     host = to_host(values)
     assert host["w_norm"].item() == pytest.approx(model.weight.detach().norm().item(), rel=1e-5)
     assert torch.allclose(host["w"], model.weight.detach().cpu())
+
+
+# -- identity across resumes ---------------------------------------------------------------------
+
+
+def test_each_final_ops_hook_keeps_its_own_history_when_hooks_are_added_or_reordered():
+    acc, loss = FinalOpsHook({"acc": "acc"}), FinalOpsHook({"loss": "loss"})
+    with MonitoredSession([acc, loss]) as sess:
+        sess.run(lambda: {"acc": torch.tensor(0.5), "loss": torch.tensor(2.0)})
+    state = sess.state_dict()
+    added, loss_again, acc_again = (
+        FinalOpsHook({"w": lambda: 1}), FinalOpsHook({"loss": "loss"}), FinalOpsHook({"acc": "acc"})
+    )
+    MonitoredSession([added, loss_again, acc_again], state=state)  # one added, two reordered
+    assert added.final_ops_history == []
+    assert loss_again.final_ops_history == [(1, {"loss": torch.tensor(2.0)})]
+    assert acc_again.final_ops_history == [(1, {"acc": torch.tensor(0.5)})]
+
+
+def test_a_final_ops_hook_whose_final_ops_changed_is_named_in_the_resume_error():
+    with MonitoredSession([FinalOpsHook({"acc": "acc"})]) as sess:
+        sess.run(lambda: {"acc": torch.tensor(0.5)})
+    with pytest.raises(ValueError, match=r"saved state of \[\"FinalOpsHook\{acc='acc'\}\"\]"):
+        MonitoredSession([FinalOpsHook({"accuracy": "acc"})], state=sess.state_dict())
+
+
+def test_a_named_final_ops_hook_keeps_its_key_when_its_final_ops_change():
+    with MonitoredSession([FinalOpsHook({"acc": "acc"}, name="eval")]) as sess:
+        sess.run(lambda: {"acc": torch.tensor(0.5)})
+    renamed = FinalOpsHook({"accuracy": "acc"}, name="eval")
+    MonitoredSession([renamed], state=sess.state_dict())
+    assert renamed.state_key == "FinalOpsHook[eval]"
+    assert renamed.final_ops_history == [(1, {"acc": torch.tensor(0.5)})]

@@ -401,6 +401,28 @@ def test_a_stateful_hook_added_on_resume_starts_fresh_and_a_removed_one_is_an_er
         trainer.fit(make_module_class()(n_train=4), ckpt_path=ckpt)
 
 
+def test_a_final_ops_hook_added_before_the_existing_one_on_resume_gets_none_of_its_state(
+    tmp_path,
+) -> None:
+    callback = HookCallback(final_ops={"loss": "val_loss"})
+    trainer = make_trainer(max_epochs=1, callbacks=[callback])
+    trainer.fit(make_module_class()())
+    ckpt = str(tmp_path / "x.ckpt")
+    trainer.save_checkpoint(ckpt)
+    saved = list(callback.final_ops_hook.final_ops_history)
+    assert [step for step, _ in saved] == [4, 4]  # the validation, then the end of fit
+
+    model = make_module_class()()
+    added = FinalOpsHook({"mse": model.val_sample_mse})
+    resumed = HookCallback(evaluation_hooks=[added], final_ops={"loss": "val_loss"})
+    trainer = make_trainer(max_epochs=2, callbacks=[resumed])
+    trainer.fit(model, ckpt_path=ckpt)
+    history = resumed.final_ops_hook.final_ops_history
+    assert [step for step, _ in history] == [4, 4, 8, 8]
+    assert torch.equal(history[0][1]["loss"], saved[0][1]["loss"])
+    assert [step for step, _ in added.final_ops_history] == [8]  # its own, from the resume
+
+
 def test_two_unnamed_callbacks_are_refused_when_the_trainer_is_built() -> None:
     # one key whatever the hooks, so a resume finds the state; two callbacks need names
     with pytest.raises(RuntimeError, match="state_key` must be unique"):

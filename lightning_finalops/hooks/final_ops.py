@@ -10,7 +10,16 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from lightning_finalops.fetches import check_fetches, leaves, path_tag, split_feeds, to_host
+from lightning_finalops.fetches import (
+    check_fetches,
+    is_fetch_leaf,
+    is_metric,
+    leaves,
+    path_keys,
+    path_tag,
+    split_feeds,
+    to_host,
+)
 from lightning_finalops.session_run_hook import RawSession, SessionRunHook
 
 __all__ = ["FinalOpsExportHook", "FinalOpsHook"]
@@ -30,6 +39,26 @@ _DEPENDS_ON_INPUT_WARNING = (
 )
 
 
+def _describe_leaf(leaf: Any) -> str:
+    if leaf is None or isinstance(leaf, str):
+        return repr(leaf)
+    if isinstance(leaf, torch.Tensor):
+        return "tensor" + str(list(leaf.shape))
+    if is_metric(leaf):
+        return type(leaf).__name__
+    return getattr(leaf, "__qualname__", type(leaf).__name__)
+
+
+def _describe_fetches(final_ops: Any) -> str:
+    """What a fetch structure evaluates, stable across processes: ``acc=Accuracy,loss='loss'``."""
+    parts = []
+    for path, leaf in leaves(final_ops, ("",), is_fetch_leaf):
+        assert path is not None
+        position = "/".join(map(str, path_keys(path)))
+        parts.append(f"{position}={_describe_leaf(leaf)}" if position else _describe_leaf(leaf))
+    return ",".join(parts)
+
+
 class FinalOpsHook(SessionRunHook):
     """Evaluates ``final_ops`` once, in ``end()``, through the raw session (no hooks fire).
 
@@ -40,22 +69,39 @@ class FinalOpsHook(SessionRunHook):
     to ``final_ops_history``, so a hook reused for several sessions (every validation run
     under Lightning) keeps each result.
 
+    Its :attr:`state_key` names what it evaluates (``FinalOpsHook{acc=MulticlassAccuracy,
+    loss='val_loss'}``), so a resume gives each hook its own history even when hooks were
+    added, removed or reordered; ``name`` replaces that description by a name of your own
+    (``FinalOpsHook[name]``), which keeps the key when ``final_ops`` changes.
+
     Args:
         final_ops: what to evaluate at the end of the session; ``None`` evaluates nothing.
         final_ops_feed_dict: feeds for that one evaluation: ``{tensor: value}`` overrides a
             tensor, ``{"name": value}`` is passed to the fetched callables that accept it.
+        name: identifies the hook's state in checkpoints instead of ``final_ops``.
 
     Raises:
         TypeError: a leaf of ``final_ops`` cannot be fetched (the message names its position,
             e.g. ``final_ops['acc'][1]``): a module, a class (``MeanMetric`` rather than
             ``MeanMetric()``), a callable needing arguments that no str feed of
             ``final_ops_feed_dict`` supplies; or ``final_ops_feed_dict`` is not a mapping
-            of tensor or str keys.
+            of tensor or str keys; or ``name`` is not a non-empty str.
     """
 
-    def __init__(self, final_ops: Any, final_ops_feed_dict: Optional[Mapping[Any, Any]] = None):
+    def __init__(
+        self,
+        final_ops: Any,
+        final_ops_feed_dict: Optional[Mapping[Any, Any]] = None,
+        *,
+        name: Optional[str] = None,
+    ) -> None:
         _, str_feeds = split_feeds(final_ops_feed_dict, "final_ops_feed_dict")
         check_fetches(final_ops, "final_ops", str_feeds=list(str_feeds))
+        if name is not None and (not isinstance(name, str) or not name):
+            raise TypeError(f"name must be a non-empty str or None, got {name!r}.")
+        self._state_key = f"FinalOpsHook[{name}]" if name else (
+            "FinalOpsHook{" + _describe_fetches(final_ops) + "}"
+        )
         self._final_ops = final_ops
         self._final_ops_feed_dict = final_ops_feed_dict
         self._final_ops_values: Any = None
@@ -65,6 +111,11 @@ class FinalOpsHook(SessionRunHook):
     def final_ops(self) -> Any:
         """The fetch structure evaluated at ``end()``."""
         return self._final_ops
+
+    @property
+    def state_key(self) -> str:
+        """``FinalOpsHook{<what final_ops evaluates>}``, or ``FinalOpsHook[<name>]``."""
+        return self._state_key
 
     @property
     def final_ops_values(self) -> Any:
