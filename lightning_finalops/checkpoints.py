@@ -7,6 +7,7 @@ truncated checkpoint under a valid name.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -15,7 +16,18 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
-__all__ = ["checkpoint_path", "latest_checkpoint", "list_checkpoints"]
+from lightning_finalops.validation import check_path
+
+__all__ = [
+    "check_checkpoint_dir",
+    "checkpoint_path",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_latest",
+    "remove_stray_temporaries",
+]
+
+logger = logging.getLogger("lightning_finalops")
 
 
 def checkpoint_path(checkpoint_dir: str, basename: str, global_step: int) -> str:
@@ -34,6 +46,80 @@ def list_checkpoints(checkpoint_dir: str, basename: str = "model.ckpt") -> List[
         if match:
             found.append((int(match.group(1)), os.path.join(checkpoint_dir, name)))
     return sorted(found)
+
+
+def check_checkpoint_dir(value: Any, argument: str = "checkpoint_dir") -> str:
+    """``value`` as a directory path, which may not exist yet but is not a file.
+
+    Raises:
+        TypeError: ``value`` is not a str or ``os.PathLike`` path.
+        ValueError: ``value`` is empty, or names a file (a checkpoint rather than its
+            directory, say).
+    """
+    path = check_path(value, argument)
+    assert path is not None
+    if os.path.isfile(path):
+        raise ValueError(
+            f"{argument} must be a directory, but {path!r} is a file: pass the directory "
+            "that holds the checkpoints (they are <checkpoint_basename>-<global step>)."
+        )
+    return path
+
+
+def load_latest(
+    checkpoint_dir: str, basename: str, load: Callable[[str], Any]
+) -> Optional[Tuple[str, Any]]:
+    """``(path, load(path))`` of the newest checkpoint that loads, or ``None`` if there is none.
+
+    A checkpoint that fails to load (truncated, corrupt) is skipped with a warning naming
+    it, and the next older one is tried: a crash while writing never loses the run.
+
+    Raises:
+        RuntimeError: checkpoints exist but none of them loads (each one is named).
+    """
+    failures = []
+    for _, path in reversed(list_checkpoints(checkpoint_dir, basename)):
+        try:
+            return path, load(path)
+        except Exception as e:  # noqa: BLE001 - any unreadable file falls back the same way
+            logger.warning("Skipping checkpoint %s, which cannot be loaded (%r); trying the "
+                           "previous one.", path, e)
+            failures.append(f"{path}: {e!r}")
+    if failures:
+        raise RuntimeError("No checkpoint in " + checkpoint_dir + " can be loaded: "
+                           + "; ".join(failures))
+    return None
+
+
+_STRAY = re.compile(r"-\d+\..*tmp")
+
+
+def remove_stray_temporaries(checkpoint_dir: str, basename: str, keep: str = "") -> List[str]:
+    """Remove what a save that crashed left behind: ``<basename>-<step>.*tmp`` files.
+
+    Args:
+        checkpoint_dir: the directory of the checkpoints.
+        basename: the checkpoints' base name.
+        keep: a temporary name not to remove (one being written now).
+
+    Returns:
+        The paths removed.
+    """
+    if not os.path.isdir(checkpoint_dir):
+        return []
+    removed = []
+    for name in os.listdir(checkpoint_dir):
+        if not name.startswith(basename) or not _STRAY.fullmatch(name[len(basename):]):
+            continue
+        path = os.path.join(checkpoint_dir, name)
+        if path == keep:
+            continue
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        removed.append(path)
+    if removed:
+        logger.warning("Removed %d temporary file(s) of an interrupted checkpoint save: %s",
+                       len(removed), removed)
+    return removed
 
 
 def latest_checkpoint(checkpoint_dir: str, basename: str = "model.ckpt") -> Optional[str]:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any, Callable, Dict, Mapping, Optional, Type
 
 import torch
 
-from lightning_finalops.checkpoints import atomic_torch_save, latest_checkpoint
+from lightning_finalops.checkpoints import atomic_torch_save, check_checkpoint_dir, load_latest
 from lightning_finalops.distributed import is_rank_zero
 from lightning_finalops.fetches import check_fetches, evaluate, is_metric, snapshot
 from lightning_finalops.hooked_session import Engine, HookedSession
@@ -20,6 +21,8 @@ from lightning_finalops.session_run_hook import (
 from lightning_finalops.validation import check_bool
 
 __all__ = ["MonitoredSession", "StepContext"]
+
+logger = logging.getLogger("lightning_finalops")
 
 
 def _named(objects: Any, argument: str, kind: type) -> Dict[str, Any]:
@@ -108,7 +111,26 @@ class _PlainEngine(Engine):
         Raises:
             ValueError: the checkpoint's modules or optimizers are not the session's.
         """
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        return self._apply(torch.load(path, map_location="cpu", weights_only=False), path)
+
+    def restore_latest(self, checkpoint_dir: str, basename: str) -> Optional[Dict[str, Any]]:
+        """Restore the newest checkpoint of ``checkpoint_dir`` that loads (older ones if not).
+
+        Returns:
+            The saved session state, or ``None`` when there is no checkpoint.
+        """
+        found = load_latest(
+            checkpoint_dir, basename,
+            lambda path: torch.load(path, map_location="cpu", weights_only=False),
+        )
+        if found is None:
+            return None
+        path, checkpoint = found
+        logger.info("Restoring parameters from %s (global step %s).", path,
+                    checkpoint.get("global_step"))
+        return self._apply(checkpoint, path)
+
+    def _apply(self, checkpoint: Mapping[str, Any], path: str) -> Dict[str, Any]:
         for kind, named in (("modules", self._named_modules),
                             ("optimizers", self._named_optimizers)):
             saved = checkpoint.get(kind, {})
@@ -198,15 +220,17 @@ class MonitoredSession:
         self._engine = _PlainEngine(modules, optimizers, self.state_dict, is_chief)
         self._session = HookedSession(hooks, self._engine, "hooks")
         self._closed = False
+        if checkpoint_dir is not None:
+            checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
         self._session.begin()
-        latest = latest_checkpoint(checkpoint_dir, checkpoint_basename) if checkpoint_dir else None
-        if latest is not None:
-            if state is not None:
+        if checkpoint_dir is not None:
+            restored = self._engine.restore_latest(checkpoint_dir, checkpoint_basename)
+            if restored is not None and state is not None:
                 raise ValueError(
-                    f"Pass either state or a checkpoint_dir to restore from, not both "
-                    f"({latest} exists)."
+                    "Pass either state or a checkpoint_dir to restore from, not both "
+                    f"({checkpoint_dir} holds a checkpoint)."
                 )
-            state = self._engine.restore_checkpoint(latest)
+            state = restored if restored is not None else state
         if state is not None:
             self.load_state_dict(state)
         self._session.create()

@@ -146,6 +146,49 @@ def test_a_session_without_the_saver_hook_restores_the_global_step(tmp_path):
         assert restored.global_step == 2
 
 
+def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one_naming_it(
+    tmp_path, caplog
+):
+    run_increments(CheckpointSaverHook(tmp_path, save_steps=1), 3)
+    latest = tmp_path / "model.ckpt-3"
+    latest.write_bytes(latest.read_bytes()[:100])  # cut, as a disk full or a crash of cp would
+    with caplog.at_level(logging.INFO, logger="lightning_finalops"):
+        with MonitoredSession(checkpoint_dir=str(tmp_path)) as restored:
+            assert restored.global_step == 2
+    text = caplog.text
+    assert f"Skipping checkpoint {latest}, which cannot be loaded" in text
+    assert f"Restoring parameters from {tmp_path / 'model.ckpt-2'} (global step 2)." in text
+
+
+def test_checkpoints_that_all_fail_to_load_are_an_error_naming_each(tmp_path):
+    (tmp_path / "model.ckpt-1").write_bytes(b"not a checkpoint")
+    (tmp_path / "model.ckpt-2").write_bytes(b"")
+    with pytest.raises(RuntimeError, match=r"No checkpoint .* can be loaded: .*model.ckpt-2.*"
+                                           r"model.ckpt-1"):
+        MonitoredSession(checkpoint_dir=str(tmp_path))
+
+
+def test_a_checkpoint_dir_that_is_a_file_is_an_error(tmp_path):
+    run_increments(CheckpointSaverHook(tmp_path, save_steps=1), 1)
+    file = str(tmp_path / "model.ckpt-1")
+    with pytest.raises(ValueError, match="checkpoint_dir must be a directory, but .* is a file"):
+        MonitoredSession(checkpoint_dir=file)
+    with pytest.raises(ValueError, match="checkpoint_dir must be a directory"):
+        CheckpointSaverHook(file, save_steps=1)
+
+
+def test_the_next_save_removes_what_a_crashed_save_left_behind(tmp_path):
+    run_increments(CheckpointSaverHook(tmp_path, save_steps=1), 1)
+    for stray in ("model.ckpt-2.k3j9.tmp", "model.ckpt-2.tmp"):
+        (tmp_path / stray).write_bytes(b"half a checkpoint")
+    (tmp_path / "notes.tmp").write_text("not ours")
+    with MonitoredSession([CheckpointSaverHook(tmp_path, save_steps=1)],
+                          checkpoint_dir=str(tmp_path)) as sess:
+        sess.run(lambda: None)
+    assert sorted(os.listdir(tmp_path)) == ["model.ckpt-0", "model.ckpt-1", "model.ckpt-2",
+                                            "notes.tmp"]
+
+
 def test_two_listeners_get_the_same_calls(tmp_path):
     first, second = CountingListener(), CountingListener()
     run_increments(CheckpointSaverHook(tmp_path, save_steps=1, listeners=[first, second]), 2)

@@ -6,7 +6,12 @@ import logging
 import os
 from typing import Any, Callable, List, Optional, Sequence, Union
 
-from lightning_finalops.checkpoints import checkpoint_path, list_checkpoints
+from lightning_finalops.checkpoints import (
+    check_checkpoint_dir,
+    checkpoint_path,
+    list_checkpoints,
+    remove_stray_temporaries,
+)
 from lightning_finalops.hooks.timers import SecondOrStepTimer
 from lightning_finalops.session_run_hook import (
     Coordinator,
@@ -15,7 +20,7 @@ from lightning_finalops.session_run_hook import (
     SessionRunHook,
     SessionRunValues,
 )
-from lightning_finalops.validation import check_int, check_path, check_sequence_of
+from lightning_finalops.validation import check_int, check_sequence_of
 
 __all__ = ["CheckpointSaverHook", "CheckpointSaverListener"]
 
@@ -120,7 +125,7 @@ class CheckpointSaverHook(SessionRunHook):
     ) -> None:
         if saver is not None and scaffold is not None:
             raise ValueError("You cannot provide both saver and scaffold.")
-        self._checkpoint_dir = check_path(checkpoint_dir, "checkpoint_dir")
+        self._checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
         if not isinstance(checkpoint_basename, str):
             raise TypeError(
                 f"checkpoint_basename must be a str, got {type(checkpoint_basename).__name__}."
@@ -198,6 +203,8 @@ class CheckpointSaverHook(SessionRunHook):
             listener.before_save(session, step)
         logger.info("Saving checkpoints for %d into %s.", step, self._save_path)
         path = checkpoint_path(self._checkpoint_dir, self._basename, step)
+        if session.is_chief:  # what a save that crashed left behind, never the one to come
+            remove_stray_temporaries(self._checkpoint_dir, self._basename, keep=path + ".tmp")
         if self._saver is None:
             session.save_checkpoint(path)
         else:
