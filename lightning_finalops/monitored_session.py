@@ -357,7 +357,7 @@ class MonitoredSession:
                 raise RuntimeError("Session is already closed.")
             self._closed = True
             self._session.coord.request_stop()
-            self._session.coord.raise_requested_exception()
+            self._session.coord.join()  # the threads stop, and what they recorded is raised
 
     def __enter__(self) -> MonitoredSession:
         return self

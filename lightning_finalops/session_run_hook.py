@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import abc
 import threading
+import time
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, Mapping, NamedTuple, Optional
+from typing import Any, ClassVar, Dict, List, Mapping, NamedTuple, Optional
 
 __all__ = [
     "Coordinator",
@@ -271,12 +272,54 @@ class Coordinator:
 
     A thread that fails calls ``request_stop(exc)``; the session then reports
     ``should_stop()`` and re-raises ``exc`` when it closes, after every hook's ``end()``.
+    Threads given to :meth:`register_thread` are joined when the session closes (TF's
+    grace period, 120 s), so an exception one records while stopping is raised too.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._stop_event = threading.Event()
         self._exception: Optional[BaseException] = None
+        self._threads: List[threading.Thread] = []
+
+    def register_thread(self, thread: threading.Thread) -> None:
+        """Have :meth:`join` (and so the session's close) wait for ``thread``.
+
+        Raises:
+            TypeError: ``thread`` is not a ``threading.Thread``.
+        """
+        if not isinstance(thread, threading.Thread):
+            raise TypeError(f"thread must be a threading.Thread, got {type(thread).__name__}.")
+        with self._lock:
+            self._threads.append(thread)
+
+    def join(self, threads: Optional[List[threading.Thread]] = None,
+             stop_grace_period_secs: float = 120) -> None:
+        """Wait for the registered threads (and ``threads``), then re-raise a recorded exception.
+
+        Call it after :meth:`request_stop`. An exception a thread records while it stops is
+        raised too: nothing a thread gave ``request_stop(exc)`` is dropped.
+
+        Args:
+            threads: more threads to wait for.
+            stop_grace_period_secs: how long to wait for all of them together.
+
+        Raises:
+            BaseException: the first exception given to :meth:`request_stop`.
+            RuntimeError: threads were still running after the grace period (named).
+        """
+        with self._lock:
+            waiting = list(self._threads) + list(threads or [])
+        deadline = time.monotonic() + stop_grace_period_secs
+        for thread in waiting:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self.raise_requested_exception()
+        alive = [thread.name for thread in waiting if thread.is_alive()]
+        if alive:
+            raise RuntimeError(
+                f"Coordinator stopped with threads still running after "
+                f"{stop_grace_period_secs} s: {alive}."
+            )
 
     def request_stop(self, ex: Optional[BaseException] = None) -> None:
         """Ask every participant to stop; the first exception given is kept for ``close()``.

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 import torch
 
 from lightning_finalops import (
+    Coordinator,
     MonitoredSession,
     RawSession,
     RunMetadata,
@@ -694,6 +696,38 @@ def test_coordinator_exception_escapes_the_with_block_after_every_end():
     assert info.value is error
     assert calls(log, "after_run") == ["h1", "h2"] * 2
     assert calls(log, "end") == ["h1", "h2"]
+
+
+def test_close_joins_registered_threads_and_raises_what_one_records_while_stopping():
+    error = OSError("the reader failed while draining")
+
+    def reader(coord):
+        coord.wait_for_stop()
+        time.sleep(0.05)  # still draining when close() starts waiting
+        coord.request_stop(error)
+
+    sess = MonitoredSession()
+    thread = threading.Thread(target=reader, args=(sess.coordinator,))
+    sess.coordinator.register_thread(thread)
+    thread.start()
+    sess.run(noop)
+    with pytest.raises(OSError) as info:
+        sess.close()
+    assert info.value is error
+    assert not thread.is_alive()
+
+
+def test_a_thread_that_does_not_stop_in_the_grace_period_is_named():
+    coord = Coordinator()
+    release = threading.Event()
+    thread = threading.Thread(target=release.wait, name="stuck-reader")
+    coord.register_thread(thread)
+    thread.start()
+    coord.request_stop()
+    with pytest.raises(RuntimeError, match=r"still running after 0.1 s: \['stuck-reader'\]"):
+        coord.join(stop_grace_period_secs=0.1)
+    release.set()
+    thread.join()
 
 
 # -- feeds ---------------------------------------------------------------------------------------
