@@ -60,6 +60,7 @@ __all__ = [
     "check_hooks",
     "has_state",
     "hook_state_dict",
+    "hook_state_keys",
     "load_hook_state_dict",
 ]
 
@@ -205,6 +206,11 @@ def _stateful(hooks: Sequence[SessionRunHook]) -> Tuple[List[str], List[SessionR
 def _is_empty(state: Any) -> bool:
     # what the base class's state_dict() returns; anything else is state to keep
     return isinstance(state, Mapping) and len(state) == 0
+
+
+def hook_state_keys(hooks: Sequence[SessionRunHook]) -> List[str]:
+    """The keys :func:`hook_state_dict` stores the distinct stateful hooks of ``hooks`` under."""
+    return _stateful(hooks)[0]
 
 
 def hook_state_dict(hooks: Sequence[SessionRunHook]) -> Dict[str, Dict[str, Any]]:

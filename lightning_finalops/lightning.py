@@ -24,6 +24,7 @@ from lightning_finalops.hooked_session import (
     HookedSession,
     check_hooks,
     hook_state_dict,
+    hook_state_keys,
     load_hook_state_dict,
 )
 from lightning_finalops.hooks.final_ops import FinalOpsExportHook, FinalOpsHook
@@ -170,9 +171,15 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         self.name = name
         self._sessions: Dict[str, HookedSession] = {}
         self._warned_continue = False
-        # A constant key (not one built from the hooks): a resume with hooks added or removed
-        # still finds the saved state, and load_state_dict reports what cannot be restored.
-        self._state_key = "HookCallback" if name is None else f"HookCallback[{name}]"
+        # Built from what identifies the callback (as Lightning's callbacks build theirs from
+        # their arguments): its name, else its stateful hooks' keys, else its hooks' classes.
+        # A resume whose key changed finds its state in on_load_checkpoint.
+        if name is not None:
+            self._state_key = f"HookCallback[{name}]"
+        else:
+            keys = hook_state_keys(self._all_hooks())
+            described = keys or [type(h).__qualname__ for h in self._all_hooks()]
+            self._state_key = "HookCallback{" + ",".join(described) + "}"
 
     # -- identity and state ----------------------------------------------------------------
     def _all_hooks(self) -> List[SessionRunHook]:
@@ -180,14 +187,45 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
 
     @property
     def state_key(self) -> str:
-        """``"HookCallback"``, or ``"HookCallback[<name>]"`` with ``name``.
+        """``"HookCallback[<name>]"``, else ``"HookCallback{<its stateful hooks' keys>}"``.
 
-        It does not depend on the hooks, so a resume with hooks added or removed finds the
-        saved state. Two ``HookCallback`` s in one trainer need distinct names (Lightning
-        refuses two callbacks with state under one key when the ``Trainer`` is built). Built
+        Without stateful hooks: ``"HookCallback{<its hooks' classes>}"``. So two
+        ``HookCallback`` s in one trainer have distinct keys unless they hold the same hooks
+        (then give them names: Lightning refuses two callbacks with state under one key when
+        the ``Trainer`` is built). When hooks were added or removed since the checkpoint, the
+        key differs from the saved one and :meth:`on_load_checkpoint` finds the state. Built
         once, in ``__init__``: Lightning reads it at every hook call.
         """
         return self._state_key
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: Dict[str, Any]) -> None:
+        """Find this callback's state when its key changed since the save (hooks edited).
+
+        The state saved by the one unnamed ``HookCallback`` that no callback of this
+        trainer claims is this callback's; Lightning restores it otherwise.
+
+        Raises:
+            ValueError: several unnamed ``HookCallback`` states are unclaimed, so which one
+                is this callback's cannot be told: give the callbacks ``name=``.
+        """
+        states = checkpoint.get("callbacks") or {}
+        if self.name is not None or self._state_key in states:
+            return  # Lightning hands the state to load_state_dict
+        claimed = {callback.state_key for callback in trainer.callbacks}
+        unclaimed = [
+            key for key in states
+            if isinstance(key, str) and key.startswith("HookCallback")
+            and not key.startswith("HookCallback[") and key not in claimed
+        ]
+        if len(unclaimed) > 1:
+            raise ValueError(
+                f"The checkpoint holds the state of several unnamed HookCallbacks {unclaimed} "
+                f"that no callback here claims, and this one ({self._state_key}) has none of "
+                "them under its key: which is its own cannot be told. Give each HookCallback a "
+                "name= (its key then does not depend on its hooks)."
+            )
+        if unclaimed:
+            self.load_state_dict(states[unclaimed[0]])
 
     def state_dict(self) -> Dict[str, Any]:
         """Every distinct stateful hook's ``state_dict()`` under its unique key.

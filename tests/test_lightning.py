@@ -423,10 +423,42 @@ def test_a_final_ops_hook_added_before_the_existing_one_on_resume_gets_none_of_i
     assert [step for step, _ in added.final_ops_history] == [8]  # its own, from the resume
 
 
-def test_two_unnamed_callbacks_are_refused_when_the_trainer_is_built() -> None:
-    # one key whatever the hooks, so a resume finds the state; two callbacks need names
+def test_two_unnamed_callbacks_keep_and_restore_their_own_state(tmp_path) -> None:
+    first, second = Counter(), FinalOpsHook({"w": lambda: 1}, name="w")
+    callbacks = [HookCallback([first]), HookCallback([second])]
+    trainer = make_trainer(max_epochs=1, limit_val_batches=0, callbacks=callbacks)
+    trainer.fit(make_module_class()(n_train=4))
+    ckpt = str(tmp_path / "x.ckpt")
+    trainer.save_checkpoint(ckpt)
+    assert sorted(torch.load(ckpt, weights_only=False)["callbacks"]) == [
+        "HookCallback{Counter}", "HookCallback{FinalOpsHook[w]}",
+    ]
+    # resumed in the other order, one of them with a stateful hook added
+    resumed_second, resumed_first, added = FinalOpsHook({"w": lambda: 1}, name="w"), Counter(), \
+        FinalOpsHook({"x": lambda: 2})
+    callbacks = [HookCallback([resumed_second]), HookCallback([resumed_first, added])]
+    trainer = make_trainer(max_epochs=2, limit_val_batches=0, callbacks=callbacks)
+    trainer.fit(make_module_class()(n_train=4), ckpt_path=ckpt)
+    assert resumed_first.runs == 4  # 2 restored (found under its old key) + 2 run
+    assert [step for step, _ in resumed_second.final_ops_history] == [2, 4]
+    assert [step for step, _ in added.final_ops_history] == [4]
+
+
+def test_two_unnamed_callbacks_with_the_same_hooks_are_refused_when_the_trainer_is_built():
     with pytest.raises(RuntimeError, match="state_key` must be unique"):
-        make_trainer(callbacks=[HookCallback([Counter()]), HookCallback([SessionRunHook()])])
+        make_trainer(callbacks=[HookCallback([Counter()]), HookCallback([Counter()])])
+
+
+def test_a_resume_that_cannot_tell_two_edited_unnamed_callbacks_apart_says_so(tmp_path) -> None:
+    callbacks = [HookCallback([Counter()]), HookCallback([FinalOpsHook("loss", name="a")])]
+    trainer = make_trainer(max_epochs=1, limit_val_batches=0, callbacks=callbacks)
+    trainer.fit(make_module_class()(n_train=4))
+    ckpt = str(tmp_path / "x.ckpt")
+    trainer.save_checkpoint(ckpt)
+    edited = [HookCallback([Counter(), FinalOpsHook("a")]), HookCallback([FinalOpsHook("b")])]
+    trainer = make_trainer(max_epochs=2, limit_val_batches=0, callbacks=edited)
+    with pytest.raises(ValueError, match="several unnamed HookCallbacks .* Give each HookCallback a name="):
+        trainer.fit(make_module_class()(n_train=4), ckpt_path=ckpt)
 
 
 def test_a_callback_without_stateful_hooks_writes_no_state() -> None:
