@@ -457,7 +457,7 @@ def test_a_resume_that_cannot_tell_two_edited_unnamed_callbacks_apart_says_so(tm
     trainer.save_checkpoint(ckpt)
     edited = [HookCallback([Counter(), FinalOpsHook("a")]), HookCallback([FinalOpsHook("b")])]
     trainer = make_trainer(max_epochs=2, limit_val_batches=0, callbacks=edited)
-    with pytest.raises(ValueError, match="several unnamed HookCallbacks .* Give each HookCallback a name="):
+    with pytest.raises(ValueError, match="several unnamed HookCallbacks .* a name="):
         trainer.fit(make_module_class()(n_train=4), ckpt_path=ckpt)
 
 
