@@ -321,7 +321,22 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
 
     # -- training session ------------------------------------------------------------------
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        """Training session: every training hook's ``begin()`` (``fit`` only)."""
+        """Training session: every training hook's ``begin()`` (``fit`` only).
+
+        Raises:
+            ValueError: another ``HookCallback`` of the trainer holds one of this one's hook
+                objects (it would run twice per batch).
+        """
+        mine = {id(hook): hook for hook in self._all_hooks()}
+        for other in trainer.callbacks:
+            if other is not self and isinstance(other, HookCallback):
+                shared = [type(h).__name__ for h in other._all_hooks() if id(h) in mine]
+                if shared:
+                    raise ValueError(
+                        f"HookCallbacks {self.state_key} and {other.state_key} share hook "
+                        f"objects {shared}, which would run twice per batch: give each hook "
+                        "to one callback."
+                    )
         if stage == "fit":
             self._open(TRAINING, trainer, pl_module)
 

@@ -444,6 +444,15 @@ def test_two_unnamed_callbacks_keep_and_restore_their_own_state(tmp_path) -> Non
     assert [step for step, _ in added.final_ops_history] == [4]
 
 
+def test_one_hook_object_in_two_callbacks_is_refused() -> None:
+    shared = Counter()
+    trainer = make_trainer(callbacks=[HookCallback([shared]),
+                                      HookCallback([SessionRunHook(), shared], name="b")])
+    with pytest.raises(ValueError, match=r"share hook objects \['Counter'\]"):
+        trainer.fit(make_module_class()())
+    assert shared.runs == 0
+
+
 def test_two_unnamed_callbacks_with_the_same_hooks_are_refused_when_the_trainer_is_built():
     with pytest.raises(RuntimeError, match="state_key` must be unique"):
         make_trainer(callbacks=[HookCallback([Counter()]), HookCallback([Counter()])])
