@@ -275,8 +275,6 @@ def check_str_feeds_accepted(str_feeds: Mapping[str, Any], *structures: Any) -> 
 
 def _snapshot_leaf(value: Any, path: Optional[Path] = None) -> Any:
     if isinstance(value, torch.Tensor):
-        if value.grad_fn is not None and not value._is_view():
-            return value.detach()
         return value.detach().clone()
     return value
 
@@ -284,14 +282,33 @@ def _snapshot_leaf(value: Any, path: Optional[Path] = None) -> Any:
 def snapshot(value: Any) -> Any:
     """Detach and copy every tensor of a value (containers kept), leaving it on its device.
 
-    The copy is a device-side ``clone``: asynchronous on CUDA, no host synchronisation, and a
-    later in-place update of the source (``optimizer.step()``) does not change it. A tensor
-    that autograd just computed (it has a ``grad_fn`` and is not a view) belongs to nobody
-    else, so it is only detached: this keeps the step's returned loss free of an extra copy.
+    The copy is a device-side ``clone``: asynchronous on CUDA, no host synchronisation, and
+    no later in-place update of the source (``optimizer.step()``, ``tensor.add_``) changes
+    it: a value recorded from a fetch never changes afterwards.
     """
     if isinstance(value, torch.Tensor):  # the usual step result, without a walk
         return _snapshot_leaf(value)
     return map_structure(_snapshot_leaf, value)
+
+
+def _step_leaf(value: Any, path: Optional[Path] = None) -> Any:
+    if isinstance(value, torch.Tensor):
+        if value.grad_fn is not None and not value._is_view():
+            return value.detach()
+        return value.detach().clone()
+    return value
+
+
+def step_snapshot(value: Any) -> Any:
+    """:func:`snapshot` of what a step returned, handed back to the caller who ran it.
+
+    A tensor that autograd just computed in the step (it has a ``grad_fn`` and is not a
+    view) belongs to nobody but the caller, so it is only detached: the step's loss costs
+    no copy. Whatever reads it later by name (a hook's fetch, ``FinalOpsHook``) copies it.
+    """
+    if isinstance(value, torch.Tensor):
+        return _step_leaf(value)
+    return map_structure(_step_leaf, value)
 
 
 class LazyNamespace:

@@ -10,7 +10,7 @@ import torch
 
 from lightning_finalops.checkpoints import atomic_torch_save, check_checkpoint_dir, load_latest
 from lightning_finalops.distributed import is_rank_zero
-from lightning_finalops.fetches import check_fetches, evaluate, is_metric, snapshot
+from lightning_finalops.fetches import check_fetches, evaluate, is_metric, step_snapshot
 from lightning_finalops.hooked_session import Engine, HookedSession
 from lightning_finalops.session_run_hook import (
     Coordinator,
@@ -304,7 +304,7 @@ class MonitoredSession:
     def _evaluate_fetches(self, fetches: Any, str_feeds: Mapping[str, Any]) -> Any:
         """The user's fetches evaluated; names resolve against the previous run's dict."""
         if not str_feeds and callable(fetches) and not is_metric(fetches):
-            return snapshot(fetches())  # what evaluate does for a lone step, without its checks
+            return step_snapshot(fetches())  # the step's own results: handed back, no copy
         return evaluate(fetches, self._engine.namespaces(), str_feeds)
 
     def run_step_fn(self, step_fn: Callable[[StepContext], Any]) -> Any:

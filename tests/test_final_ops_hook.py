@@ -479,3 +479,23 @@ def test_a_named_final_ops_hook_keeps_its_key_when_its_final_ops_change():
     MonitoredSession([renamed], state=sess.state_dict())
     assert renamed.state_key == "FinalOpsHook[eval]"
     assert renamed.final_ops_history == [(1, {"acc": torch.tensor(0.5)})]
+
+
+def test_a_recorded_value_never_changes_when_its_source_is_updated_in_place_later():
+    w = torch.tensor(1.0, requires_grad=True)
+    state = {}
+
+    def tripled():  # autograd's fresh result, kept and updated by the user afterwards
+        state["t"] = w * 3
+        return state["t"]
+
+    hook = FinalOpsHook({"t": tripled, "loss": "loss"})
+    for _ in range(2):
+        with MonitoredSession([hook]) as sess:
+            out = sess.run(lambda: {"loss": w * 2})
+        with torch.no_grad():
+            state["t"].add_(3.0)  # in place, after the value was recorded
+            out["loss"].add_(1.0)  # the step's own result, handed back to the caller
+    assert [(step, float(v["t"]), float(v["loss"])) for step, v in hook.final_ops_history] == [
+        (1, 3.0, 2.0), (1, 3.0, 2.0)
+    ]
