@@ -12,6 +12,7 @@ the ``Callback`` of ``pytorch_lightning`` and, when installed, of ``lightning.py
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple
 
@@ -37,6 +38,8 @@ except ImportError:  # pragma: no cover - exercised only without the optional pa
     _lightning_pytorch = None
 
 __all__ = ["HookCallback"]
+
+logger = logging.getLogger("lightning_finalops")
 
 _CALLBACK_BASES: Tuple[type, ...] = (pytorch_lightning.Callback,) + (
     (_lightning_pytorch.Callback,) if _lightning_pytorch is not None else ()
@@ -278,6 +281,14 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             session.abort_run()  # a run Lightning never finished (no batch end)
             session.end()
 
+    def _finished_before_start(self, trainer: Any) -> bool:
+        """Whether ``fit`` restored a job that had already reached its end, so ran nothing."""
+        max_steps, max_epochs = trainer.max_steps, trainer.max_epochs
+        return (max_steps is not None and max_steps >= 0
+                and trainer.global_step >= max_steps) or (
+            max_epochs is not None and max_epochs >= 0 and trainer.current_epoch >= max_epochs
+        )
+
     def _before_run(self, kind: str, batch: Any) -> None:
         session = self._sessions.get(kind)
         if session is None:
@@ -341,10 +352,16 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             self._open(TRAINING, trainer, pl_module)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        """Training session: ``after_create_session`` (model on device, state restored)."""
+        """Training session: ``after_create_session`` (model on device, state restored).
+
+        A hook that stops the session at its creation (``coord.request_stop()``, as
+        ``StopAtStepHook`` restored past its last step) stops ``fit`` before its first batch.
+        """
         session = self._sessions.get(TRAINING)
         if session is not None:
             session.create()
+            if session.coord.should_stop():
+                trainer.should_stop = True
 
     def on_train_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
@@ -372,6 +389,14 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         """Ends the training session if Lightning skipped ``on_train_end``."""
         # on_train_end is skipped when a stop is set before training starts: end it here.
+        session = self._sessions.get(TRAINING)
+        if session is not None and not session.created and self._finished_before_start(trainer):
+            # fit(ckpt_path=...) of a finished job: Lightning trained nothing, and neither
+            # does the training session (re-running a finished job is a no-op)
+            self._sessions.pop(TRAINING)
+            logger.info("Training had already finished at global step %d: no training "
+                        "session ran; the hooks keep their restored state.", trainer.global_step)
+            return
         self._close(TRAINING)
 
     # -- evaluation sessions ---------------------------------------------------------------

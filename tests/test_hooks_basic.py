@@ -737,3 +737,18 @@ def test_feed_fn_sets_a_str_feed_on_each_dict_batch_in_fit():
                            callbacks=[HookCallback([FeedFnHook(lambda: {"scale": next(scales)})])])
     trainer.fit(model)
     assert model.seen_scale == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_a_session_restored_at_or_past_last_step_runs_no_step(caplog) -> None:
+    for restored in (5, 7):
+        hook = StopAtStepHook(last_step=5)
+        with caplog.at_level(logging.INFO, logger="lightning_finalops"):
+            with session_at(restored, [hook]) as sess:
+                assert sess.should_stop()  # before the first run: a finished job is a no-op
+        assert sess.global_step == restored
+        assert (f"Skipping training since last_step=5 was already reached (global step "
+                f"{restored}).") in caplog.text
+    with session_at(4, [StopAtStepHook(last_step=5)]) as sess:
+        assert not sess.should_stop()
+        sess.run(lambda: None)
+        assert sess.should_stop()

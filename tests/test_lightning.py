@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import logging
 import os
 from typing import Any, List
 
@@ -17,6 +18,7 @@ from lightning_finalops import (
     HookCallback,
     SessionRunArgs,
     SessionRunHook,
+    StopAtStepHook,
 )
 
 
@@ -544,3 +546,37 @@ def test_a_trace_request_profiles_the_batch_under_lightning(tmp_path) -> None:
     (profile,) = traced
     names = {event.name for event in profile.events()}
     assert any("linear" in name or "addmm" in name for name in names)
+
+
+def test_rerunning_a_finished_fit_is_a_no_op_that_keeps_the_restored_history(
+    tmp_path, caplog
+) -> None:
+    callback = HookCallback(final_ops={"loss": "val_loss"})
+    trainer = make_trainer(max_steps=4, max_epochs=-1, callbacks=[callback])
+    trainer.fit(make_module_class()())
+    ckpt = str(tmp_path / "done.ckpt")
+    trainer.save_checkpoint(ckpt)
+    saved = [step for step, _ in callback.final_ops_hook.final_ops_history]
+
+    for _ in range(2):  # every time, not only once
+        again = HookCallback(final_ops={"loss": "val_loss"})
+        trainer = make_trainer(max_steps=4, max_epochs=-1, callbacks=[again])
+        with caplog.at_level(logging.INFO, logger="lightning_finalops"):
+            trainer.fit(make_module_class()(), ckpt_path=ckpt)
+        assert [step for step, _ in again.final_ops_hook.final_ops_history] == saved == [4, 4]
+    assert "Training had already finished at global step 4" in caplog.text
+
+
+def test_stop_at_step_hook_restored_past_its_last_step_stops_fit_before_any_batch(
+    tmp_path,
+) -> None:
+    counter = Counter()
+    trainer = make_trainer(max_epochs=1, limit_val_batches=0, callbacks=[HookCallback([counter])])
+    trainer.fit(make_module_class()())
+    ckpt = str(tmp_path / "x.ckpt")
+    trainer.save_checkpoint(ckpt)
+    resumed = Counter()
+    callback = HookCallback([StopAtStepHook(last_step=3), resumed])
+    trainer = make_trainer(max_epochs=3, limit_val_batches=0, callbacks=[callback])
+    trainer.fit(make_module_class()(), ckpt_path=ckpt)
+    assert trainer.global_step == 4 and resumed.runs == 4  # restored 4, ran none
