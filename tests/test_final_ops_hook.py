@@ -499,3 +499,34 @@ def test_a_recorded_value_never_changes_when_its_source_is_updated_in_place_late
     assert [(step, float(v["t"]), float(v["loss"])) for step, v in hook.final_ops_history] == [
         (1, 3.0, 2.0), (1, 3.0, 2.0)
     ]
+
+
+def test_max_history_keeps_the_latest_entries_in_memory_and_in_checkpoints():
+    hook = FinalOpsHook({"step": lambda: 1}, max_history=2)
+    for _ in range(3):
+        with MonitoredSession([hook], state={"global_step": len(hook.final_ops_history),
+                                             "hooks": {}}) as sess:
+            sess.run(lambda: None)
+    assert [step for step, _ in hook.final_ops_history] == [2, 3]
+    assert [step for step, _ in hook.state_dict()["final_ops_history"]] == [2, 3]
+    smaller = FinalOpsHook({"step": lambda: 1}, max_history=1)
+    smaller.load_state_dict(hook.state_dict())
+    assert [step for step, _ in smaller.final_ops_history] == [3]
+
+
+def test_history_on_host_keeps_host_copies_and_the_latest_values_where_they_were():
+    hook = FinalOpsHook({"w": lambda: torch.ones(2)}, history_on_host=True)
+    with MonitoredSession([hook]) as sess:
+        sess.run(lambda: None)
+    (_, entry), = hook.final_ops_history
+    assert entry["w"].device.type == "cpu" and torch.equal(entry["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"max_history": 0}, "max_history must be an int >= 1"),
+    ({"max_history": 2.0}, "max_history must be an int or None"),
+    ({"history_on_host": "yes"}, "history_on_host must be a bool"),
+])
+def test_history_arguments_are_checked(kwargs, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        FinalOpsHook("loss", **kwargs)

@@ -21,6 +21,7 @@ from lightning_finalops.fetches import (
     to_host,
 )
 from lightning_finalops.session_run_hook import RawSession, SessionRunHook
+from lightning_finalops.validation import check_bool, check_int
 
 __all__ = ["FinalOpsExportHook", "FinalOpsHook"]
 
@@ -79,6 +80,17 @@ class FinalOpsHook(SessionRunHook):
         final_ops_feed_dict: feeds for that one evaluation: ``{tensor: value}`` overrides a
             tensor, ``{"name": value}`` is passed to the fetched callables that accept it.
         name: identifies the hook's state in checkpoints instead of ``final_ops``.
+        max_history: keep only the latest N entries of ``final_ops_history`` (in memory and
+            in checkpoints); ``None`` keeps every one.
+        history_on_host: keep the history on the host: each entry is brought there with
+            one :func:`~lightning_finalops.to_host` transfer at the ``end()`` that records
+            it (one host synchronisation per session end, none per step);
+            ``final_ops_values`` stays on the device.
+
+    Memory: by default every entry keeps its tensors on their device, so a hook over
+    weights holds one copy of them per session end (every validation under Lightning), and
+    every checkpoint holds the whole history. Bound it with ``max_history``, move it with
+    ``history_on_host``, or fetch scalars (a metric, a norm) rather than whole tensors.
 
     Raises:
         TypeError: a leaf of ``final_ops`` cannot be fetched (the message names its position,
@@ -94,7 +106,11 @@ class FinalOpsHook(SessionRunHook):
         final_ops_feed_dict: Optional[Mapping[Any, Any]] = None,
         *,
         name: Optional[str] = None,
+        max_history: Optional[int] = None,
+        history_on_host: bool = False,
     ) -> None:
+        self._max_history = check_int(max_history, "max_history", minimum=1, allow_none=True)
+        self._history_on_host = check_bool(history_on_host, "history_on_host")
         _, str_feeds = split_feeds(final_ops_feed_dict, "final_ops_feed_dict")
         check_fetches(final_ops, "final_ops", str_feeds=list(str_feeds))
         if name is not None and (not isinstance(name, str) or not name):
@@ -142,7 +158,11 @@ class FinalOpsHook(SessionRunHook):
             logger.warning(_DEPENDS_ON_INPUT_WARNING)
             raise
         self._final_ops_values = values
-        self._final_ops_history.append((session.global_step, values))
+        self._final_ops_history.append(
+            (session.global_step, to_host(values) if self._history_on_host else values)
+        )
+        if self._max_history is not None:
+            del self._final_ops_history[: -self._max_history]
 
     def state_dict(self) -> Dict[str, Any]:
         """The history of final values, so a resumed run keeps the evaluations before it."""
@@ -160,6 +180,8 @@ class FinalOpsHook(SessionRunHook):
                 f"{sorted(state_dict)}."
             )
         history = [(int(step), values) for step, values in state_dict["final_ops_history"]]
+        if self._max_history is not None:
+            del history[: -self._max_history]
         self._final_ops_history = history
         self._final_ops_values = history[-1][1] if history else None
 
