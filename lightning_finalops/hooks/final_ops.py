@@ -12,9 +12,11 @@ import torch
 
 from lightning_finalops.fetches import (
     check_fetches,
+    format_path,
     is_fetch_leaf,
     is_metric,
     leaves,
+    map_structure,
     path_keys,
     path_tag,
     split_feeds,
@@ -122,6 +124,13 @@ class FinalOpsHook(SessionRunHook):
         self._final_ops_feed_dict = final_ops_feed_dict
         self._final_ops_values: Any = None
         self._final_ops_history: List[Tuple[int, Any]] = []
+        # torchmetrics metrics among the final ops, with their positions: see end()
+        self._metrics = [
+            (path, leaf) for path, leaf in leaves(final_ops, ("final_ops",), is_fetch_leaf)
+            if is_metric(leaf) and hasattr(leaf, "update_count")
+        ]
+        self._updates_at_end: Dict[int, int] = {}
+        self._warned: set = set()
 
     @property
     def final_ops(self) -> Any:
@@ -143,8 +152,29 @@ class FinalOpsHook(SessionRunHook):
         """``(global_step, values)`` for every ``end()`` that ran, oldest first."""
         return self._final_ops_history
 
+    def begin(self) -> None:
+        """Warn about a metric whose updates pile up across sessions (never reset)."""
+        for path, metric in self._metrics:
+            updates = metric.update_count
+            if (updates and updates == self._updates_at_end.get(id(metric))
+                    and id(metric) not in self._warned):
+                self._warned.add(id(metric))
+                logger.warning(
+                    "FinalOpsHook: %s (%s) starts this session with the %d updates it had at "
+                    "the end of the previous one, so its value accumulates across sessions "
+                    "(every validation, and the sanity check). Log it with self.log(name, "
+                    "metric), which makes Lightning reset it after each epoch, or call its "
+                    "reset() when an evaluation starts (on_validation_epoch_start).",
+                    format_path(path), type(metric).__name__, updates,
+                )
+
     def end(self, session: Optional[RawSession]) -> None:
         """Evaluate ``final_ops`` through the raw session.
+
+        A torchmetrics metric that was reset and not updated since (Lightning resets a
+        metric logged with ``self.log(name, metric)`` after each epoch, so at the end of
+        ``fit`` a validation metric is empty) evaluates to its value at this hook's latest
+        entry, never to a reset metric's default.
 
         Raises:
             StopIteration: a final op read from exhausted input (logged with TF's warning).
@@ -153,16 +183,38 @@ class FinalOpsHook(SessionRunHook):
             return
         assert session is not None, "FinalOpsHook.end() needs the session it ran in."
         try:
-            values = session.run(self._final_ops, feed_dict=self._final_ops_feed_dict)
+            values = session.run(self._fetches_now(), feed_dict=self._final_ops_feed_dict)
         except StopIteration:
             logger.warning(_DEPENDS_ON_INPUT_WARNING)
             raise
+        for _, metric in self._metrics:
+            self._updates_at_end[id(metric)] = metric.update_count
         self._final_ops_values = values
         self._final_ops_history.append(
             (session.global_step, to_host(values) if self._history_on_host else values)
         )
         if self._max_history is not None:
             del self._final_ops_history[: -self._max_history]
+
+    def _fetches_now(self) -> Any:
+        """``final_ops``, with each reset metric replaced by its latest recorded value."""
+        emptied = {id(m) for _, m in self._metrics if m.update_count == 0}
+        if not emptied or not self._final_ops_history:
+            return self._final_ops
+        latest = self._final_ops_history[-1][1]
+
+        def keep_latest(leaf: Any, path: Any) -> Any:
+            if id(leaf) not in emptied:
+                return leaf
+            value = latest
+            for key in path_keys(path):
+                try:
+                    value = value[key]
+                except (KeyError, IndexError, TypeError):
+                    return leaf  # the latest entry has no value there: compute() it
+            return lambda: value
+
+        return map_structure(keep_latest, self._final_ops, ("final_ops",), is_fetch_leaf)
 
     def state_dict(self) -> Dict[str, Any]:
         """The history of final values, so a resumed run keeps the evaluations before it."""

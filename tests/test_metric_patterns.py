@@ -1,0 +1,105 @@
+"""The metric code Lightning and torchmetrics users write, under ``HookCallback(final_ops=...)``.
+
+The documented pattern updates a torchmetrics metric in ``validation_step`` and logs the
+metric object (``self.log("val_acc", self.val_acc)``); Lightning then computes it at the end
+of each validation epoch and resets it. The final values must be each validation's values,
+and the end of ``fit`` must report the last validation's value, not an empty metric's.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from lightning_models import make_trainer, pl_package
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_finalops import HookCallback
+
+pl = pl_package()
+
+
+def loader(seed: int) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(32, 4, generator=g)
+    return DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=8)
+
+
+class Classifier(pl.LightningModule):
+    """``log_metric``: the documented pattern; else ``update()`` only, never reset."""
+
+    def __init__(self, log_metric: bool = True) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 2)
+        self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=2)
+        self.log_metric = log_metric
+        self.logged = []  # what Lightning computed for val_acc at each validation end
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.layer(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.layer(x)
+        if self.log_metric:
+            self.val_acc(logits, y)
+            self.log("val_acc", self.val_acc)
+        else:
+            self.val_acc.update(logits, y)
+        self.log("val_loss", F.cross_entropy(logits, y))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking and self.log_metric:
+            self.logged.append(self.trainer.callback_metrics.get("val_acc"))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    def train_dataloader(self):
+        return loader(0)
+
+    def val_dataloader(self):
+        return loader(1)
+
+
+def fit(model: Classifier, **kwargs) -> HookCallback:
+    collect = HookCallback(final_ops={"acc": model.val_acc, "loss": "val_loss"})
+    make_trainer(max_epochs=3, callbacks=[collect], **kwargs).fit(model)
+    return collect
+
+
+def test_each_validation_reports_its_own_value_and_the_end_of_fit_the_last_one() -> None:
+    model = Classifier()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "compute called before update"
+        history = fit(model).final_ops_hook.final_ops_history
+    assert [step for step, _ in history] == [4, 8, 12, 12]
+    validations, end_of_fit = history[:3], history[3][1]
+    for (_, values), expected in zip(validations, model.logged):
+        assert torch.equal(values["acc"], expected)  # what Lightning logged for that epoch
+    assert torch.equal(end_of_fit["acc"], history[2][1]["acc"])
+    assert end_of_fit["acc"] > 0
+
+
+def test_a_metric_that_is_never_reset_is_reported_by_name(caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="lightning_finalops"):
+        fit(Classifier(log_metric=False))
+    warnings_ = [r.getMessage() for r in caplog.records if "accumulates" in r.getMessage()]
+    assert len(warnings_) == 1
+    assert warnings_[0].startswith(
+        "FinalOpsHook: final_ops['acc'] (MulticlassAccuracy) starts this session with the 4 "
+        "updates it had at the end of the previous one"
+    )
+    assert "reset()" in warnings_[0]
+
+
+@pytest.mark.parametrize("sanity", [0, 2])
+def test_the_documented_pattern_warns_about_nothing(caplog, sanity) -> None:
+    with caplog.at_level(logging.WARNING, logger="lightning_finalops"):
+        fit(Classifier(), num_sanity_val_steps=sanity)
+    assert "accumulates" not in caplog.text
