@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 import shutil
 import tempfile
+import zipfile
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch
@@ -66,6 +68,10 @@ def check_checkpoint_dir(value: Any, argument: str = "checkpoint_dir") -> str:
     return path
 
 
+# What loading a truncated or overwritten file raises (torch's zip reader: RuntimeError).
+_CORRUPT = (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError)
+
+
 def load_latest(
     checkpoint_dir: str, basename: str, load: Callable[[str], Any]
 ) -> Optional[Tuple[str, Any]]:
@@ -81,7 +87,7 @@ def load_latest(
     for _, path in reversed(list_checkpoints(checkpoint_dir, basename)):
         try:
             return path, load(path)
-        except Exception as e:  # noqa: BLE001 - any unreadable file falls back the same way
+        except _CORRUPT as e:  # not OSError: a file that cannot be read now is no fallback
             logger.warning("Skipping checkpoint %s, which cannot be loaded (%r); trying the "
                            "previous one.", path, e)
             failures.append(f"{path}: {e!r}")

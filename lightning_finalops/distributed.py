@@ -11,14 +11,16 @@ run after the request, and no rank waits for another on a step where nothing was
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["RankAgreement", "is_rank_zero"]
 
-_GLOO_GROUPS: Dict[int, Any] = {}
+# (the default group it was made for, the gloo group): a group re-created after a
+# destroy_process_group() gets a gloo group of its own, even at a reused address
+_GLOO_GROUP: List[Any] = []
 
 
 def is_rank_zero() -> bool:
@@ -41,11 +43,10 @@ def _cpu_group() -> Any:
     """
     if dist.get_backend() == "gloo":
         return None  # the default group already reduces CPU tensors
-    key = id(dist.group.WORLD)
-    group = _GLOO_GROUPS.get(key)
-    if group is None:
-        group = _GLOO_GROUPS[key] = dist.new_group(backend="gloo")
-    return group
+    world = dist.group.WORLD
+    if not _GLOO_GROUP or _GLOO_GROUP[0] is not world:
+        _GLOO_GROUP[:] = [world, dist.new_group(backend="gloo")]
+    return _GLOO_GROUP[1]
 
 
 class RankAgreement:

@@ -194,6 +194,14 @@ def required_parameters(fn: Callable[..., Any]) -> List[str]:
     ]
 
 
+def _positional_only(fn: Callable[..., Any]) -> List[str]:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind is inspect.Parameter.POSITIONAL_ONLY]
+
+
 def check_fetches(
     fetches: Any, root: str, str_feeds: Optional[Sequence[str]] = None
 ) -> None:
@@ -220,7 +228,11 @@ def check_fetches(
             if misfit is not None:
                 raise misfit
             if str_feeds is not None and not is_metric(leaf):
-                missing = [p for p in required_parameters(leaf) if p not in str_feeds]
+                # feeds are passed by keyword: a positional-only parameter is never fed
+                missing = [
+                    p for p in required_parameters(leaf)
+                    if p not in str_feeds or p in _positional_only(leaf)
+                ]
                 if missing:
                     raise TypeError(
                         f"{format_path(path)} is a callable that needs {missing}, which no "

@@ -415,6 +415,7 @@ class HookedSession:
         # on time: it needs no agreement, so no collective at all.
         self._agree = agree_across_ranks and not self.idle_per_run
         self._agreement: Optional[RankAgreement] = None
+        self._time_before: Optional[float] = None
 
     # -- session lifecycle -------------------------------------------------------------------
     def begin(self) -> None:
@@ -430,6 +431,8 @@ class HookedSession:
         if self._agree:
             self._agreement = self.engine.rank_agreement()
             if self._agreement is not None:
+                # restored when the session ends: an enclosing session's agreed time
+                self._time_before = timers.agreed_time()
                 timers.set_agreed_time(self._agreement.start(timers.clock()))
         for hook in self.hooks:
             hook.after_create_session(self.engine, self.coord)
@@ -443,8 +446,12 @@ class HookedSession:
         """
         self.create()
         session = None if closed else self.engine
-        for hook in self.hooks:
-            hook.end(session)
+        try:
+            for hook in self.hooks:
+                hook.end(session)
+        except BaseException:
+            self.abandon()  # the other ranks' last vote is not waited for, the clock restored
+            raise
         if self._agreement is not None:
             self._agreement.close()
             self._leave_agreement()
@@ -458,7 +465,7 @@ class HookedSession:
 
     def _leave_agreement(self) -> None:
         self._agreement = None
-        timers.set_agreed_time(None)
+        timers.set_agreed_time(self._time_before)
 
     # -- one run ---------------------------------------------------------------------------
     @property

@@ -17,6 +17,7 @@ import warnings
 from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple
 
 import pytorch_lightning
+import torch.distributed as dist
 
 from lightning_finalops.checkpoints import atomic_write
 from lightning_finalops.distributed import RankAgreement
@@ -30,7 +31,7 @@ from lightning_finalops.hooked_session import (
 )
 from lightning_finalops.hooks.final_ops import FinalOpsExportHook, FinalOpsHook
 from lightning_finalops.session_run_hook import SessionRunHook
-from lightning_finalops.validation import check_bool
+from lightning_finalops.validation import check_bool, describe
 
 try:  # the unified package is optional; its Callback is a distinct class
     import lightning.pytorch as _lightning_pytorch
@@ -83,8 +84,14 @@ class _LightningEngine(Engine):
         return self.trainer.callback_metrics
 
     def rank_agreement(self) -> Optional[RankAgreement]:
-        """Over every rank of the trainer (a gloo group), when there are several."""
-        return RankAgreement() if self._world_size > 1 else None
+        """Over every rank of the trainer (a gloo group), when there are several.
+
+        ``None`` also when ``torch.distributed`` is not initialized (a strategy whose ranks
+        do not form a ``torch.distributed`` group, such as XLA's): nothing to agree over.
+        """
+        if self._world_size > 1 and dist.is_available() and dist.is_initialized():
+            return RankAgreement()
+        return None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Send scalars to every logger of the trainer, on global rank 0 only."""
@@ -164,8 +171,10 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             self.final_ops_hook = FinalOpsHook(final_ops)
             training.append(self.final_ops_hook)
             evaluation.append(self.final_ops_hook)
-        if name is not None and (not isinstance(name, str) or not name):
-            raise TypeError(f"name must be a non-empty str or None, got {name!r}.")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, got {describe(name)}.")
+        if name == "":
+            raise ValueError("name must be a non-empty str or None, got ''.")
         self.training_hooks = training
         self.evaluation_hooks = evaluation
         self.prediction_hooks = prediction
@@ -204,31 +213,18 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: Dict[str, Any]) -> None:
         """Find this callback's state when its key changed since the save (hooks edited).
 
-        The state saved by the one unnamed ``HookCallback`` that no callback of this
-        trainer claims is this callback's; Lightning restores it otherwise.
+        A saved ``HookCallback`` state that no callback of the trainer has the key of goes
+        to the one unnamed callback, itself without saved state, that holds some of its
+        hooks; Lightning restores every other callback's state under its own key.
 
         Raises:
-            ValueError: several unnamed ``HookCallback`` states are unclaimed, so which one
-                is this callback's cannot be told: give the callbacks ``name=``.
+            ValueError: such a state has no callback to go to (its hooks' state would be
+                lost: a renamed callback, say), or could go to several (give the callbacks
+                ``name=``).
         """
-        states = checkpoint.get("callbacks") or {}
-        if self.name is not None or self._state_key in states:
-            return  # Lightning hands the state to load_state_dict
-        claimed = {callback.state_key for callback in trainer.callbacks}
-        unclaimed = [
-            key for key in states
-            if isinstance(key, str) and key.startswith("HookCallback")
-            and not key.startswith("HookCallback[") and key not in claimed
-        ]
-        if len(unclaimed) > 1:
-            raise ValueError(
-                f"The checkpoint holds the state of several unnamed HookCallbacks {unclaimed} "
-                f"that no callback here claims, and this one ({self._state_key}) has none of "
-                "them under its key: which is its own cannot be told. Give each HookCallback a "
-                "name= (its key then does not depend on its hooks)."
-            )
-        if unclaimed:
-            self.load_state_dict(states[unclaimed[0]])
+        key = _orphan_states_by_callback(trainer, checkpoint.get("callbacks") or {}).get(id(self))
+        if key is not None:
+            self.load_state_dict(checkpoint["callbacks"][key])
 
     def state_dict(self) -> Dict[str, Any]:
         """Every distinct stateful hook's ``state_dict()`` under its unique key.
@@ -488,6 +484,56 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             except Exception as e:  # pragma: no cover - defensive
                 warnings.warn(f"HookCallback could not end the step: {e!r}", stacklevel=2)
         self._sessions.clear()
+
+
+def _orphan_states_by_callback(trainer: Any, states: Mapping[str, Any]) -> Dict[int, str]:
+    """``{id(callback): saved key}`` for the HookCallback states no callback has the key of.
+
+    Raises:
+        ValueError: a state goes to no callback, or to several.
+    """
+    claimed = {callback.state_key for callback in trainer.callbacks}
+    orphans = {
+        key: set(state.get("hooks", {})) for key, state in states.items()
+        if isinstance(key, str) and key.startswith("HookCallback") and key not in claimed
+        and isinstance(state, Mapping) and state.get("hooks")
+    }
+    if not orphans:
+        return {}
+    seekers = [
+        callback for callback in trainer.callbacks
+        if isinstance(callback, HookCallback) and callback.name is None
+        and callback.state_key not in states
+    ]
+    found: Dict[int, str] = {}
+    taken: Dict[str, str] = {}
+    for callback in seekers:
+        mine = set(hook_state_keys(callback._all_hooks()))
+        candidates = [key for key, hooks in orphans.items() if mine & hooks]
+        if len(candidates) > 1:
+            raise ValueError(
+                f"The checkpoint holds the state of several HookCallbacks {candidates} that "
+                f"no callback here has the key of, and {callback.state_key} holds hooks of "
+                "each: which is its own cannot be told. Give each HookCallback a name= (its "
+                "key then does not depend on its hooks)."
+            )
+        if candidates:
+            if candidates[0] in taken:
+                raise ValueError(
+                    f"The saved state {candidates[0]} could go to {taken[candidates[0]]} or "
+                    f"to {callback.state_key}: give each HookCallback a name=."
+                )
+            taken[candidates[0]] = callback.state_key
+            found[id(callback)] = candidates[0]
+    lost = sorted(set(orphans) - set(taken))
+    if lost:
+        raise ValueError(
+            f"The checkpoint holds hook state under {lost}, and no HookCallback here can take "
+            "it (none has that key, nor holds those hooks): it would be lost. Build the "
+            "callbacks as when the checkpoint was saved (the same name=, the same stateful "
+            "hooks)."
+        )
+    return found
 
 
 def _refuse_spawn_launcher(trainer: Any, hooks: Sequence[SessionRunHook]) -> None:

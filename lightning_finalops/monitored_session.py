@@ -357,7 +357,9 @@ class MonitoredSession:
                 raise RuntimeError("Session is already closed.")
             self._closed = True
             self._session.coord.request_stop()
-            self._session.coord.join()  # the threads stop, and what they recorded is raised
+            # the threads stop, and what they recorded is raised; leaving on an exception,
+            # a thread that does not stop does not hold that exception back (TF's rule)
+            self._session.coord.join(ignore_live_threads=exception_type is not None)
 
     def __enter__(self) -> MonitoredSession:
         return self

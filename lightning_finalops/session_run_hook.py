@@ -174,9 +174,9 @@ class SessionRunContext:
         """Ask to stop after this run: the run completes and every ``after_run`` still fires.
 
         With one process the session stops after this run (TF's rule). With several ranks
-        (a training session under DDP, ``torchrun`` or Fabric) every rank must stop at the
-        same step, or the others wait forever in their next collective, so a request is
-        agreed: any rank's request stops every rank after the *next* run, through one small
+        (a ``HookCallback`` training session under DDP) every rank must stop at the same
+        step, or the others wait forever in their next collective, so a request is agreed:
+        any rank's request stops every rank after the *next* run, through one small
         non-blocking all-reduce per run. A hook whose decision is already the same on every
         rank at this run passes ``rank_consistent=True`` and the stop applies after this
         run everywhere, as with one process.
@@ -294,7 +294,7 @@ class Coordinator:
             self._threads.append(thread)
 
     def join(self, threads: Optional[List[threading.Thread]] = None,
-             stop_grace_period_secs: float = 120) -> None:
+             stop_grace_period_secs: float = 120, ignore_live_threads: bool = False) -> None:
         """Wait for the registered threads (and ``threads``), then re-raise a recorded exception.
 
         Call it after :meth:`request_stop`. An exception a thread records while it stops is
@@ -303,6 +303,7 @@ class Coordinator:
         Args:
             threads: more threads to wait for.
             stop_grace_period_secs: how long to wait for all of them together.
+            ignore_live_threads: do not raise for threads still running after it.
 
         Raises:
             BaseException: the first exception given to :meth:`request_stop`.
@@ -315,7 +316,7 @@ class Coordinator:
             thread.join(max(0.0, deadline - time.monotonic()))
         self.raise_requested_exception()
         alive = [thread.name for thread in waiting if thread.is_alive()]
-        if alive:
+        if alive and not ignore_live_threads:
             raise RuntimeError(
                 f"Coordinator stopped with threads still running after "
                 f"{stop_grace_period_secs} s: {alive}."

@@ -28,11 +28,13 @@ T = TypeVar("T")
 
 
 def describe(value: Any) -> str:
-    """A value as error messages show it: its type and a short ``repr``."""
+    """A value as error messages show it: its type (module-qualified) and a short repr."""
     text = repr(value)
     if len(text) > 60:
         text = text[:57] + "..."
-    return f"{type(value).__name__} ({text})"
+    kind = type(value)
+    name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+    return f"{name} ({text})"
 
 
 def is_int(value: Any) -> bool:

@@ -21,6 +21,16 @@ def _seed() -> None:
 
 
 @pytest.fixture(autouse=True)
+def _own_clock():
+    """Each test starts and ends with no agreed time (a session a test left open keeps one)."""
+    from lightning_finalops.hooks import timers
+
+    timers.set_agreed_time(None)
+    yield
+    timers.set_agreed_time(None)
+
+
+@pytest.fixture(autouse=True)
 def _quiet_lightning() -> None:
     for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)

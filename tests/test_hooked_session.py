@@ -473,6 +473,7 @@ def test_sessions_that_do_not_agree_or_cannot_stop_send_nothing():
     idle = OtherRank()
     session = agreeing_session([FinalOpsHook({"x": "loss"})], idle)  # no per-run method
     one_run(session, {"loss": 1})
+    session.end()
     assert silent.sent == idle.sent == []
 
 
@@ -482,6 +483,30 @@ def test_an_abandoned_session_drops_its_vote_without_waiting():
     one_run(session)
     session.abandon()
     assert agreement.abandoned and not agreement.closed
+    assert timers.agreed_time() is None
+
+
+def test_an_exception_in_end_leaves_the_agreement_and_restores_the_clock():
+    class Failing(SessionRunHook):
+        def end(self, session):
+            raise OSError("disk full")
+
+    agreement = OtherRank()
+    session = agreeing_session([Recorder("a", []), Failing()], agreement)
+    one_run(session)
+    with pytest.raises(OSError):
+        session.end()
+    assert agreement.abandoned and timers.agreed_time() is None
+
+
+def test_a_session_inside_another_restores_the_outer_sessions_agreed_time():
+    outer = agreeing_session([Recorder("a", [])], OtherRank(other_clock=100.0))
+    inner = agreeing_session([Recorder("b", [])], OtherRank(other_clock=500.0))
+    assert timers.now() == 500.0
+    inner.end()
+    assert timers.now() == 100.0
+    outer.end()
+    assert timers.agreed_time() is None
 
 
 def test_an_idle_session_calls_no_hook_per_run_and_still_records_the_outputs():

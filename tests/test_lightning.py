@@ -399,7 +399,7 @@ def test_a_stateful_hook_added_on_resume_starts_fresh_and_a_removed_one_is_an_er
 
     trainer = make_trainer(max_epochs=2, limit_val_batches=0,
                            callbacks=[HookCallback([SessionRunHook()])])
-    with pytest.raises(ValueError, match=r"saved state of \['Counter'\] has no hook"):
+    with pytest.raises(ValueError, match=r"hook state under \['HookCallback\{Counter\}'\]"):
         trainer.fit(make_module_class()(n_train=4), ckpt_path=ckpt)
 
 
@@ -461,15 +461,47 @@ def test_two_unnamed_callbacks_with_the_same_hooks_are_refused_when_the_trainer_
 
 
 def test_a_resume_that_cannot_tell_two_edited_unnamed_callbacks_apart_says_so(tmp_path) -> None:
-    callbacks = [HookCallback([Counter()]), HookCallback([FinalOpsHook("loss", name="a")])]
+    callbacks = [
+        HookCallback([Counter()]), HookCallback([Counter(), FinalOpsHook("loss", name="x")]),
+    ]
     trainer = make_trainer(max_epochs=1, limit_val_batches=0, callbacks=callbacks)
     trainer.fit(make_module_class()(n_train=4))
     ckpt = str(tmp_path / "x.ckpt")
     trainer.save_checkpoint(ckpt)
-    edited = [HookCallback([Counter(), FinalOpsHook("a")]), HookCallback([FinalOpsHook("b")])]
+    edited = [HookCallback([Counter(), FinalOpsHook("loss", name="y")])]
     trainer = make_trainer(max_epochs=2, limit_val_batches=0, callbacks=edited)
-    with pytest.raises(ValueError, match="several unnamed HookCallbacks .* a name="):
+    with pytest.raises(ValueError, match="several HookCallbacks .* a name="):
         trainer.fit(make_module_class()(n_train=4), ckpt_path=ckpt)
+
+
+def test_hook_state_that_no_callback_can_take_is_an_error_not_a_silent_loss(tmp_path) -> None:
+    trainer = make_trainer(max_epochs=1, limit_val_batches=0,
+                           callbacks=[HookCallback([Counter()], name="old")])
+    trainer.fit(make_module_class()(n_train=4))
+    ckpt = str(tmp_path / "x.ckpt")
+    trainer.save_checkpoint(ckpt)
+    for renamed in (HookCallback([Counter()], name="new"), HookCallback([SessionRunHook()])):
+        trainer = make_trainer(max_epochs=2, limit_val_batches=0, callbacks=[renamed])
+        with pytest.raises(ValueError, match=r"hook state under \['HookCallback\[old\]'\]"):
+            trainer.fit(make_module_class()(n_train=4), ckpt_path=ckpt)
+
+
+def test_a_callback_without_stateful_hooks_takes_no_other_callbacks_state(tmp_path) -> None:
+    class PerRun(SessionRunHook):
+        def after_run(self, run_context, run_values):
+            pass
+
+    counter = Counter()
+    callbacks = [HookCallback([counter]), HookCallback([PerRun()])]
+    trainer = make_trainer(max_epochs=1, limit_val_batches=0, callbacks=callbacks)
+    trainer.fit(make_module_class()(n_train=4))
+    ckpt = str(tmp_path / "x.ckpt")
+    trainer.save_checkpoint(ckpt)
+    resumed = Counter()
+    callbacks = [HookCallback([resumed, FinalOpsHook({"w": lambda: 1})]), HookCallback([PerRun()])]
+    trainer = make_trainer(max_epochs=2, limit_val_batches=0, callbacks=callbacks)
+    trainer.fit(make_module_class()(n_train=4), ckpt_path=ckpt)
+    assert resumed.runs == 4
 
 
 def test_a_callback_without_stateful_hooks_writes_no_state() -> None:

@@ -23,7 +23,7 @@ from lightning_finalops.fetches import (
     to_host,
 )
 from lightning_finalops.session_run_hook import RawSession, SessionRunHook
-from lightning_finalops.validation import check_bool, check_int
+from lightning_finalops.validation import check_bool, check_int, describe
 
 __all__ = ["FinalOpsExportHook", "FinalOpsHook"]
 
@@ -115,8 +115,10 @@ class FinalOpsHook(SessionRunHook):
         self._history_on_host = check_bool(history_on_host, "history_on_host")
         _, str_feeds = split_feeds(final_ops_feed_dict, "final_ops_feed_dict")
         check_fetches(final_ops, "final_ops", str_feeds=list(str_feeds))
-        if name is not None and (not isinstance(name, str) or not name):
-            raise TypeError(f"name must be a non-empty str or None, got {name!r}.")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, got {describe(name)}.")
+        if name == "":
+            raise ValueError("name must be a non-empty str or None, got ''.")
         self._state_key = f"FinalOpsHook[{name}]" if name else (
             "FinalOpsHook{" + _describe_fetches(final_ops) + "}"
         )

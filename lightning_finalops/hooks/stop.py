@@ -53,7 +53,8 @@ class StopAtStepHook(SessionRunHook):
 
     Raises:
         ValueError: ``"One of num_steps or last_step must be specified."`` or
-            ``"Only one of num_steps or last_step can be specified."`` (TF's messages).
+            ``"Only one of num_steps or last_step can be specified."`` (TF's messages), or
+            ``num_steps`` < 1 or ``last_step`` < 0.
         TypeError: ``num_steps`` or ``last_step`` is not an int.
     """
 

@@ -7,7 +7,7 @@ from typing import Callable, Optional, Tuple
 
 from lightning_finalops.validation import check_int, check_seconds
 
-__all__ = ["NeverTriggerTimer", "SecondOrStepTimer", "now"]
+__all__ = ["NeverTriggerTimer", "SecondOrStepTimer", "agreed_time", "now", "set_agreed_time"]
 
 # Hooks read the time through this name, so tests control time without sleeping
 # (``monkeypatch.setattr(lightning_finalops.hooks.timers, "clock", fake)``).
@@ -28,6 +28,11 @@ def now() -> float:
     """
     agreed = _agreed_time
     return clock() if agreed is None else agreed
+
+
+def agreed_time() -> Optional[float]:
+    """What the ranks of the running session last agreed :func:`now` is, or ``None``."""
+    return _agreed_time
 
 
 def set_agreed_time(value: Optional[float]) -> None:
