@@ -90,6 +90,9 @@ class Engine(RawSession):
     #: sets them on the batch).
     str_feeds_as_keywords: bool = True
 
+    # The latest checkpoint save_checkpoint wrote: (path, global step).
+    _saved: Optional[Tuple[str, int]] = None
+
     # Set by the session core only: the latest step's outputs and whether they are fresh.
     _step_outputs: Mapping[str, Any] = _EMPTY
     _step_outputs_fresh: bool = False
@@ -100,6 +103,37 @@ class Engine(RawSession):
         Read only when a name is not among the fresh step outputs.
         """
         return _EMPTY
+
+    def save_checkpoint(self, path: str) -> None:
+        """Write a checkpoint through :meth:`write_checkpoint` and remember it.
+
+        The core writes it again when hooks record more at the same global step (see
+        :meth:`refresh_checkpoint`).
+        """
+        self.write_checkpoint(path)
+        self._saved = (path, self.global_step)
+
+    def write_checkpoint(self, path: str) -> None:
+        """Write a checkpoint that resumes the whole run to ``path``, atomically.
+
+        Every rank calls it; what each writes is the engine's business.
+
+        Raises:
+            NotImplementedError: the engine cannot write checkpoints.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot write checkpoints.")
+
+    def refresh_checkpoint(self) -> None:
+        """Write the checkpoint saved at the current global step again, if there is one.
+
+        Hooks may record more at a step after its checkpoint was written (a
+        ``FinalOpsHook`` at the end of the session, a validation that Lightning runs after
+        the batch that saved); writing it again puts that in, so a resume from it loses
+        nothing. Every rank calls it at the same point.
+        """
+        saved = self._saved
+        if saved is not None and saved[1] == self.global_step:
+            self.write_checkpoint(saved[0])
 
     def step_completed(self) -> None:
         """The step and the hooks' fetches of a run succeeded; its ``after_run`` s come next.

@@ -99,7 +99,7 @@ class _LightningEngine(Engine):
             for logger in self.trainer.loggers:
                 logger.log_metrics(dict(metrics), step=step)
 
-    def save_checkpoint(self, path: str) -> None:
+    def write_checkpoint(self, path: str) -> None:
         """``trainer.save_checkpoint`` (every rank calls it), made atomic by rank 0's rename.
 
         The checkpoint is a Lightning checkpoint: ``fit(ckpt_path=path)`` resumes from it,
@@ -271,11 +271,19 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         return session
 
     def _close(self, kind: str) -> None:
-        """End a session cleanly: every hook's ``end()`` in order."""
+        """End a session cleanly: every hook's ``end()`` in order.
+
+        A checkpoint the training session wrote at the current global step is written
+        again afterwards, so that what the hooks recorded since (at the end of ``fit``, or
+        in the validation Lightning runs right after the batch that saved) is in it.
+        """
         session = self._sessions.pop(kind, None)
         if session is not None:
             session.abort_run()  # a run Lightning never finished (no batch end)
             session.end()
+            training = session if kind == TRAINING else self._sessions.get(TRAINING)
+            if training is not None and training.created:
+                training.engine.refresh_checkpoint()
 
     def _finished_before_start(self, trainer: Any) -> bool:
         """Whether ``fit`` restored a job that had already reached its end, so ran nothing."""

@@ -89,7 +89,7 @@ class _PlainEngine(Engine):
             return self._is_chief
         return is_rank_zero()
 
-    def save_checkpoint(self, path: str) -> None:
+    def write_checkpoint(self, path: str) -> None:
         """Write modules, optimizers, global step and hook state to ``path``, atomically.
 
         The file holds ``{"global_step", "modules", "optimizers", "session"}`` (state dicts by
@@ -350,6 +350,8 @@ class MonitoredSession:
         try:
             if exception_type is None:
                 self._session.end(closed=self._closed)
+                if not self._closed:  # what the hooks' end() recorded goes into it too
+                    self._engine.refresh_checkpoint()
             elif not self._closed:
                 self._session.abandon()
         finally:

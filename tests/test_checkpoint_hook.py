@@ -13,7 +13,7 @@ from conftest import make_batches
 from lightning_models import make_module_class, make_trainer
 
 import lightning_finalops.hooks.timers as timers
-from lightning_finalops import HookCallback, MonitoredSession, SessionRunHook
+from lightning_finalops import FinalOpsHook, HookCallback, MonitoredSession, SessionRunHook
 from lightning_finalops.checkpoints import latest_checkpoint, list_checkpoints
 from lightning_finalops.hooks.checkpoint import CheckpointSaverHook, CheckpointSaverListener
 from lightning_finalops.session_run_hook import (
@@ -603,8 +603,22 @@ def saved_hook_state(directory, step: int) -> Dict[str, Any]:
 
 
 def test_a_hook_listed_after_the_saver_is_saved_before_its_after_run(tmp_path):
-    run_increments(CheckpointSaverHook(tmp_path, save_steps=2), 2, Counter())
-    assert saved_hook_state(tmp_path, 2)["Counter"] == {"runs": 1}
+    run_increments(CheckpointSaverHook(tmp_path, save_steps=2), 3, Counter())
+    assert saved_hook_state(tmp_path, 2)["Counter"] == {"runs": 1}  # saved mid-session
+    assert saved_hook_state(tmp_path, 3)["Counter"] == {"runs": 3}  # the final save: all in
+
+
+def test_the_checkpoint_of_the_last_step_is_written_again_after_every_end(tmp_path):
+    # TF's order (MonitoredTrainingSession): the saver first, then the user's hooks
+    final = FinalOpsHook({"w": lambda: torch.tensor(7.0)})
+    run_increments(CheckpointSaverHook(tmp_path, save_steps=2), 2, Counter(), final)
+    assert steps(tmp_path) == [0, 2]  # saved in after_run at 2, not again in end()
+    saved = saved_hook_state(tmp_path, 2)
+    assert saved["Counter"] == {"runs": 2}
+    assert saved[final.state_key]["final_ops_history"] == [(2, {"w": torch.tensor(7.0)})]
+    resumed = FinalOpsHook({"w": lambda: torch.tensor(7.0)})
+    with MonitoredSession([Counter(), resumed], checkpoint_dir=str(tmp_path)):
+        assert resumed.final_ops_history == [(2, {"w": torch.tensor(7.0)})]
 
 
 def test_a_hook_listed_before_the_saver_is_saved_after_its_after_run(tmp_path):

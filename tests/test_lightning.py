@@ -14,6 +14,7 @@ from conftest import Counter
 from lightning_models import PACKAGES, TinyModulePL, make_module_class, make_trainer, pl_package
 
 from lightning_finalops import (
+    CheckpointSaverHook,
     FinalOpsHook,
     HookCallback,
     SessionRunArgs,
@@ -612,3 +613,23 @@ def test_stop_at_step_hook_restored_past_its_last_step_stops_fit_before_any_batc
     trainer = make_trainer(max_epochs=3, limit_val_batches=0, callbacks=[callback])
     trainer.fit(make_module_class()(), ckpt_path=ckpt)
     assert trainer.global_step == 4 and resumed.runs == 4  # restored 4, ran none
+
+
+def test_a_resume_from_a_save_point_keeps_the_validation_that_followed_it(tmp_path) -> None:
+    ckpt_dir = tmp_path / "ckpt"
+
+    def fit(ckpt_path=None):
+        callback = HookCallback(training_hooks=[CheckpointSaverHook(ckpt_dir, save_steps=4)],
+                                final_ops={"loss": "val_loss"})
+        make_trainer(max_epochs=3, callbacks=[callback]).fit(make_module_class()(),
+                                                            ckpt_path=ckpt_path)
+        return callback.final_ops_hook.final_ops_history
+
+    uninterrupted = fit()
+    assert [step for step, _ in uninterrupted] == [4, 8, 12, 12]
+    # as after a crash at step 10: resume from the checkpoint of step 8, which was written
+    # again after the validation Lightning ran right after that batch
+    resumed = fit(ckpt_path=str(ckpt_dir / "model.ckpt-8"))
+    assert [step for step, _ in resumed] == [4, 8, 12, 12]
+    for (_, a), (_, b) in zip(resumed[:2], uninterrupted[:2]):
+        assert torch.equal(a["loss"], b["loss"])

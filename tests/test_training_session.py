@@ -170,21 +170,25 @@ def test_an_empty_summary_dir_means_the_checkpoint_dir(tmp_path):
 def test_a_worker_restores_its_hooks_state_not_the_chiefs_only_hooks(tmp_path):
     with MonitoredTrainingSession(
         checkpoint_dir=tmp_path, save_checkpoint_steps=1,
-        chief_only_hooks=[Counter()], hooks=[Counter()],
+        chief_only_hooks=[Counter(runs=10)], hooks=[Counter()],
     ) as sess:
         sess.run(lambda: None)
-    # TF's order: chief_only_hooks, the saver, hooks: the checkpoint written in the run's
-    # after_run has the chief-only hook's count of that run, not yet the user hook's
+        sess.run(lambda: None)
+    # TF's order: chief_only_hooks, the saver, hooks: a checkpoint written in a run's
+    # after_run has the chief-only hook's count of that run, not yet the user hook's ...
+    mid = torch.load(tmp_path / "model.ckpt-1", weights_only=False)["session"]["hooks"]
+    assert mid["Counter"] == {"runs": 11} and mid["Counter#1"] == {"runs": 0}
+    # ... but the last one is written again after every end(): all of it is in
     saved = torch.load(latest_checkpoint(str(tmp_path)), weights_only=False)["session"]["hooks"]
-    assert saved["Counter"] == {"runs": 1} and saved["Counter#1"] == {"runs": 0}
+    assert saved["Counter"] == {"runs": 12} and saved["Counter#1"] == {"runs": 2}
 
     worker_chief_only, worker_mine = Counter(runs=7), Counter(runs=7)
     with MonitoredTrainingSession(
         is_chief=False, checkpoint_dir=tmp_path,
         chief_only_hooks=[worker_chief_only], hooks=[worker_mine],
     ) as sess:
-        assert sess.global_step == 1
-        assert worker_mine.runs == 0  # its own saved state, not the chief-only hook's
+        assert sess.global_step == 2
+        assert worker_mine.runs == 2  # its own saved state, not the chief-only hook's
     assert worker_chief_only.runs == 7  # a worker neither runs nor restores it
 
 
