@@ -68,9 +68,18 @@ class FinalOpsHook(SessionRunHook):
     It fetches nothing per run, so it costs nothing per step. ``final_ops`` is a fetch
     structure (a tensor, a metric with ``compute()``, a callable, a name, or nested
     list/tuple/dict of them); ``final_ops_values`` keeps its structure, with tensors left on
-    the device they were computed on. Every ``end()`` also appends ``(global_step, values)``
-    to ``final_ops_history``, so a hook reused for several sessions (every validation run
-    under Lightning) keeps each result.
+    the device they were computed on (:func:`~lightning_finalops.to_host` brings a whole
+    structure to the host in one transfer). Every ``end()`` also appends
+    ``(global_step, values)`` to ``final_ops_history``, so a hook reused for several
+    sessions (every validation run under Lightning) keeps each result. Recorded values are
+    copies: nothing changes them afterwards.
+
+    Metrics: a torchmetrics metric is evaluated as it stands when the session ends. Log it
+    in ``validation_step`` (``self.val_acc(logits, y); self.log("val_acc", self.val_acc)``)
+    and Lightning computes it per validation and resets it after; a metric reset and not
+    updated since gives its latest recorded value (so the end of ``fit`` repeats the last
+    validation's), never an empty metric's default. A metric whose updates carry over from
+    one session to the next (never reset) is reported with a warning naming it.
 
     Its :attr:`state_key` names what it evaluates (``FinalOpsHook{acc=MulticlassAccuracy,
     loss='val_loss'}``), so a resume gives each hook its own history even when hooks were
