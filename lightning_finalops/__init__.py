@@ -28,6 +28,7 @@ from lightning_finalops.session_run_hook import (
     SessionRunHook,
     SessionRunValues,
 )
+from lightning_finalops.sync_audit import SyncAudit, audit_syncs
 from lightning_finalops.training_session import MonitoredTrainingSession
 
 __version__ = "0.1.0"
@@ -59,6 +60,8 @@ __all__ = [
     "StepCounterHook",
     "StopAtStepHook",
     "SummarySaverHook",
+    "SyncAudit",
+    "audit_syncs",
     "to_host",
 ]
 

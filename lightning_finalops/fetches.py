@@ -27,6 +27,7 @@ from typing import (
 
 import torch
 
+from lightning_finalops.sync_audit import note_sync
 from lightning_finalops.validation import describe
 
 __all__ = ["to_host"]
@@ -547,7 +548,10 @@ def to_host(values: Any) -> Any:
     """
     groups: Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]] = defaultdict(list)
     seen = set()
-    for _, tensor in leaves(values):
+    found = leaves(values)
+    if any(isinstance(leaf, torch.Tensor) for _, leaf in found):
+        note_sync()  # the one wait (on a GPU), counted by an audit in progress
+    for _, tensor in found:
         if (
             isinstance(tensor, torch.Tensor)
             and tensor.device.type != "cpu"

@@ -23,6 +23,7 @@ from lightning_finalops.fetches import (
     to_host,
 )
 from lightning_finalops.session_run_hook import RawSession, SessionRunHook
+from lightning_finalops.sync_audit import host_values
 from lightning_finalops.validation import check_bool, check_int, describe
 
 __all__ = ["FinalOpsExportHook", "FinalOpsHook"]
@@ -285,6 +286,7 @@ class FinalOpsExportHook(SessionRunHook):
                     tags.append(path_tag(path))
                     scalars.append(value)
         if tags:
-            host = to_host(scalars)
-            metrics = {tag: float(value) for tag, value in zip(tags, host)}
+            host = to_host(scalars)  # the one wait
+            with host_values():
+                metrics = {tag: float(value) for tag, value in zip(tags, host)}
             session.log_metrics(metrics, step=session.global_step)

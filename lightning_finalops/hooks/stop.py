@@ -17,6 +17,7 @@ from lightning_finalops.session_run_hook import (
     SessionRunHook,
     SessionRunValues,
 )
+from lightning_finalops.sync_audit import host_values, note_sync
 from lightning_finalops.validation import check_bool, check_int
 
 __all__ = [
@@ -134,12 +135,17 @@ class NanTensorHook(SessionRunHook):
             evaluate to a tensor or a number; a tensor with several elements fails if any is
             NaN.
         fail_on_nan_loss: raise rather than request a stop.
+        non_blocking: never make the host wait: the flag of run k is copied to the host
+            without waiting and read in run k+1's ``after_run`` (by then it has long
+            arrived), so the failure or stop comes one run later; the last run's flag is
+            read in ``end()``, which fails there (or logs the NaN) if it is set.
 
     Raises:
         TypeError: ``loss_tensor`` is ``None`` or cannot be fetched.
     """
 
-    def __init__(self, loss_tensor: Any, fail_on_nan_loss: bool = True) -> None:
+    def __init__(self, loss_tensor: Any, fail_on_nan_loss: bool = True, *,
+                 non_blocking: bool = False) -> None:
         if loss_tensor is None:
             raise TypeError(
                 "loss_tensor must be a tensor, a name, a callable or a metric, got None."
@@ -147,6 +153,12 @@ class NanTensorHook(SessionRunHook):
         check_fetches(loss_tensor, "loss_tensor")
         self._loss_tensor = loss_tensor
         self._fail_on_nan_loss = check_bool(fail_on_nan_loss, "fail_on_nan_loss")
+        self._non_blocking = check_bool(non_blocking, "non_blocking")
+        self._pending: Any = None  # (host flag, event or None) of the previous run
+
+    def begin(self) -> None:
+        """Forget a flag of an earlier session."""
+        self._pending = None
 
     def before_run(self, run_context: SessionRunContext) -> Optional[SessionRunArgs]:
         """Fetch the loss (left on its device)."""
@@ -159,16 +171,68 @@ class NanTensorHook(SessionRunHook):
             NanLossDuringTrainingError: the loss is NaN and ``fail_on_nan_loss`` is set.
             TypeError: the loss evaluated to something else than a tensor or a number.
         """
-        if not self._is_nan(run_values.results):
+        if self._non_blocking:
+            previous, self._pending = self._pending, self._send_flag(run_values.results)
+            if not self._read_flag(previous):
+                return
+        elif not self._is_nan(run_values.results):
             return
+        self._diverged(run_context)
+
+    def end(self, session: Optional[RawSession]) -> None:
+        """With ``non_blocking``, read the last run's flag: fail (or log) if it is set.
+
+        Raises:
+            NanLossDuringTrainingError: the last run's loss is NaN and ``fail_on_nan_loss``.
+        """
+        pending, self._pending = self._pending, None
+        if self._read_flag(pending):
+            self._diverged(None)
+
+    def _send_flag(self, loss: Any) -> Any:
+        """Start copying the run's NaN flag to the host, without waiting."""
+        loss = self._as_tensor(loss)
+        if not (loss.is_floating_point() or loss.is_complex()):
+            return None
+        flag = torch.isnan(loss).any()
+        if flag.device.type != "cuda":
+            return flag, None
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(flag, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    @staticmethod
+    def _read_flag(pending: Any) -> bool:
+        if pending is None:
+            return False
+        host, event = pending
+        if event is not None and not event.query():
+            event.synchronize()  # a whole run later: only when the device is that far behind
+            note_sync()
+        with host_values():  # a host copy that has arrived: reading it waits for nothing
+            return bool(host)
+
+    def _diverged(self, run_context: Optional[SessionRunContext]) -> None:
         failure_message = "Model diverged with loss = NaN."
         if self._fail_on_nan_loss:
             logger.error(failure_message)
             raise NanLossDuringTrainingError
         logger.warning(failure_message)
-        run_context.request_stop()
+        if run_context is not None:
+            run_context.request_stop()
 
     def _is_nan(self, loss: Any) -> bool:
+        loss = self._as_tensor(loss)
+        if not (loss.is_floating_point() or loss.is_complex()):
+            return False  # integers and booleans cannot be NaN: no transfer at all
+        flag = to_host(torch.isnan(loss).any())  # the run's one wait
+        with host_values():
+            return bool(flag)
+
+    @staticmethod
+    def _as_tensor(loss: Any) -> torch.Tensor:
         if not isinstance(loss, torch.Tensor):
             try:
                 loss = torch.as_tensor(loss)
@@ -177,9 +241,7 @@ class NanTensorHook(SessionRunHook):
                     "NanTensorHook: loss_tensor must evaluate to a tensor or a number, got "
                     f"{type(loss).__name__} ({loss!r})."
                 ) from e
-        if not (loss.is_floating_point() or loss.is_complex()):
-            return False  # integers and booleans cannot be NaN: no transfer at all
-        return bool(to_host(torch.isnan(loss).any()))
+        return loss
 
 
 class GlobalStepWaiterHook(SessionRunHook):

@@ -28,6 +28,7 @@ from lightning_finalops.session_run_hook import (
     SessionRunHook,
     SessionRunValues,
 )
+from lightning_finalops.sync_audit import host_values
 from lightning_finalops.validation import check_path
 
 __all__ = ["StepCounterHook", "SummarySaverHook"]
@@ -270,11 +271,12 @@ class SummarySaverHook(SessionRunHook):
         self._timer.update_last_triggered_step(global_step)
         if not session.is_chief:
             return
-        values = to_host(run_values.results)
+        values = to_host(run_values.results)  # the write's one wait
         scalars: Dict[str, float] = {}
         tensors: Dict[str, Any] = {}
-        for tag, value in values.items():
-            _collect(tag, value, scalars, tensors)
+        with host_values():
+            for tag, value in values.items():
+                _collect(tag, value, scalars, tensors)
         if self._writer.wanted:
             writer = self._writer.get()
             for tag, scalar in scalars.items():

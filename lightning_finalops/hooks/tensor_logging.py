@@ -17,6 +17,7 @@ from lightning_finalops.session_run_hook import (
     SessionRunHook,
     SessionRunValues,
 )
+from lightning_finalops.sync_audit import host_values
 from lightning_finalops.validation import check_bool, check_int, check_seconds
 
 __all__ = ["LoggingTensorHook"]
@@ -213,7 +214,9 @@ class LoggingTensorHook(SessionRunHook):
             self._log(session.run(self._tensors))
 
     def _log(self, values: Mapping[str, Any]) -> None:
-        host = _numpy(to_host(values))  # one transfer for every value of the log
+        host_tensors = to_host(values)  # one transfer for every value of the log
+        with host_values():
+            host = _numpy(host_tensors)
         elapsed_secs, _ = self._timer.update_last_triggered_step(self._iter_count)
         if self._formatter is not None:
             logger.info("%s", self._formatter(host))

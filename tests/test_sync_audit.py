@@ -1,0 +1,111 @@
+"""``audit_syncs()``: the per-step path of both adapters and of every standard hook is sync-free.
+
+On a CPU the audit counts the operations that make the host wait on a GPU (``item``,
+``bool(tensor)``, copies to the CPU, ``to_host``...), attributed to the hook and phase whose
+code ran them. "Sync-free per step" is checked as: the count outside the user's own code does
+not grow with the number of runs.
+"""
+
+from __future__ import annotations
+
+import torch
+from conftest import Counter
+from lightning_models import make_module_class, make_trainer
+
+from lightning_finalops import (
+    CheckpointSaverHook,
+    FeedFnHook,
+    FinalOpsHook,
+    GlobalStepWaiterHook,
+    HookCallback,
+    LoggingTensorHook,
+    MonitoredSession,
+    NanTensorHook,
+    ProfilerHook,
+    SessionRunArgs,
+    SessionRunHook,
+    StepCounterHook,
+    StopAtStepHook,
+    SummarySaverHook,
+    audit_syncs,
+)
+
+
+class ReadsTheLoss(SessionRunHook):
+    """The positive control: ``float(tensor)`` in ``after_run`` syncs once per run."""
+
+    def before_run(self, run_context):
+        return SessionRunArgs("loss")
+
+    def after_run(self, run_context, run_values):
+        float(run_values.results)
+
+
+def standard_hooks(tmp_path, w):
+    """Every standard hook, doing its per-run work, with its periodic work out of the way."""
+    return [
+        StepCounterHook(every_n_steps=1000),
+        LoggingTensorHook(["loss"], every_n_iter=1000),
+        SummarySaverHook(save_steps=1000, summary_op={"loss": "loss"}),
+        ProfilerHook(save_steps=1000, output_dir=str(tmp_path / "traces")),
+        FeedFnHook(lambda: {w: torch.ones(w.shape)}),
+        GlobalStepWaiterHook(0),
+        NanTensorHook("loss", non_blocking=True),
+        FinalOpsHook({"w": w, "loss": "loss"}),
+        CheckpointSaverHook(tmp_path / "ckpt", save_steps=1000),
+        Counter(),
+    ]
+
+
+def plain_syncs(tmp_path, runs: int, extra=()):
+    w = torch.zeros(2, requires_grad=True)
+    hooks = [StopAtStepHook(last_step=runs), *standard_hooks(tmp_path / str(runs), w), *extra]
+    with audit_syncs() as audit:
+        with MonitoredSession(hooks, modules=torch.nn.Linear(1, 1)) as sess:
+            while not sess.should_stop():
+                sess.run(lambda: {"loss": (w * 2).sum()})
+    return audit
+
+
+def ours(audit):
+    return {key: n for key, n in audit.counts.items() if key[0] != "user code"}
+
+
+def test_monitored_session_with_every_standard_hook_syncs_nothing_per_step(tmp_path):
+    few, many = plain_syncs(tmp_path, 3), plain_syncs(tmp_path, 12)
+    assert ours(few) == ours(many)  # the session's start and end only, not per run
+
+
+def test_lightning_with_every_standard_hook_syncs_nothing_per_step(tmp_path):
+    def fit(max_steps):
+        model = make_module_class()(n_train=16)
+        hooks = standard_hooks(tmp_path / str(max_steps), model.layer.bias)
+        with audit_syncs() as audit:
+            make_trainer(max_steps=max_steps, max_epochs=-1, limit_val_batches=0,
+                         callbacks=[HookCallback(training_hooks=hooks)]).fit(model)
+        return audit
+
+    assert ours(fit(3)) == ours(fit(12))
+
+
+def test_a_hook_reading_a_value_every_run_is_reported_once_per_run(tmp_path):
+    audit = plain_syncs(tmp_path, 5, extra=[ReadsTheLoss()])
+    assert audit.of("ReadsTheLoss", "after_run") == 5
+    assert "ReadsTheLoss" in audit.table()
+
+
+def test_the_positive_control_is_found_under_lightning_too():
+    with audit_syncs() as audit:
+        make_trainer(max_steps=4, limit_val_batches=0,
+                     callbacks=[HookCallback([ReadsTheLoss()])]).fit(make_module_class()())
+    assert audit.of("ReadsTheLoss", "after_run") == 4
+
+
+def test_nan_tensor_hook_syncs_once_per_run_and_not_at_all_with_non_blocking():
+    for non_blocking, expected in ((False, 6), (True, 0)):
+        with audit_syncs() as audit:
+            with MonitoredSession([StopAtStepHook(last_step=6),
+                                   NanTensorHook("loss", non_blocking=non_blocking)]) as sess:
+                while not sess.should_stop():
+                    sess.run(lambda: {"loss": torch.tensor(1.0)})
+        assert audit.of("NanTensorHook") == expected
