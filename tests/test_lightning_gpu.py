@@ -53,3 +53,34 @@ def test_fit_on_cuda_causes_no_synchronisation_in_our_code_and_keeps_values_on_c
     assert step_hook.devices == {"cuda:0"}
     assert all(v.is_cuda for _, values in final.final_ops_history for v in values.values())
     assert all(v.is_cuda for v in training_final.final_ops_values.values())
+
+
+class ReadsTheLoss(SessionRunHook):
+    """The positive control: ``float(tensor)`` of a CUDA value in ``after_run``."""
+
+    def before_run(self, run_context):
+        return SessionRunArgs("loss")
+
+    def after_run(self, run_context, run_values):
+        float(run_values.results)
+
+
+def _audited_fit(max_steps: int, *hooks: SessionRunHook):
+    from lightning_finalops import NanTensorHook, audit_syncs
+
+    model = make_module_class()(n_train=64, n_val=16)
+    training_hooks = [FetchEveryStep(model), NanTensorHook("loss", non_blocking=True), *hooks]
+    callback = HookCallback(training_hooks=training_hooks, log_final_ops=False,
+                            final_ops={"mean": model.val_mean_loss, "loss": "val_loss"})
+    trainer = make_trainer(accelerator="cuda", max_steps=max_steps, max_epochs=-1,
+                           callbacks=[callback])
+    with audit_syncs() as audit:
+        trainer.fit(model)
+    return {key: n for key, n in audit.counts.items() if key[0] != "user code"}
+
+
+def test_the_audit_finds_no_sync_of_ours_per_step_on_cuda_and_finds_the_control() -> None:
+    # syncs inside torch, Lightning or torchmetrics that our code caused count as ours
+    assert _audited_fit(4) == _audited_fit(16)
+    with_control = _audited_fit(6, ReadsTheLoss())
+    assert with_control.get(("ReadsTheLoss", "after_run"), 0) >= 6
