@@ -91,7 +91,9 @@ class Engine(RawSession):
     str_feeds_as_keywords: bool = True
 
     # The latest checkpoint save_checkpoint wrote: (path, global step).
-    _saved: Optional[Tuple[str, int]] = None
+    _saved: Optional[Tuple[str, int, int]] = None
+    # Runs finished by sessions on this engine (the core counts them).
+    _runs = 0
 
     # Set by the session core only: the latest step's outputs and whether they are fresh.
     _step_outputs: Mapping[str, Any] = _EMPTY
@@ -111,7 +113,7 @@ class Engine(RawSession):
         :meth:`refresh_checkpoint`).
         """
         self.write_checkpoint(path)
-        self._saved = (path, self.global_step)
+        self._saved = (path, self.global_step, self._runs)
 
     def write_checkpoint(self, path: str) -> None:
         """Write a checkpoint that resumes the whole run to ``path``, atomically.
@@ -132,7 +134,9 @@ class Engine(RawSession):
         nothing. Every rank calls it at the same point.
         """
         saved = self._saved
-        if saved is not None and saved[1] == self.global_step:
+        # the same step and no run since: a run that did not advance the global step
+        # (gradient accumulation) moved the loop on, and the old position must stay
+        if saved is not None and saved[1:] == (self.global_step, self._runs):
             self.write_checkpoint(saved[0])
 
     def step_completed(self) -> None:
@@ -444,6 +448,11 @@ class HookedSession:
         self.idle_per_run = not self._before and not self._after
         self.should_stop = False
         self.created = False
+        #: a hook stopped the session at its creation (``StopAtStepHook`` restored at or past
+        #: its last step: a finished job run again); with no run since, it is no session
+        self.finished_at_creation = False
+        #: runs this session finished
+        self.runs = 0
         self._run: Optional[PendingRun] = None
         # A session whose hooks act only at its start and end can neither stop nor trigger
         # on time: it needs no agreement, so no collective at all.
@@ -470,6 +479,7 @@ class HookedSession:
                 timers.set_agreed_time(self._agreement.start(timers.clock()))
         for hook in self.hooks:
             hook.after_create_session(self.engine, self.coord)
+        self.finished_at_creation = self.coord.should_stop()
 
     def end(self, *, closed: bool = False) -> None:
         """Call every hook's ``end(engine)`` in order; an exception skips the later hooks.
@@ -489,6 +499,11 @@ class HookedSession:
         if self._agreement is not None:
             self._agreement.close()
             self._leave_agreement()
+
+    @property
+    def is_finished_job(self) -> bool:
+        """Stopped at its creation and ran nothing: a finished job restored and run again."""
+        return self.finished_at_creation and self.runs == 0
 
     def abandon(self) -> None:
         """The session ends by an exception: leave the run and the agreement, no ``end()``."""
@@ -613,6 +628,8 @@ class HookedSession:
         )
         if pending is _IDLE_RUN:
             self._run = None
+            engine._runs += 1
+            self.runs += 1
             engine.step_completed()
             return self.should_stop
         engine._step_outputs_fresh = True
@@ -625,6 +642,8 @@ class HookedSession:
             finally:
                 if pending._applied is not None or pending._trace is not None:
                     pending.exit()
+            engine._runs += 1
+            self.runs += 1
             engine.step_completed()
             context = pending.context
             assert context is not None

@@ -388,16 +388,20 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """Training session: every hook's ``end()``, the model still on its device."""
+        session = self._sessions.get(TRAINING)
+        if session is not None and session.is_finished_job:
+            return  # no session ran: on_fit_end forgets it without end()
         self._close(TRAINING)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         """Ends the training session if Lightning skipped ``on_train_end``."""
         # on_train_end is skipped when a stop is set before training starts: end it here.
         session = self._sessions.get(TRAINING)
-        if session is not None and not session.created and self._finished_before_start(trainer):
+        if session is not None and (session.is_finished_job or (
+                not session.created and self._finished_before_start(trainer))):
             # fit(ckpt_path=...) of a finished job: Lightning trained nothing, and neither
             # does the training session (re-running a finished job is a no-op)
-            self._sessions.pop(TRAINING)
+            self._sessions.pop(TRAINING).abandon()
             logger.info("Training had already finished at global step %d: no training "
                         "session ran; the hooks keep their restored state.", trainer.global_step)
             return

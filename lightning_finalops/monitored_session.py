@@ -348,7 +348,12 @@ class MonitoredSession:
 
     def _close_internal(self, exception_type: Optional[Type[BaseException]]) -> None:
         try:
-            if exception_type is None:
+            if exception_type is None and not self._closed and self._session.is_finished_job:
+                # re-running a finished job is a no-op: no session ran, nothing is recorded
+                logger.info("The session was restored finished (global step %d): no step ran "
+                            "and no hook's end() runs.", self.global_step)
+                self._session.abandon()
+            elif exception_type is None:
                 self._session.end(closed=self._closed)
                 if not self._closed:  # what the hooks' end() recorded goes into it too
                     self._engine.refresh_checkpoint()
@@ -359,9 +364,13 @@ class MonitoredSession:
                 raise RuntimeError("Session is already closed.")
             self._closed = True
             self._session.coord.request_stop()
-            # the threads stop, and what they recorded is raised; leaving on an exception,
-            # a thread that does not stop does not hold that exception back (TF's rule)
-            self._session.coord.join(ignore_live_threads=exception_type is not None)
+            # the threads stop (within TF's grace period) and what they recorded is raised;
+            # a thread still running after it is logged, not raised (TF's close)
+            coord = self._session.coord
+            coord.join(ignore_live_threads=True)
+            alive = coord.running_threads()
+            if alive:
+                logger.warning("MonitoredSession closed with threads still running: %s", alive)
 
     def __enter__(self) -> MonitoredSession:
         return self

@@ -293,6 +293,11 @@ class Coordinator:
         with self._lock:
             self._threads.append(thread)
 
+    def running_threads(self) -> List[str]:
+        """The names of the registered threads that are still running."""
+        with self._lock:
+            return [thread.name for thread in self._threads if thread.is_alive()]
+
     def join(self, threads: Optional[List[threading.Thread]] = None,
              stop_grace_period_secs: float = 120, ignore_live_threads: bool = False) -> None:
         """Wait for the registered threads (and ``threads``), then re-raise a recorded exception.
@@ -311,6 +316,7 @@ class Coordinator:
         """
         with self._lock:
             waiting = list(self._threads) + list(threads or [])
+        waiting = [thread for thread in waiting if thread.ident is not None]  # started ones
         deadline = time.monotonic() + stop_grace_period_secs
         for thread in waiting:
             thread.join(max(0.0, deadline - time.monotonic()))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import warnings
 from collections import Counter
@@ -43,6 +44,7 @@ _READS = {"item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__inde
 
 # The audit in progress (one at a time per process): to_host reports to it.
 _active: Optional[SyncAudit] = None
+_SYNC_WARNING = "called a synchronizing CUDA operation"
 _paused = False
 
 
@@ -167,7 +169,7 @@ def audit_syncs(log: bool = True) -> Iterator[SyncAudit]:
     show = warnings.showwarning
 
     def counting_show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
-        if "synchroniz" in str(message):  # torch's sync debug warning
+        if _SYNC_WARNING in str(message):  # torch's sync debug warning
             audit.record(skip=2)
             return
         show(message, category, *args, **kwargs)
@@ -177,7 +179,8 @@ def audit_syncs(log: bool = True) -> Iterator[SyncAudit]:
     try:
         with reads, warnings.catch_warnings():
             if cuda:
-                warnings.simplefilter("always")
+                # every sync warning, each time; the user's other filters stay as they are
+                warnings.filterwarnings("always", message=".*" + re.escape(_SYNC_WARNING))
                 warnings.showwarning = counting_show
                 torch.cuda.set_sync_debug_mode("warn")
             yield audit

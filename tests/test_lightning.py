@@ -633,3 +633,33 @@ def test_a_resume_from_a_save_point_keeps_the_validation_that_followed_it(tmp_pa
     assert [step for step, _ in resumed] == [4, 8, 12, 12]
     for (_, a), (_, b) in zip(resumed[:2], uninterrupted[:2]):
         assert torch.equal(a["loss"], b["loss"])
+
+
+def test_stop_at_step_hook_restored_at_its_last_step_makes_fit_a_no_op(tmp_path) -> None:
+    callback = HookCallback([StopAtStepHook(last_step=4)], final_ops={"loss": "val_loss"})
+    trainer = make_trainer(max_epochs=5, callbacks=[callback])
+    trainer.fit(make_module_class()())
+    ckpt = str(tmp_path / "x.ckpt")
+    trainer.save_checkpoint(ckpt)
+    saved = [step for step, _ in callback.final_ops_hook.final_ops_history]
+    again = HookCallback([StopAtStepHook(last_step=4)], final_ops={"loss": "val_loss"})
+    trainer = make_trainer(max_epochs=5, callbacks=[again])
+    trainer.fit(make_module_class()(), ckpt_path=ckpt)  # no KeyError: no end() ran
+    assert [step for step, _ in again.final_ops_hook.final_ops_history] == saved
+
+
+def test_a_checkpoint_is_not_written_again_once_a_run_moved_the_loop_on(tmp_path) -> None:
+    # with gradient accumulation, batches run without advancing the global step: the
+    # checkpoint of a step must keep the loop position it was written at
+    ckpt_dir = tmp_path / "ckpt"
+    callback = HookCallback(training_hooks=[CheckpointSaverHook(ckpt_dir, save_steps=1)],
+                            final_ops={"loss": "val_loss"})
+    trainer = make_trainer(max_steps=2, max_epochs=-1, accumulate_grad_batches=3,
+                           val_check_interval=2, callbacks=[callback])
+    trainer.fit(make_module_class()(n_train=16))
+    completed = [
+        torch.load(ckpt_dir / f"model.ckpt-{step}", weights_only=False)["loops"]["fit_loop"][
+            "epoch_loop.batch_progress"]["total"]["completed"]
+        for step in (0, 1)
+    ]
+    assert completed == [0, 2]  # as written at the step's last batch (its 3rd), never later

@@ -30,13 +30,16 @@ def loader(seed: int) -> DataLoader:
 
 
 class Classifier(pl.LightningModule):
-    """``log_metric``: the documented pattern; else ``update()`` only, never reset."""
+    """``log_metric``: the documented pattern; else ``update()`` only, reset as ``reset`` says
+    (``None``: never, ``"start"``: at each validation epoch's start, ``"end"``: at its end,
+    after logging its ``compute()``)."""
 
-    def __init__(self, log_metric: bool = True) -> None:
+    def __init__(self, log_metric: bool = True, reset=None) -> None:
         super().__init__()
         self.layer = torch.nn.Linear(4, 2)
         self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=2)
         self.log_metric = log_metric
+        self.reset = reset
         self.logged = []  # what Lightning computed for val_acc at each validation end
 
     def training_step(self, batch, batch_idx):
@@ -53,7 +56,14 @@ class Classifier(pl.LightningModule):
             self.val_acc.update(logits, y)
         self.log("val_loss", F.cross_entropy(logits, y))
 
+    def on_validation_epoch_start(self) -> None:
+        if self.reset == "start":
+            self.val_acc.reset()
+
     def on_validation_epoch_end(self) -> None:
+        if self.reset == "end":
+            self.log("val_acc", self.val_acc.compute())
+            self.val_acc.reset()
         if not self.trainer.sanity_checking and self.log_metric:
             self.logged.append(self.trainer.callback_metrics.get("val_acc"))
 
@@ -92,8 +102,8 @@ def test_a_metric_that_is_never_reset_is_reported_by_name(caplog) -> None:
     warnings_ = [r.getMessage() for r in caplog.records if "accumulates" in r.getMessage()]
     assert len(warnings_) == 1
     assert warnings_[0].startswith(
-        "FinalOpsHook: final_ops['acc'] (MulticlassAccuracy) starts this session with the 4 "
-        "updates it had at the end of the previous one"
+        "FinalOpsHook: final_ops['acc'] (MulticlassAccuracy) has 8 updates at the end of this "
+        "session after 4 at the end of the previous one: it is never reset"
     )
     assert "reset()" in warnings_[0]
 
@@ -103,3 +113,18 @@ def test_the_documented_pattern_warns_about_nothing(caplog, sanity) -> None:
     with caplog.at_level(logging.WARNING, logger="lightning_finalops"):
         fit(Classifier(), num_sanity_val_steps=sanity)
     assert "accumulates" not in caplog.text
+
+
+def test_a_metric_reset_at_each_validation_start_is_fine(caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="lightning_finalops"):
+        history = fit(Classifier(log_metric=False, reset="start")).final_ops_hook.final_ops_history
+    assert "FinalOpsHook" not in caplog.text
+    assert all(values["acc"] > 0 for _, values in history[:3])
+
+
+def test_a_metric_reset_before_the_evaluation_ends_is_reported_not_replaced(caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="lightning_finalops"):
+        history = fit(Classifier(log_metric=False, reset="end")).final_ops_hook.final_ops_history
+    assert "has no update at the end of the session" in caplog.text
+    assert "fetch the value you logged by name" in caplog.text
+    assert all(values["loss"] > 0 for _, values in history)  # the logged name is right

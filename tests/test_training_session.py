@@ -16,6 +16,7 @@ from lightning_finalops import (
     MonitoredTrainingSession,
     SessionRunHook,
     StepCounterHook,
+    StopAtStepHook,
     SummarySaverHook,
 )
 from lightning_finalops.checkpoints import latest_checkpoint, list_checkpoints
@@ -252,3 +253,13 @@ def test_under_torch_distributed_only_rank_0_is_the_chief(tmp_path):
     )
     assert (tmp_path / "results" / "rank1").read_text() == "False []"
     assert steps(tmp_path / "ckpt") == [0, 1, 2]
+
+
+def test_rerunning_a_finished_training_session_records_nothing(tmp_path):
+    for _ in range(3):
+        final = FinalOpsHook({"one": lambda: 1})
+        with MonitoredTrainingSession(checkpoint_dir=tmp_path, save_checkpoint_steps=1,
+                                      hooks=[StopAtStepHook(last_step=3), final]) as sess:
+            while not sess.should_stop():
+                sess.run(lambda: None)
+        assert [step for step, _ in final.final_ops_history] == [3]

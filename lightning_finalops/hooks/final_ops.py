@@ -75,12 +75,14 @@ class FinalOpsHook(SessionRunHook):
     sessions (every validation run under Lightning) keeps each result. Recorded values are
     copies: nothing changes them afterwards.
 
-    Metrics: a torchmetrics metric is evaluated as it stands when the session ends. Log it
-    in ``validation_step`` (``self.val_acc(logits, y); self.log("val_acc", self.val_acc)``)
-    and Lightning computes it per validation and resets it after; a metric reset and not
-    updated since gives its latest recorded value (so the end of ``fit`` repeats the last
-    validation's), never an empty metric's default. A metric whose updates carry over from
-    one session to the next (never reset) is reported with a warning naming it.
+    Metrics: a torchmetrics ``Metric`` is evaluated as it stands when the session ends. Log
+    it in ``validation_step`` (``self.val_acc(logits, y); self.log("val_acc",
+    self.val_acc)``) and Lightning computes it per validation and resets it after; an empty
+    metric that this hook recorded at the same global step gives that recorded value (so the
+    end of ``fit`` repeats the validation run at its last step). Any other empty metric
+    gives its empty default, with a warning naming it (reset it when an evaluation starts,
+    not at its end); so does a metric whose updates carry over from one session to the next
+    (never reset). A ``MetricCollection`` is evaluated as it stands, without these rules.
 
     Its :attr:`state_key` names what it evaluates (``FinalOpsHook{acc=MulticlassAccuracy,
     loss='val_loss'}``), so a resume gives each hook its own history even when hooks were
@@ -164,29 +166,15 @@ class FinalOpsHook(SessionRunHook):
         """``(global_step, values)`` for every ``end()`` that ran, oldest first."""
         return self._final_ops_history
 
-    def begin(self) -> None:
-        """Warn about a metric whose updates pile up across sessions (never reset)."""
-        for path, metric in self._metrics:
-            updates = metric.update_count
-            if (updates and updates == self._updates_at_end.get(id(metric))
-                    and id(metric) not in self._warned):
-                self._warned.add(id(metric))
-                logger.warning(
-                    "FinalOpsHook: %s (%s) starts this session with the %d updates it had at "
-                    "the end of the previous one, so its value accumulates across sessions "
-                    "(every validation, and the sanity check). Log it with self.log(name, "
-                    "metric), which makes Lightning reset it after each epoch, or call its "
-                    "reset() when an evaluation starts (on_validation_epoch_start).",
-                    format_path(path), type(metric).__name__, updates,
-                )
-
     def end(self, session: Optional[RawSession]) -> None:
         """Evaluate ``final_ops`` through the raw session.
 
-        A torchmetrics metric that was reset and not updated since (Lightning resets a
-        metric logged with ``self.log(name, metric)`` after each epoch, so at the end of
-        ``fit`` a validation metric is empty) evaluates to its value at this hook's latest
-        entry, never to a reset metric's default.
+        A torchmetrics metric that is empty (no update since its last reset) while this
+        hook recorded it at this very global step (Lightning resets a metric logged with
+        ``self.log(name, metric)`` after the validation, so at the end of ``fit`` it is
+        empty) evaluates to that recorded value, not to an empty metric's default. An empty
+        metric otherwise evaluates to its default, with a warning naming it; so does a
+        metric whose updates pile up from one session to the next (never reset).
 
         Raises:
             StopIteration: a final op read from exhausted input (logged with TF's warning).
@@ -195,12 +183,12 @@ class FinalOpsHook(SessionRunHook):
             return
         assert session is not None, "FinalOpsHook.end() needs the session it ran in."
         try:
-            values = session.run(self._fetches_now(), feed_dict=self._final_ops_feed_dict)
+            values = session.run(self._fetches_now(session.global_step),
+                                 feed_dict=self._final_ops_feed_dict)
         except StopIteration:
             logger.warning(_DEPENDS_ON_INPUT_WARNING)
             raise
-        for _, metric in self._metrics:
-            self._updates_at_end[id(metric)] = metric.update_count
+        self._check_metrics(session.global_step)
         self._final_ops_values = values
         self._final_ops_history.append(
             (session.global_step, to_host(values) if self._history_on_host else values)
@@ -208,12 +196,13 @@ class FinalOpsHook(SessionRunHook):
         if self._max_history is not None:
             del self._final_ops_history[: -self._max_history]
 
-    def _fetches_now(self) -> Any:
-        """``final_ops``, with each reset metric replaced by its latest recorded value."""
+    def _fetches_now(self, global_step: int) -> Any:
+        """``final_ops``, each empty metric recorded at this step replaced by its value then."""
         emptied = {id(m) for _, m in self._metrics if m.update_count == 0}
-        if not emptied or not self._final_ops_history:
+        history = self._final_ops_history
+        if not emptied or not history or history[-1][0] != global_step:
             return self._final_ops
-        latest = self._final_ops_history[-1][1]
+        latest = history[-1][1]
 
         def keep_latest(leaf: Any, path: Any) -> Any:
             if id(leaf) not in emptied:
@@ -227,6 +216,36 @@ class FinalOpsHook(SessionRunHook):
             return lambda: value
 
         return map_structure(keep_latest, self._final_ops, ("final_ops",), is_fetch_leaf)
+
+    def _check_metrics(self, global_step: int) -> None:
+        """Warn about an empty metric and one whose updates pile up across sessions."""
+        recorded_now = bool(self._final_ops_history) and \
+            self._final_ops_history[-1][0] == global_step
+        for path, metric in self._metrics:
+            updates, before = metric.update_count, self._updates_at_end.get(id(metric))
+            self._updates_at_end[id(metric)] = updates
+            if id(metric) in self._warned:
+                continue
+            if updates == 0 and not recorded_now:
+                self._warned.add(id(metric))
+                logger.warning(
+                    "FinalOpsHook: %s (%s) has no update at the end of the session (reset "
+                    "before the session ended, or never updated), so it gives its empty "
+                    "default. Reset it when an evaluation starts (on_validation_epoch_start) "
+                    "rather than at its end, or fetch the value you logged by name.",
+                    format_path(path), type(metric).__name__,
+                )
+            elif before and updates > before:
+                self._warned.add(id(metric))
+                logger.warning(
+                    "FinalOpsHook: %s (%s) has %d updates at the end of this session after "
+                    "%d at the end of the previous one: it is never reset, so its value "
+                    "accumulates across sessions (every validation, and the sanity check). "
+                    "Log it with self.log(name, metric), which makes Lightning reset it after "
+                    "each epoch, or call its reset() when an evaluation starts "
+                    "(on_validation_epoch_start).",
+                    format_path(path), type(metric).__name__, updates, before,
+                )
 
     def state_dict(self) -> Dict[str, Any]:
         """The history of final values, so a resumed run keeps the evaluations before it."""

@@ -135,10 +135,12 @@ class NanTensorHook(SessionRunHook):
             evaluate to a tensor or a number; a tensor with several elements fails if any is
             NaN.
         fail_on_nan_loss: raise rather than request a stop.
-        non_blocking: never make the host wait: the flag of run k is copied to the host
-            without waiting and read in run k+1's ``after_run`` (by then it has long
+        non_blocking: on CUDA, never make the host wait: the flag of run k is copied to the
+            host without waiting and read in run k+1's ``after_run`` (by then it has long
             arrived), so the failure or stop comes one run later; the last run's flag is
-            read in ``end()``, which fails there (or logs the NaN) if it is set.
+            read in ``end()``, which fails there (or logs the NaN) if it is set. A saver
+            listed before this hook may have written run k's NaN weights by then. (On
+            other accelerators reading the flag still waits, one run later.)
 
     Raises:
         TypeError: ``loss_tensor`` is ``None`` or cannot be fetched.
@@ -197,10 +199,11 @@ class NanTensorHook(SessionRunHook):
         flag = torch.isnan(loss).any()
         if flag.device.type != "cuda":
             return flag, None
-        host = torch.empty((), dtype=torch.bool, pin_memory=True)
-        host.copy_(flag, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
+        with torch.cuda.device(flag.device):  # the event on the stream of the flag's device
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
         return host, event
 
     @staticmethod
