@@ -181,12 +181,17 @@ def _misfit_callable(obj: Any, path: Path) -> Optional[TypeError]:
     return None
 
 
+def _parameters(fn: Callable[..., Any]) -> List[inspect.Parameter]:
+    """``fn``'s parameters; none for builtins without a signature (nothing we can see)."""
+    try:
+        return list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return []
+
+
 def required_parameters(fn: Callable[..., Any]) -> List[str]:
     """The parameters ``fn`` cannot be called without (no default, not ``*args``/``**kw``)."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # builtins without a signature: nothing we can see
-        return []
+    params = _parameters(fn)
     return [
         p.name
         for p in params
@@ -196,11 +201,7 @@ def required_parameters(fn: Callable[..., Any]) -> List[str]:
 
 
 def _positional_only(fn: Callable[..., Any]) -> List[str]:
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return []
-    return [p.name for p in params if p.kind is inspect.Parameter.POSITIONAL_ONLY]
+    return [p.name for p in _parameters(fn) if p.kind is inspect.Parameter.POSITIONAL_ONLY]
 
 
 def check_fetches(
@@ -251,10 +252,7 @@ def iter_callables(fetches: Any) -> Iterator[Callable[..., Any]]:
 
 def accepted_keywords(fn: Callable[..., Any], names: Sequence[str]) -> List[str]:
     """The names among ``names`` that ``fn`` accepts as keyword arguments."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # builtins without a signature accept nothing we can see
-        return []
+    params = _parameters(fn)
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return list(names)
     keywords = {
