@@ -16,7 +16,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-__all__ = ["RankAgreement", "is_rank_zero"]
+__all__ = ["RankAgreement", "broadcast_from_rank_zero", "is_rank_zero", "world_size"]
 
 # (the default group it was made for, the gloo group): a group re-created after a
 # destroy_process_group() gets a gloo group of its own, even at a reused address
@@ -47,6 +47,18 @@ def _cpu_group() -> Any:
     if not _GLOO_GROUP or _GLOO_GROUP[0] is not world:
         _GLOO_GROUP[:] = [world, dist.new_group(backend="gloo")]
     return _GLOO_GROUP[1]
+
+
+def broadcast_from_rank_zero(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (a blocking collective over a CPU group).
+
+    With one process (or without ``torch.distributed``), ``value`` itself.
+    """
+    if world_size() <= 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=_cpu_group())
+    return box[0]
 
 
 class RankAgreement:

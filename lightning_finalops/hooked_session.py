@@ -90,6 +90,10 @@ class Engine(RawSession):
     #: sets them on the batch).
     str_feeds_as_keywords: bool = True
 
+    #: Whether the ranks may run different hooks (a plain loop's chief-only hooks): then a
+    #: session agrees at every run even when this rank's hooks have no per-run method.
+    ranks_may_differ_in_hooks: bool = False
+
     # The latest checkpoint save_checkpoint wrote: (path, global step).
     _saved: Optional[Tuple[str, int, int]] = None
     # Runs finished by sessions on this engine (the core counts them).
@@ -456,7 +460,9 @@ class HookedSession:
         self._run: Optional[PendingRun] = None
         # A session whose hooks act only at its start and end can neither stop nor trigger
         # on time: it needs no agreement, so no collective at all.
-        self._agree = agree_across_ranks and not self.idle_per_run
+        self._agree = agree_across_ranks and (
+            not self.idle_per_run or engine.ranks_may_differ_in_hooks
+        )
         self._agreement: Optional[RankAgreement] = None
         self._time_before: Optional[float] = None
 
@@ -631,6 +637,10 @@ class HookedSession:
             engine._runs += 1
             self.runs += 1
             engine.step_completed()
+            if self._agreement is not None:  # ranks whose hooks differ: the vote goes on
+                agreed_stop = self._receive_agreement()
+                self._agreement.send(False, timers.clock())
+                self.should_stop = self.should_stop or agreed_stop
             return self.should_stop
         engine._step_outputs_fresh = True
         try:
@@ -648,12 +658,7 @@ class HookedSession:
             context = pending.context
             assert context is not None
             agreement = self._agreement
-            agreed_stop = False
-            if agreement is not None:
-                agreed = agreement.receive()
-                if agreed is not None:
-                    agreed_stop, agreed_time = agreed
-                    timers.set_agreed_time(agreed_time)
+            agreed_stop = self._receive_agreement() if agreement is not None else False
             no_results = SessionRunValues(None, pending.options, pending.run_metadata)
             if not results:
                 for after_run in self._after_calls:
@@ -678,6 +683,16 @@ class HookedSession:
             engine._step_outputs_fresh = False
             self._run = None
         return self.should_stop
+
+    def _receive_agreement(self) -> bool:
+        """Read what the ranks agreed at the previous run; return whether any asked to stop."""
+        assert self._agreement is not None
+        agreed = self._agreement.receive()
+        if agreed is None:
+            return False
+        agreed_stop, agreed_time = agreed
+        timers.set_agreed_time(agreed_time)
+        return agreed_stop
 
     def abort_run(self) -> None:
         """The step raised (or never finished): leave the run without any ``after_run``."""

@@ -9,7 +9,12 @@ from typing import Any, Callable, Dict, Mapping, Optional, Type
 import torch
 
 from lightning_finalops.checkpoints import atomic_torch_save, check_checkpoint_dir, load_latest
-from lightning_finalops.distributed import is_rank_zero
+from lightning_finalops.distributed import (
+    RankAgreement,
+    broadcast_from_rank_zero,
+    is_rank_zero,
+    world_size,
+)
 from lightning_finalops.fetches import check_fetches, evaluate, is_metric, step_snapshot
 from lightning_finalops.hooked_session import Engine, HookedSession
 from lightning_finalops.session_run_hook import (
@@ -52,8 +57,12 @@ class _PlainEngine(Engine):
     """The engine of a :class:`MonitoredSession`: the hooks' raw session in a plain loop.
 
     Names in its fetches resolve against the dict returned by the latest run (a plain loop
-    names nothing else).
+    names nothing else). Under ``torchrun`` (``torch.distributed`` initialized before the
+    session is built) the ranks agree on stops and time, only the chief writes checkpoints,
+    and every rank restores the checkpoint rank 0 chose.
     """
+
+    ranks_may_differ_in_hooks = True  # MonitoredTrainingSession's chief-only hooks
 
     def __init__(self, modules: Any, optimizers: Any,
                  session_state: Callable[[], Dict[str, Any]],
@@ -89,12 +98,20 @@ class _PlainEngine(Engine):
             return self._is_chief
         return is_rank_zero()
 
+    def rank_agreement(self) -> Optional[RankAgreement]:
+        """Over every rank of ``torch.distributed`` (``torchrun``), when there are several."""
+        return RankAgreement() if world_size() > 1 else None
+
     def write_checkpoint(self, path: str) -> None:
         """Write modules, optimizers, global step and hook state to ``path``, atomically.
+
+        Only the chief writes (every rank calls it): the ranks hold the same state.
 
         The file holds ``{"global_step", "modules", "optimizers", "session"}`` (state dicts by
         name); ``MonitoredSession(checkpoint_dir=...)`` restores the latest one.
         """
+        if not self.is_chief:
+            return
         atomic_torch_save(
             {
                 "global_step": self._global_step,
@@ -119,13 +136,16 @@ class _PlainEngine(Engine):
         Returns:
             The saved session state, or ``None`` when there is no checkpoint.
         """
-        found = load_latest(
-            checkpoint_dir, basename,
-            lambda path: torch.load(path, map_location="cpu", weights_only=False),
-        )
-        if found is None:
+        def load(path: str) -> Any:
+            return torch.load(path, map_location="cpu", weights_only=False)
+
+        # Rank 0 chooses the checkpoint, every rank restores that one (not each the newest it
+        # happens to see), so all ranks start at the same global step.
+        found = load_latest(checkpoint_dir, basename, load) if is_rank_zero() else None
+        path = broadcast_from_rank_zero(found[0] if found is not None else None)
+        if path is None:
             return None
-        path, checkpoint = found
+        checkpoint = found[1] if found is not None else load(path)
         logger.info("Restoring parameters from %s (global step %s).", path,
                     checkpoint.get("global_step"))
         return self._apply(checkpoint, path)
@@ -218,7 +238,7 @@ class MonitoredSession:
         is_chief: Optional[bool] = None,
     ) -> None:
         self._engine = _PlainEngine(modules, optimizers, self.state_dict, is_chief)
-        self._session = HookedSession(hooks, self._engine, "hooks")
+        self._session = HookedSession(hooks, self._engine, "hooks", agree_across_ranks=True)
         self._closed = False
         if checkpoint_dir is not None:
             checkpoint_dir = check_checkpoint_dir(checkpoint_dir)

@@ -73,8 +73,9 @@ class Counter(SessionRunHook):
 def run_launch(script: str, *args: str, timeout: float = 180) -> None:
     """Run ``python script args...`` (which launches its own ranks) and fail if it hangs.
 
-    The launch runs in a process group of its own, so a hang kills every rank it started,
-    not only the first: a test fails instead of blocking CI.
+    ``script`` may be ``-m`` and a module, with its arguments after it. The launch runs in a
+    process group of its own, so a hang kills every rank it started, not only the first: a
+    test fails instead of blocking CI.
     """
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):

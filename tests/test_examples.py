@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -57,3 +58,15 @@ def test_ddp_example_prints_the_same_values_on_both_ranks() -> None:
     rank0 = [r.split(" ", 2)[2] for r in rows if r.startswith("rank 0")]
     rank1 = [r.split(" ", 2)[2] for r in rows if r.startswith("rank 1")]
     assert rank0 and rank0 == rank1
+
+
+def test_torchrun_loop_runs_two_ranks_that_agree_and_resumes(tmp_path) -> None:
+    ckpt = str(tmp_path / "ckpt")
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+              "examples/torchrun_loop.py", "--checkpoint-dir", ckpt]
+    first = run(*launch, "--steps", "20")
+    finals = dict(re.findall(r"rank (\d): steps 0 -> 20, final values (\{[^}]*\})", first))
+    assert sorted(finals) == ["0", "1"], first
+    assert finals["0"] == finals["1"]  # the same values on both ranks
+    again = run(*launch, "--steps", "30")
+    assert "rank 0: steps 20 -> 30," in again and "rank 1: steps 20 -> 30," in again
