@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from typing import Any, Callable, Dict, Mapping, Optional, Type
 
 import torch
@@ -66,8 +67,17 @@ class _PlainEngine(Engine):
 
     def __init__(self, modules: Any, optimizers: Any,
                  session_state: Callable[[], Dict[str, Any]],
-                 is_chief: Optional[bool] = None) -> None:
+                 is_chief: Optional[bool] = None, fabric: Any = None) -> None:
         self._is_chief = check_bool(is_chief, "is_chief", allow_none=True)
+        if fabric is not None and not all(
+            hasattr(fabric, name) for name in ("save", "load", "barrier", "is_global_zero")
+        ):
+            raise TypeError(
+                "fabric must be a launched lightning.fabric.Fabric or None, got "
+                f"{type(fabric).__name__}."
+            )
+        #: the Lightning Fabric the loop runs on, or ``None``
+        self.fabric = fabric
         self._modules = modules
         self._named_modules = _named(modules, "modules", torch.nn.Module)
         self._named_optimizers = _named(optimizers, "optimizers", torch.optim.Optimizer)
@@ -96,6 +106,8 @@ class _PlainEngine(Engine):
         """
         if self._is_chief is not None:
             return self._is_chief
+        if self.fabric is not None:
+            return bool(self.fabric.is_global_zero)
         return is_rank_zero()
 
     def rank_agreement(self) -> Optional[RankAgreement]:
@@ -110,6 +122,15 @@ class _PlainEngine(Engine):
         The file holds ``{"global_step", "modules", "optimizers", "session"}`` (state dicts by
         name); ``MonitoredSession(checkpoint_dir=...)`` restores the latest one.
         """
+        if self.fabric is not None:
+            # fabric.save: every rank calls it, Fabric writes (sharded strategies included);
+            # one temporary name on every rank, renamed by rank 0
+            tmp = path + ".tmp"
+            self.fabric.save(tmp, self._fabric_state())
+            if self.fabric.is_global_zero:
+                os.replace(tmp, path)
+            self.fabric.barrier()
+            return
         if not self.is_chief:
             return
         atomic_torch_save(
@@ -121,6 +142,14 @@ class _PlainEngine(Engine):
             },
             path,
         )
+
+    def _fabric_state(self) -> Dict[str, Any]:
+        # Fabric saves and loads modules and optimizers given at the top level of the state
+        state: Dict[str, Any] = {"global_step": self._global_step,
+                                 "session": self._session_state()}
+        state.update({f"module.{k}": m for k, m in self._named_modules.items()})
+        state.update({f"optimizer.{k}": o for k, o in self._named_optimizers.items()})
+        return state
 
     def restore_checkpoint(self, path: str) -> Dict[str, Any]:
         """Load modules and optimizers from ``path``; return the saved session state.
@@ -145,6 +174,12 @@ class _PlainEngine(Engine):
         path = broadcast_from_rank_zero(found[0] if found is not None else None)
         if path is None:
             return None
+        if self.fabric is not None:
+            state = self._fabric_state()
+            self.fabric.load(path, state)  # modules and optimizers restored in place
+            logger.info("Restoring parameters from %s (global step %s).", path,
+                        state["global_step"])
+            return state["session"]
         checkpoint = found[1] if found is not None else load(path)
         logger.info("Restoring parameters from %s (global step %s).", path,
                     checkpoint.get("global_step"))
@@ -217,8 +252,12 @@ class MonitoredSession:
             did. Nothing is restored when the directory holds none.
         checkpoint_basename: the checkpoint files' base name.
         is_chief: what hooks see as ``session.is_chief`` (the chief writes shared files);
-            ``None``: global rank 0 of ``torch.distributed`` when it is initialized, else
-            True.
+            ``None``: ``fabric.is_global_zero``, else global rank 0 of ``torch.distributed``
+            when it is initialized, else True.
+        fabric: a launched ``lightning.fabric.Fabric`` the loop runs on (modules and
+            optimizers from ``fabric.setup``): checkpoints are written with ``fabric.save``
+            and restored with ``fabric.load`` (every rank calls them), and hooks find it as
+            ``session.fabric``.
 
     Raises:
         TypeError: an item of ``hooks`` is not a :class:`SessionRunHook`, or ``modules`` /
@@ -236,8 +275,9 @@ class MonitoredSession:
         checkpoint_dir: Optional[str] = None,
         checkpoint_basename: str = "model.ckpt",
         is_chief: Optional[bool] = None,
+        fabric: Any = None,
     ) -> None:
-        self._engine = _PlainEngine(modules, optimizers, self.state_dict, is_chief)
+        self._engine = _PlainEngine(modules, optimizers, self.state_dict, is_chief, fabric)
         self._session = HookedSession(hooks, self._engine, "hooks", agree_across_ranks=True)
         self._closed = False
         if checkpoint_dir is not None:

@@ -73,6 +73,7 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
     summary_dir: Optional[PathType] = None,
     summary_op: Optional[Mapping[str, Any]] = None,
     max_to_keep: Optional[int] = 5,
+    fabric: Any = None,
 ) -> MonitoredSession:
     """A :class:`MonitoredSession` with TF's default training hooks, restored from a checkpoint.
 
@@ -117,6 +118,8 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
         summary_dir: where the TensorBoard events are written (default ``checkpoint_dir``).
         summary_op: ``{tag: fetch}`` for the :class:`SummarySaverHook`.
         max_to_keep: how many checkpoints the :class:`CheckpointSaverHook` keeps.
+        fabric: a launched ``lightning.fabric.Fabric`` (see :class:`MonitoredSession`); it
+            also decides the chief (``fabric.is_global_zero``) when ``is_chief`` is ``None``.
 
     Returns:
         The session, already created (hooks' ``begin`` and ``after_create_session`` ran).
@@ -182,7 +185,17 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
     )
     check_bool(is_chief, "is_chief", allow_none=True)
     if is_chief is None:
-        is_chief = is_rank_zero()
+        is_chief = bool(fabric.is_global_zero) if fabric is not None else is_rank_zero()
+    saver: List[SessionRunHook] = []
+    if checkpoint_dir and (save_checkpoint_secs or save_checkpoint_steps):
+        saver.append(
+            CheckpointSaverHook(
+                checkpoint_dir,
+                save_secs=save_checkpoint_secs,
+                save_steps=save_checkpoint_steps,
+                max_to_keep=max_to_keep,
+            )
+        )
     all_hooks: List[SessionRunHook] = []
     if is_chief:
         all_hooks.extend(chief_hooks)
@@ -201,17 +214,11 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
                         summary_op=summary_op,
                     )
                 )
-        if checkpoint_dir and (save_checkpoint_secs or save_checkpoint_steps):
-            all_hooks.append(
-                CheckpointSaverHook(
-                    checkpoint_dir,
-                    save_secs=save_checkpoint_secs,
-                    save_steps=save_checkpoint_steps,
-                    max_to_keep=max_to_keep,
-                )
-            )
+        all_hooks.extend(saver)
     else:
         all_hooks.extend(_ChiefHookState(h.state_key) for h in chief_hooks if has_state(h))
+        if fabric is not None:
+            all_hooks.extend(saver)  # fabric.save is a collective: every rank saves
     all_hooks.extend(user_hooks)
     return MonitoredSession(
         all_hooks,
@@ -219,4 +226,5 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
         optimizers,
         checkpoint_dir=checkpoint_dir,
         is_chief=is_chief,
+        fabric=fabric,
     )

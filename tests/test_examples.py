@@ -70,3 +70,13 @@ def test_torchrun_loop_runs_two_ranks_that_agree_and_resumes(tmp_path) -> None:
     assert finals["0"] == finals["1"]  # the same values on both ranks
     again = run(*launch, "--steps", "30")
     assert "rank 0: steps 20 -> 30," in again and "rank 1: steps 20 -> 30," in again
+
+
+def test_fabric_loop_runs_two_ranks_that_agree_and_resumes(tmp_path) -> None:
+    ckpt = str(tmp_path / "ckpt")
+    first = run("examples/fabric_loop.py", "--checkpoint-dir", ckpt, "--steps", "20")
+    finals = dict(re.findall(r"rank (\d): steps 0 -> 20, final values (\{[^}]*\})", first))
+    assert sorted(finals) == ["0", "1"], first
+    assert finals["0"] == finals["1"]
+    again = run("examples/fabric_loop.py", "--checkpoint-dir", ckpt, "--steps", "30")
+    assert "rank 0: steps 20 -> 30," in again and "rank 1: steps 20 -> 30," in again
