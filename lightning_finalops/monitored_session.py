@@ -67,8 +67,16 @@ class _PlainEngine(Engine):
 
     def __init__(self, modules: Any, optimizers: Any,
                  session_state: Callable[[], Dict[str, Any]],
-                 is_chief: Optional[bool] = None, fabric: Any = None) -> None:
+                 is_chief: Optional[bool] = None, fabric: Any = None,
+                 across_ranks: Optional[bool] = None) -> None:
         self._is_chief = check_bool(is_chief, "is_chief", allow_none=True)
+        check_bool(across_ranks, "across_ranks", allow_none=True)
+        self._across_ranks = world_size() > 1 if across_ranks is None else across_ranks
+        if self._across_ranks and world_size() <= 1:
+            raise ValueError(
+                "across_ranks=True needs torch.distributed initialized with several ranks "
+                "before the session is built."
+            )
         if fabric is not None and not all(
             hasattr(fabric, name) for name in ("save", "load", "barrier", "is_global_zero")
         ):
@@ -112,7 +120,7 @@ class _PlainEngine(Engine):
 
     def rank_agreement(self) -> Optional[RankAgreement]:
         """Over every rank of ``torch.distributed`` (``torchrun``), when there are several."""
-        return RankAgreement() if world_size() > 1 else None
+        return RankAgreement() if self._across_ranks else None
 
     def write_checkpoint(self, path: str) -> None:
         """Write modules, optimizers, global step and hook state to ``path``, atomically.
@@ -123,16 +131,16 @@ class _PlainEngine(Engine):
         name); ``MonitoredSession(checkpoint_dir=...)`` restores the latest one.
         """
         if self.fabric is not None:
-            # fabric.save: every rank calls it, Fabric writes (sharded strategies included);
-            # one temporary name on every rank, renamed by rank 0
+            # fabric.save: every rank calls it, Fabric writes the file (DDP: rank 0); one
+            # temporary name on every rank, renamed by rank 0
             tmp = path + ".tmp"
             self.fabric.save(tmp, self._fabric_state())
             if self.fabric.is_global_zero:
                 os.replace(tmp, path)
             self.fabric.barrier()
             return
-        if not self.is_chief:
-            return
+        if self._across_ranks and not self.is_chief:
+            return  # the chief writes what every rank holds
         atomic_torch_save(
             {
                 "global_step": self._global_step,
@@ -168,10 +176,23 @@ class _PlainEngine(Engine):
         def load(path: str) -> Any:
             return torch.load(path, map_location="cpu", weights_only=False)
 
-        # Rank 0 chooses the checkpoint, every rank restores that one (not each the newest it
-        # happens to see), so all ranks start at the same global step.
-        found = load_latest(checkpoint_dir, basename, load) if is_rank_zero() else None
-        path = broadcast_from_rank_zero(found[0] if found is not None else None)
+        if not self._across_ranks:
+            found = load_latest(checkpoint_dir, basename, load)
+            path = found[0] if found is not None else None
+        else:
+            # Rank 0 chooses, every rank restores that one (not each the newest it happens
+            # to see), so all start at the same global step; a failure reaches every rank.
+            found, error = None, None
+            if is_rank_zero():
+                try:
+                    found = load_latest(checkpoint_dir, basename, load)
+                except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+                    error = f"{type(e).__name__}: {e}"
+            path, error = broadcast_from_rank_zero(
+                (found[0] if found is not None else None, error)
+            )
+            if error is not None:
+                raise RuntimeError(f"Rank 0 could not choose a checkpoint to restore: {error}")
         if path is None:
             return None
         if self.fabric is not None:
@@ -256,8 +277,14 @@ class MonitoredSession:
             when it is initialized, else True.
         fabric: a launched ``lightning.fabric.Fabric`` the loop runs on (modules and
             optimizers from ``fabric.setup``): checkpoints are written with ``fabric.save``
-            and restored with ``fabric.load`` (every rank calls them), and hooks find it as
-            ``session.fabric``.
+            and restored with ``fabric.load`` (every rank calls them, so every rank must run
+            the saver), and hooks find it as ``session.fabric``. Checkpoints are files: a
+            strategy that saves directories (sharded FSDP, DeepSpeed) is not supported.
+        across_ranks: whether the ranks of ``torch.distributed`` run this session together
+            (agree on stops and time, restore one checkpoint, the chief writes): ``None``
+            means yes when it is initialized with several ranks. Then every rank must build
+            the session; pass ``False`` for a session of this process alone (an evaluation
+            loop on rank 0 after training).
 
     Raises:
         TypeError: an item of ``hooks`` is not a :class:`SessionRunHook`, or ``modules`` /
@@ -276,8 +303,10 @@ class MonitoredSession:
         checkpoint_basename: str = "model.ckpt",
         is_chief: Optional[bool] = None,
         fabric: Any = None,
+        across_ranks: Optional[bool] = None,
     ) -> None:
-        self._engine = _PlainEngine(modules, optimizers, self.state_dict, is_chief, fabric)
+        self._engine = _PlainEngine(modules, optimizers, self.state_dict, is_chief, fabric,
+                                    across_ranks)
         self._session = HookedSession(hooks, self._engine, "hooks", agree_across_ranks=True)
         self._closed = False
         if checkpoint_dir is not None:

@@ -6,9 +6,10 @@ import math
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
-from lightning_finalops.distributed import is_rank_zero
+from lightning_finalops.distributed import is_rank_zero, world_size
 from lightning_finalops.hooked_session import check_hooks, has_state
 from lightning_finalops.hooks.checkpoint import CheckpointSaverHook
+from lightning_finalops.hooks.stop import StopAtStepHook
 from lightning_finalops.hooks.summary import StepCounterHook, SummarySaverHook
 from lightning_finalops.monitored_session import MonitoredSession
 from lightning_finalops.session_run_hook import SessionRunHook
@@ -74,6 +75,7 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
     summary_op: Optional[Mapping[str, Any]] = None,
     max_to_keep: Optional[int] = 5,
     fabric: Any = None,
+    across_ranks: Optional[bool] = None,
 ) -> MonitoredSession:
     """A :class:`MonitoredSession` with TF's default training hooks, restored from a checkpoint.
 
@@ -120,6 +122,7 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
         max_to_keep: how many checkpoints the :class:`CheckpointSaverHook` keeps.
         fabric: a launched ``lightning.fabric.Fabric`` (see :class:`MonitoredSession`); it
             also decides the chief (``fabric.is_global_zero``) when ``is_chief`` is ``None``.
+        across_ranks: see :class:`MonitoredSession`.
 
     Returns:
         The session, already created (hooks' ``begin`` and ``after_create_session`` ran).
@@ -163,6 +166,13 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
         )
     user_hooks = check_hooks(hooks, "hooks")
     chief_hooks = check_hooks(chief_only_hooks, "chief_only_hooks")
+    stoppers = [type(h).__name__ for h in chief_hooks if isinstance(h, StopAtStepHook)]
+    if stoppers and world_size() > 1 and across_ranks is not False:
+        raise ValueError(
+            f"chief_only_hooks holds {stoppers}: with several ranks it would stop the chief "
+            "alone and leave the others waiting. Put it in hooks, so every rank stops at the "
+            "same step."
+        )
     # TF's USE_DEFAULT rules
     if save_summaries_steps is USE_DEFAULT and save_summaries_secs is USE_DEFAULT:
         save_summaries_steps, save_summaries_secs = 100, None
@@ -227,4 +237,5 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
         checkpoint_dir=checkpoint_dir,
         is_chief=is_chief,
         fabric=fabric,
+        across_ranks=across_ranks,
     )

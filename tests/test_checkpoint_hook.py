@@ -711,3 +711,14 @@ def test_a_listener_stop_request_stops_fit_after_that_batch(tmp_path):
                                                     listeners=[StopAtFour()])])
     assert trainer.global_step == 4
     assert steps(tmp_path) == [0, 2, 4]
+
+
+def test_a_single_process_that_is_not_the_chief_still_writes_its_checkpoints(tmp_path):
+    with MonitoredSession([CheckpointSaverHook(tmp_path, save_steps=1)], is_chief=False) as sess:
+        sess.run(lambda: None)
+    assert steps(tmp_path) == [0, 1]
+
+
+def test_across_ranks_needs_several_ranks():
+    with pytest.raises(ValueError, match="across_ranks=True needs torch.distributed"):
+        MonitoredSession(across_ranks=True)

@@ -128,6 +128,8 @@ CASES: List[Tuple[str, Callable[[Any], Any], Callable[[Any], bool]]] = [
     ("every_steps", lambda v: SecondOrStepTimer(every_steps=v), steps),
     ("every_secs", lambda v: SecondOrStepTimer(every_secs=v), seconds),
     ("is_chief", lambda v: MonitoredSession(is_chief=v), flag_or_none),
+    ("across_ranks", lambda v: MonitoredSession(across_ranks=v),
+     lambda v: v is None or v is False),  # True needs several ranks
     ("is_chief", lambda v: MonitoredTrainingSession(is_chief=v), flag_or_none),
     ("save_checkpoint_steps", lambda v: MonitoredTrainingSession(save_checkpoint_steps=v),
      period_steps),

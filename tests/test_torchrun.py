@@ -56,3 +56,14 @@ def test_final_values_are_identical_on_every_rank(launches) -> None:
         a, b = (r["final"] for r in results[mode])
         assert torch.equal(a["mean_loss"], b["mean_loss"])  # compute() reduced across ranks
         assert torch.equal(a["w"], b["w"])
+
+
+def test_a_session_of_one_rank_alone_runs_without_the_others(launches) -> None:
+    _, results = launches
+    assert torch.equal(results["first"][0]["alone"], results["first"][0]["w"])
+
+
+def test_a_stop_hook_for_the_chief_alone_is_refused_with_several_ranks(launches) -> None:
+    _, results = launches
+    for rank in results["first"]:
+        assert "chief_only_hooks holds ['StopAtStepHook']" in rank["chief_only_stop"]

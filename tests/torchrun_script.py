@@ -20,6 +20,7 @@ warnings.filterwarnings("ignore")
 
 from lightning_finalops import (  # noqa: E402
     FinalOpsHook,
+    MonitoredSession,
     MonitoredTrainingSession,
     SessionRunHook,
     StopAtStepHook,
@@ -73,6 +74,15 @@ def main() -> None:
 
             sess.run(train_step)
     torch.save = real_save
+    if rank == 0:  # a session of this process alone, after training: no other rank joins it
+        alone = FinalOpsHook({"w": lambda: net.weight})
+        with MonitoredSession([alone], across_ranks=False) as solo:
+            solo.run(lambda: None)
+        seen["alone"] = alone.final_ops_values["w"]
+    try:
+        MonitoredTrainingSession(chief_only_hooks=[StopAtStepHook(last_step=1)])
+    except ValueError as e:
+        seen["chief_only_stop"] = str(e)
     seen.update(global_step=sess.global_step, final=final.final_ops_values, writes=writes[0],
                 w=net.weight.detach().clone())
     torch.save(seen, os.path.join(out, f"{mode}-rank{rank}.pt"))
