@@ -156,14 +156,6 @@ class Engine(RawSession):
         """
         return None
 
-    def restore_checkpoint(self, path: str) -> Mapping[str, Any]:
-        """Restore what :meth:`save_checkpoint` wrote; return the saved session state.
-
-        Raises:
-            NotImplementedError: the engine restores checkpoints its own way.
-        """
-        raise NotImplementedError(f"{type(self).__name__} cannot restore checkpoints.")
-
     def namespaces(self) -> Tuple[Namespace, ...]:
         """Where names resolve now, first match wins (see the class docstring)."""
         named = LazyNamespace(self.named_values)

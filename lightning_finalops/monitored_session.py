@@ -159,14 +159,6 @@ class _PlainEngine(Engine):
         state.update({f"optimizer.{k}": o for k, o in self._named_optimizers.items()})
         return state
 
-    def restore_checkpoint(self, path: str) -> Dict[str, Any]:
-        """Load modules and optimizers from ``path``; return the saved session state.
-
-        Raises:
-            ValueError: the checkpoint's modules or optimizers are not the session's.
-        """
-        return self._apply(torch.load(path, map_location="cpu", weights_only=False), path)
-
     def restore_latest(self, checkpoint_dir: str, basename: str) -> Optional[Dict[str, Any]]:
         """Restore the newest checkpoint of ``checkpoint_dir`` that loads (older ones if not).
 
@@ -207,6 +199,11 @@ class _PlainEngine(Engine):
         return self._apply(checkpoint, path)
 
     def _apply(self, checkpoint: Mapping[str, Any], path: str) -> Dict[str, Any]:
+        """Load modules and optimizers from ``checkpoint``; return the saved session state.
+
+        Raises:
+            ValueError: the checkpoint's modules or optimizers are not the session's.
+        """
         for kind, named in (("modules", self._named_modules),
                             ("optimizers", self._named_optimizers)):
             saved = checkpoint.get(kind, {})
