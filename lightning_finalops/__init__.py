@@ -7,6 +7,7 @@ from lightning_finalops.hooks import (
     FeedFnHook,
     FinalOpsHook,
     GlobalStepWaiterHook,
+    InMemoryEvaluatorHook,
     LoggingTensorHook,
     NanLossDuringTrainingError,
     NanTensorHook,
@@ -16,6 +17,12 @@ from lightning_finalops.hooks import (
     StepCounterHook,
     StopAtStepHook,
     SummarySaverHook,
+    make_early_stopping_hook,
+    read_eval_metrics,
+    stop_if_higher_hook,
+    stop_if_lower_hook,
+    stop_if_no_decrease_hook,
+    stop_if_no_increase_hook,
 )
 from lightning_finalops.monitored_session import MonitoredSession, StepContext
 from lightning_finalops.session_run_hook import (
@@ -41,6 +48,7 @@ __all__ = [
     "FinalOpsHook",
     "GlobalStepWaiterHook",
     "HookCallback",
+    "InMemoryEvaluatorHook",
     "LoggingTensorHook",
     "MonitoredSession",
     "MonitoredTrainingSession",
@@ -62,6 +70,12 @@ __all__ = [
     "SummarySaverHook",
     "SyncAudit",
     "audit_syncs",
+    "make_early_stopping_hook",
+    "read_eval_metrics",
+    "stop_if_higher_hook",
+    "stop_if_lower_hook",
+    "stop_if_no_decrease_hook",
+    "stop_if_no_increase_hook",
     "to_host",
 ]
 

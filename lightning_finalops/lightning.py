@@ -198,6 +198,26 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         return [*self.training_hooks, *self.evaluation_hooks, *self.prediction_hooks]
 
     @property
+    def evaluation_history(self) -> List[Tuple[int, Any]]:
+        """``[(global step, {name: value})]`` of the ``FinalOpsHook`` s of the evaluations.
+
+        Every entry of every distinct ``FinalOpsHook`` in ``evaluation_hooks`` (so of
+        ``final_ops``) whose values are a dict, ordered by global step (stable); entries at
+        one step are merged by their readers (the early-stopping hooks). ``final_ops`` also
+        records at the end of each ``fit``: that entry is in the history too, with the
+        values the final ops had then (a name fetched from ``callback_metrics`` repeats the
+        last validation's value). The values are the recorded objects (tensors on their
+        device), kept with the hooks' state in checkpoints.
+        """
+        seen = set()
+        entries: List[Tuple[int, Any]] = []
+        for hook in self.evaluation_hooks:
+            if isinstance(hook, FinalOpsHook) and id(hook) not in seen:
+                seen.add(id(hook))
+                entries.extend(e for e in hook.final_ops_history if isinstance(e[1], Mapping))
+        return sorted(entries, key=lambda entry: entry[0])
+
+    @property
     def state_key(self) -> str:
         """``"HookCallback[<name>]"``, else ``"HookCallback{<its stateful hooks' keys>}"``.
 

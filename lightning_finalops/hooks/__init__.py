@@ -1,6 +1,15 @@
 """The standard hooks, one module per family."""
 
 from lightning_finalops.hooks.checkpoint import CheckpointSaverHook, CheckpointSaverListener
+from lightning_finalops.hooks.early_stopping import (
+    make_early_stopping_hook,
+    read_eval_metrics,
+    stop_if_higher_hook,
+    stop_if_lower_hook,
+    stop_if_no_decrease_hook,
+    stop_if_no_increase_hook,
+)
+from lightning_finalops.hooks.evaluation import InMemoryEvaluatorHook
 from lightning_finalops.hooks.feed import FeedFnHook
 from lightning_finalops.hooks.final_ops import FinalOpsHook
 from lightning_finalops.hooks.profiler import ProfilerHook
@@ -20,6 +29,7 @@ __all__ = [
     "FeedFnHook",
     "FinalOpsHook",
     "GlobalStepWaiterHook",
+    "InMemoryEvaluatorHook",
     "LoggingTensorHook",
     "NanLossDuringTrainingError",
     "NanTensorHook",
@@ -29,4 +39,10 @@ __all__ = [
     "StepCounterHook",
     "StopAtStepHook",
     "SummarySaverHook",
+    "make_early_stopping_hook",
+    "read_eval_metrics",
+    "stop_if_higher_hook",
+    "stop_if_lower_hook",
+    "stop_if_no_decrease_hook",
+    "stop_if_no_increase_hook",
 ]

@@ -1,0 +1,462 @@
+"""TF Estimator's early-stopping hooks (``tf.estimator.experimental.stop_if_*_hook``).
+
+The predicates are TF's, exactly (``tensorflow_estimator/.../early_stopping.py``):
+
+* thresholds are strict, and the first evaluation anywhere in the history that crosses one
+  stops;
+* "no increase/decrease" walks the history in step order, keeps the best evaluation (ties are
+  no improvement) and stops once ``eval step - best eval step >= max_steps_without_...`` at
+  any evaluation: both are **evaluation** steps, never the live training step;
+* evaluations below ``min_steps`` are ignored entirely (not even a baseline);
+* no evaluation yet means no stop.
+
+What replaces TF's ``estimator`` argument is ``eval_results``: where the evaluation history
+comes from. TF read the summaries ``Estimator.evaluate`` wrote to ``model_dir/eval``; here it
+is a :class:`~lightning_finalops.FinalOpsHook` (its ``final_ops_history``), an object with an
+``evaluation_history`` (``HookCallback``, ``InMemoryEvaluatorHook``), or ``None`` with
+``eval_dir`` naming a directory of TensorBoard event files, read as TF did.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import logging
+import os
+import warnings
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import torch
+
+from lightning_finalops.fetches import to_host
+from lightning_finalops.hooks.final_ops import FinalOpsHook
+from lightning_finalops.hooks.timers import SecondOrStepTimer
+from lightning_finalops.session_run_hook import (
+    Coordinator,
+    RawSession,
+    SessionRunContext,
+    SessionRunHook,
+    SessionRunValues,
+)
+from lightning_finalops.validation import check_int, check_number, check_path, describe
+
+__all__ = [
+    "make_early_stopping_hook",
+    "read_eval_metrics",
+    "stop_if_higher_hook",
+    "stop_if_lower_hook",
+    "stop_if_no_decrease_hook",
+    "stop_if_no_increase_hook",
+]
+
+logger = logging.getLogger("lightning_finalops")
+
+# -- where evaluations come from -------------------------------------------------------------
+def read_eval_metrics(eval_dir: str) -> collections.OrderedDict[int, Dict[str, float]]:
+    """Every scalar summary of the TensorBoard event files in ``eval_dir``, by step.
+
+    TF's ``read_eval_metrics``: the files ``events.out.tfevents.*`` of ``eval_dir`` (not its
+    subdirectories) are read in name order; every value with a ``simple_value`` (what
+    ``SummaryWriter.add_scalar`` writes) is stored under its event's step, values of one step
+    merge (a later one overwrites). A corrupt or truncated record skips the rest of its
+    file, with a warning; a missing directory gives ``{}``.
+
+    Args:
+        eval_dir: the directory of event files.
+
+    Returns:
+        ``OrderedDict({global step: {tag: value}})``, steps ascending.
+
+    Raises:
+        ImportError: the ``tensorboard`` package (``pip install
+            lightning-finalops[tensorboard]``) is not installed.
+    """
+    eval_dir = check_path(eval_dir, "eval_dir")
+    try:
+        from tensorboard.compat.proto import event_pb2
+        from tensorboard.compat.tensorflow_stub import errors
+        from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
+    except ImportError as e:  # pragma: no cover - tensorboard is a test dependency
+        raise ImportError(
+            "read_eval_metrics reads TensorBoard event files and needs the tensorboard "
+            "package: pip install lightning-finalops[tensorboard]"
+        ) from e
+    results: Dict[int, Dict[str, float]] = collections.defaultdict(dict)
+    for path in sorted(glob.glob(os.path.join(glob.escape(eval_dir), "events.out.tfevents.*"))):
+        reader = PyRecordReader_New(path)
+        while True:
+            try:
+                reader.GetNext()
+            except errors.OutOfRangeError:
+                break
+            except errors.DataLossError as e:
+                warnings.warn(
+                    "Skipping rest of the file due to encountering data corruption error; "
+                    f"file path: {path}; original error raised by the event file reader: {e}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                break
+            event = event_pb2.Event.FromString(reader.record())
+            if not event.HasField("summary"):
+                continue
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    results[event.step][value.tag] = value.simple_value
+    return collections.OrderedDict(sorted(results.items()))
+
+
+def _history_source(eval_results: Any, eval_dir: Optional[str]) -> Callable[[], List[Any]]:
+    """A reader of ``[(global step, {name: value})]`` for ``eval_results``/``eval_dir``."""
+    if eval_results is None:
+        if eval_dir is None:
+            raise ValueError(
+                "eval_dir must name a directory of TensorBoard event files when eval_results "
+                "is None (TF's default, model_dir/eval, has no counterpart here)."
+            )
+        eval_dir = check_path(eval_dir, "eval_dir")
+        return lambda: list(read_eval_metrics(eval_dir).items())
+    if eval_dir is not None:
+        raise ValueError(
+            "Give eval_results (evaluations kept in memory) or eval_dir (event files), not both."
+        )
+    if isinstance(eval_results, FinalOpsHook):
+        return lambda: eval_results.final_ops_history
+    if not hasattr(type(eval_results), "evaluation_history"):
+        raise TypeError(
+            "`eval_results` must be a FinalOpsHook, a HookCallback or an "
+            f"InMemoryEvaluatorHook (or None with eval_dir). Got: {describe(eval_results)}"
+        )
+    return lambda: eval_results.evaluation_history
+
+
+class _HostValues:
+    """The evaluations as ``{step: {name: float}}``; each one brought to the host once.
+
+    Recorded values are tensors on their device; a check brings the new ones to the host
+    (one transfer each: the host waits for the device then) and reuses the earlier ones.
+    """
+
+    def __init__(self, read: Callable[[], List[Any]]) -> None:
+        self._read = read
+        # id(values) -> (values, {name: float}); the values are held so an id stays theirs
+        self._converted: Dict[int, Tuple[Any, Dict[str, float]]] = {}
+
+    def __call__(self) -> collections.OrderedDict[int, Dict[str, float]]:
+        history = self._read()
+        merged: Dict[int, Dict[str, float]] = {}
+        converted: Dict[int, Tuple[Any, Dict[str, float]]] = {}
+        for step, values in history:
+            known = self._converted.get(id(values))
+            if known is None or known[0] is not values:
+                known = (values, _as_floats(values))
+            converted[id(values)] = known
+            merged.setdefault(int(step), {}).update(known[1])
+        self._converted = converted
+        return collections.OrderedDict(sorted(merged.items()))
+
+
+def _as_floats(values: Any) -> Dict[str, float]:
+    if not isinstance(values, Mapping):
+        raise TypeError(
+            "An evaluation's values must be a dict of named metrics for early stopping, got "
+            f"{describe(values)}: give the FinalOpsHook a dict, e.g. FinalOpsHook({{'loss': "
+            "metric}})."
+        )
+    scalars = {}
+    for name, value in values.items():
+        if isinstance(value, torch.Tensor) and value.numel() != 1:
+            continue  # not a scalar metric: nothing a predicate could compare
+        if isinstance(value, (torch.Tensor, int, float)) and not isinstance(value, bool):
+            scalars[str(name)] = value
+    host = to_host(scalars)
+    return {name: float(value) for name, value in host.items()}
+
+
+# -- the predicates (TF's, exactly) ----------------------------------------------------------
+def _metric(metrics: Mapping[str, float], metric_name: str, step: int,
+            history: Mapping[int, Mapping[str, float]]) -> Optional[float]:
+    """``metrics[metric_name]``; ``None`` if absent here but present in another evaluation."""
+    if metric_name in metrics:
+        return metrics[metric_name]
+    if any(metric_name in m for m in history.values()):
+        return None  # this evaluation did not log it (another did): skipped
+    names = sorted({name for m in history.values() for name in m})
+    raise KeyError(
+        f"Metric {metric_name!r} is in no evaluation (step {step} has {sorted(metrics)}; "
+        f"all evaluations name {names})."
+    )
+
+
+def _stop_if_threshold_crossed(
+    read: Callable[[], Mapping[int, Mapping[str, float]]], metric_name: str, threshold: float,
+    min_steps: int, higher_is_better: bool,
+) -> Callable[[], bool]:
+    def stop_if_threshold_crossed() -> bool:
+        history = read()
+        for step, metrics in history.items():
+            if step < min_steps:
+                continue
+            value = _metric(metrics, metric_name, step, history)
+            if value is None:
+                continue
+            if (value > threshold) if higher_is_better else (value < threshold):
+                logger.info(
+                    'At step %s, metric "%s" has value %s which is %s the configured threshold '
+                    "(%s) for early stopping.", step, metric_name, value,
+                    "greater than" if higher_is_better else "less than", threshold,
+                )
+                return True
+        return False
+
+    return stop_if_threshold_crossed
+
+
+def _stop_if_no_metric_improvement(
+    read: Callable[[], Mapping[int, Mapping[str, float]]], metric_name: str,
+    max_steps_without_improvement: int, min_steps: int, higher_is_better: bool,
+) -> Callable[[], bool]:
+    def stop_if_no_metric_improvement() -> bool:
+        history = read()
+        best: Optional[float] = None
+        best_step = 0
+        for step, metrics in history.items():
+            if step < min_steps:
+                continue
+            value = _metric(metrics, metric_name, step, history)
+            if value is None:
+                continue
+            if best is None or ((value > best) if higher_is_better else (value < best)):
+                best, best_step = value, step
+            if step - best_step >= max_steps_without_improvement:
+                logger.info(
+                    'No %s in metric "%s" for %s steps, which is greater than or equal to max '
+                    "steps (%s) configured for early stopping.",
+                    "increase" if higher_is_better else "decrease", metric_name,
+                    step - best_step, max_steps_without_improvement,
+                )
+                return True
+        return False
+
+    return stop_if_no_metric_improvement
+
+
+# -- the hook --------------------------------------------------------------------------------
+class _StopOnPredicateHook(SessionRunHook):
+    """Calls ``should_stop_fn`` when its timer fires and stops the session when it is True.
+
+    The stop is the hook's state (TF's ``signal_early_stopping/STOP`` variable, which was
+    checkpointed): a session restored from a checkpoint written after the stop stops at its
+    creation and runs nothing, like a finished job. With several ranks, every rank calls
+    ``should_stop_fn`` (each reads its own copy of the history); a True on any rank stops
+    every rank at the same global step, one run later, through the session's agreement.
+    """
+
+    def __init__(self, should_stop_fn: Callable[[], bool], run_every_secs: Optional[float],
+                 run_every_steps: Optional[int], name: str) -> None:
+        if not callable(should_stop_fn):
+            raise TypeError("`should_stop_fn` must be callable.")
+        if run_every_secs is not None and run_every_steps is not None:
+            raise ValueError("Only one of `run_every_secs` and `run_every_steps` must be set.")
+        self._should_stop_fn = should_stop_fn
+        if run_every_secs is not None and check_number(run_every_secs, "run_every_secs") == 0:
+            run_every_secs, run_every_steps = None, 1  # TF's 0 s: every run (every new step)
+        self._timer = SecondOrStepTimer(
+            every_secs=run_every_secs, every_steps=run_every_steps,
+            secs_argument="run_every_secs", steps_argument="run_every_steps",
+        )
+        self._name = name
+        self._stopped = False
+
+    @property
+    def stopped(self) -> bool:
+        """Whether this hook requested the early stop (restored from a checkpoint too)."""
+        return self._stopped
+
+    @property
+    def state_key(self) -> str:
+        """``EarlyStopping[<predicate>]``: what it stops on, not where it sits in a list."""
+        return f"EarlyStopping[{self._name}]"
+
+    def begin(self) -> None:
+        """The first run of every session checks (TF's timer fires on its first call)."""
+        self._timer.reset()
+
+    def after_create_session(self, session: RawSession, coord: Coordinator) -> None:
+        """A session restored after the early stop stops before its first run."""
+        if self._stopped:
+            logger.info("Early stopping requested, suspending run.")
+            coord.request_stop()
+
+    def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
+        """When the timer fires, call ``should_stop_fn``; on True request the stop."""
+        global_step = run_context.session.global_step
+        if not self._timer.should_trigger_for_step(global_step):
+            return
+        self._timer.update_last_triggered_step(global_step)
+        if self._should_stop_fn():
+            logger.info("Requesting early stopping at global step %d", global_step)
+            self._stopped = True
+            run_context.request_stop()
+
+    def state_dict(self) -> Dict[str, Any]:
+        """``{"stop": bool}``, so a resumed job that had stopped stays stopped."""
+        return {"stop": self._stopped}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore the stop."""
+        if set(state_dict) != {"stop"} or not isinstance(state_dict["stop"], bool):
+            raise ValueError(
+                f"{self.state_key} expects the state {{'stop': bool}}, got {dict(state_dict)!r}."
+            )
+        self._stopped = state_dict["stop"]
+
+
+def make_early_stopping_hook(
+    should_stop_fn: Callable[[], bool],
+    run_every_secs: Optional[float] = 60,
+    run_every_steps: Optional[int] = None,
+) -> SessionRunHook:
+    """A hook that stops training when ``should_stop_fn()`` returns True.
+
+    TF's ``make_early_stopping_hook`` without its ``estimator`` argument. ``should_stop_fn``
+    is called in the ``after_run`` of the first run, then whenever ``run_every_secs`` (on the
+    agreed clock, :mod:`lightning_finalops.hooks.timers`) or ``run_every_steps`` global steps
+    have passed since the last call.
+
+    Args:
+        should_stop_fn: a callable of no arguments returning a bool.
+        run_every_secs: seconds between calls (``0``: every run); set it to ``None`` to use
+            ``run_every_steps``.
+        run_every_steps: global steps between calls.
+
+    Returns:
+        A training hook, for ``MonitoredSession(hooks=[...])`` or
+        ``HookCallback(training_hooks=[...])``.
+
+    Raises:
+        TypeError: ``"`should_stop_fn` must be callable."``
+        ValueError: ``"Only one of `run_every_secs` and `run_every_steps` must be set."``,
+            or neither is set (the timer's ``"Either every_secs or every_steps should be
+            provided."``).
+    """
+    name = getattr(should_stop_fn, "__qualname__", type(should_stop_fn).__qualname__)
+    return _StopOnPredicateHook(should_stop_fn, run_every_secs, run_every_steps, name)
+
+
+def _predicate_hook(
+    kind: str, eval_results: Any, metric_name: str, eval_dir: Optional[str],
+    run_every_secs: Optional[float], run_every_steps: Optional[int],
+    make: Callable[[Callable[[], Any]], Callable[[], bool]],
+) -> SessionRunHook:
+    if not isinstance(metric_name, str) or not metric_name:
+        raise TypeError(f"metric_name must be a non-empty str, got {describe(metric_name)}.")
+    read = _HostValues(_history_source(eval_results, eval_dir))
+    return _StopOnPredicateHook(make(read), run_every_secs, run_every_steps,
+                                f"{kind}:{metric_name}")
+
+
+def stop_if_higher_hook(
+    eval_results: Any,
+    metric_name: str,
+    threshold: float,
+    eval_dir: Optional[str] = None,
+    min_steps: int = 0,
+    run_every_secs: Optional[float] = 60,
+    run_every_steps: Optional[int] = None,
+) -> SessionRunHook:
+    """Stop once an evaluation's ``metric_name`` is strictly higher than ``threshold``.
+
+    Args:
+        eval_results: a ``FinalOpsHook``, ``HookCallback`` or ``InMemoryEvaluatorHook`` whose
+            evaluation history is read, or ``None`` to read ``eval_dir``.
+        metric_name: the metric's name in each evaluation's dict (a TensorBoard tag with
+            ``eval_dir``).
+        threshold: the threshold.
+        eval_dir: a directory of TensorBoard event files (with ``eval_results=None``).
+        min_steps: evaluations at global steps below it are ignored.
+        run_every_secs: seconds between checks (``None`` to use ``run_every_steps``).
+        run_every_steps: global steps between checks.
+
+    Returns:
+        The training hook.
+
+    Raises:
+        TypeError: ``eval_results`` is none of those, or an argument has the wrong type.
+        ValueError: both or neither of the timer arguments, or neither/both of
+            ``eval_results`` and ``eval_dir``.
+        KeyError: (at a check) ``metric_name`` is in no evaluation.
+    """
+    threshold = check_number(threshold, "threshold")
+    min_steps = check_int(min_steps, "min_steps", minimum=0)
+    return _predicate_hook(
+        "higher", eval_results, metric_name, eval_dir, run_every_secs, run_every_steps,
+        lambda read: _stop_if_threshold_crossed(read, metric_name, threshold, min_steps, True),
+    )
+
+
+def stop_if_lower_hook(
+    eval_results: Any,
+    metric_name: str,
+    threshold: float,
+    eval_dir: Optional[str] = None,
+    min_steps: int = 0,
+    run_every_secs: Optional[float] = 60,
+    run_every_steps: Optional[int] = None,
+) -> SessionRunHook:
+    """Stop once an evaluation's ``metric_name`` is strictly lower than ``threshold``.
+
+    Arguments, return value and errors as :func:`stop_if_higher_hook`.
+    """
+    threshold = check_number(threshold, "threshold")
+    min_steps = check_int(min_steps, "min_steps", minimum=0)
+    return _predicate_hook(
+        "lower", eval_results, metric_name, eval_dir, run_every_secs, run_every_steps,
+        lambda read: _stop_if_threshold_crossed(read, metric_name, threshold, min_steps, False),
+    )
+
+
+def stop_if_no_increase_hook(
+    eval_results: Any,
+    metric_name: str,
+    max_steps_without_increase: int,
+    eval_dir: Optional[str] = None,
+    min_steps: int = 0,
+    run_every_secs: Optional[float] = 60,
+    run_every_steps: Optional[int] = None,
+) -> SessionRunHook:
+    """Stop once ``metric_name`` has not increased for ``max_steps_without_increase`` steps.
+
+    The steps are evaluation global steps: at some evaluation, ``its step - the step of the
+    best evaluation so far >= max_steps_without_increase`` (an equal value is no increase).
+
+    Arguments, return value and errors as :func:`stop_if_higher_hook`, with
+    ``max_steps_without_increase`` (an int >= 0) in place of ``threshold``.
+    """
+    steps = check_int(max_steps_without_increase, "max_steps_without_increase", minimum=0)
+    min_steps = check_int(min_steps, "min_steps", minimum=0)
+    return _predicate_hook(
+        "no_increase", eval_results, metric_name, eval_dir, run_every_secs, run_every_steps,
+        lambda read: _stop_if_no_metric_improvement(read, metric_name, steps, min_steps, True),
+    )
+
+
+def stop_if_no_decrease_hook(
+    eval_results: Any,
+    metric_name: str,
+    max_steps_without_decrease: int,
+    eval_dir: Optional[str] = None,
+    min_steps: int = 0,
+    run_every_secs: Optional[float] = 60,
+    run_every_steps: Optional[int] = None,
+) -> SessionRunHook:
+    """Stop once ``metric_name`` has not decreased for ``max_steps_without_decrease`` steps.
+
+    As :func:`stop_if_no_increase_hook`, for a metric that should go down (a loss).
+    """
+    steps = check_int(max_steps_without_decrease, "max_steps_without_decrease", minimum=0)
+    min_steps = check_int(min_steps, "min_steps", minimum=0)
+    return _predicate_hook(
+        "no_decrease", eval_results, metric_name, eval_dir, run_every_secs, run_every_steps,
+        lambda read: _stop_if_no_metric_improvement(read, metric_name, steps, min_steps, False),
+    )

@@ -1,0 +1,318 @@
+"""``InMemoryEvaluatorHook``: evaluate inside a training loop, on the live weights."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+from lightning_finalops.fetches import is_metric, leaves, to_host
+from lightning_finalops.hooked_session import Engine, HookedSession
+from lightning_finalops.hooks.final_ops import FinalOpsHook
+from lightning_finalops.hooks.summary import _SummaryWriterCache
+from lightning_finalops.hooks.timers import SecondOrStepTimer
+from lightning_finalops.session_run_hook import (
+    Coordinator,
+    RawSession,
+    SessionRunContext,
+    SessionRunHook,
+    SessionRunValues,
+)
+from lightning_finalops.validation import check_path, describe, is_int
+
+__all__ = ["InMemoryEvaluatorHook"]
+
+logger = logging.getLogger("lightning_finalops")
+
+
+class _EvaluationEngine(Engine):
+    """The engine of one evaluation: the training step fixed, the training modules."""
+
+    def __init__(self, training: RawSession, global_step: int, modules: Any) -> None:
+        self._training = training
+        self._global_step = global_step
+        self.modules = modules
+
+    @property
+    def global_step(self) -> int:
+        """The training global step being evaluated; it does not advance."""
+        return self._global_step
+
+    @property
+    def is_chief(self) -> bool:
+        """The training session's chief."""
+        return self._training.is_chief
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """The training session's loggers."""
+        self._training.log_metrics(metrics, step)
+
+
+def _modules_of(modules: Any) -> List[nn.Module]:
+    if modules is None:
+        return []
+    if isinstance(modules, nn.Module):
+        return [modules]
+    if isinstance(modules, Mapping):
+        modules = list(modules.values())
+    if isinstance(modules, (list, tuple)):
+        return [m for m in modules if isinstance(m, nn.Module)]
+    return []
+
+
+@contextlib.contextmanager
+def _evaluating(modules: List[nn.Module]) -> Iterator[None]:
+    """Every module (and submodule) in eval mode under ``torch.no_grad()``; restored after."""
+    modes = [(m, m.training) for module in modules for m in module.modules()]
+    try:
+        for module in modules:
+            module.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+class InMemoryEvaluatorHook(SessionRunHook):
+    """Evaluates on the live weights during training, without a checkpoint (TF's hook).
+
+    An evaluation runs ``eval_step(batch)`` over a fresh ``input_fn()`` (at most ``steps``
+    batches), with the modules in eval mode under ``torch.no_grad()``; they go back to their
+    modes afterwards, on the weights as they are. It happens once in
+    ``after_create_session`` (before training), then whenever ``every_n_iter`` runs of this
+    session have passed since the last one, and at ``end`` (TF's schedule: with 10 runs and
+    ``every_n_iter=4``, at global steps 0, 4, 8 and 10).
+
+    Each evaluation is a full session for ``hooks``: ``begin``, ``after_create_session``,
+    ``before_run``/``after_run`` per batch, ``end``, with TF's order, stop and exception
+    rules, and their raw session's ``global_step`` fixed at the training step evaluated. A
+    hook's ``request_stop()`` ends that evaluation after the current batch. The torchmetrics
+    (objects with ``compute`` and ``reset``) that the ``FinalOpsHook`` s of ``hooks`` evaluate
+    are reset when each evaluation starts, as TF's evaluation started from fresh metric
+    variables.
+
+    The results of an evaluation are ``{name: value}``: the mean over its batches of every
+    scalar tensor or number in the dict ``eval_step`` returns (kept on the device: no host
+    sync), then the values of each ``FinalOpsHook`` of ``hooks`` whose final ops are a dict
+    (they win a name clash). ``evaluation_history`` keeps ``(global step, results)`` for
+    every evaluation, is the hook's checkpointed state, and is what the early-stopping hooks
+    read when given this hook. With ``output_dir``, the chief also writes the scalar results
+    to TensorBoard in ``output_dir/eval`` (``eval_<name>``) at the global step, for
+    ``stop_if_*_hook(eval_dir=...)`` and TensorBoard.
+
+    Many processes: every rank evaluates (the schedule is the same on every rank); give each
+    rank its shard in ``input_fn`` and use torchmetrics, whose ``compute()`` reduces across
+    ranks, so every rank gets the same results. Plain tensors returned by ``eval_step`` are
+    averaged per rank, not across ranks.
+
+    Args:
+        eval_step: called as ``eval_step(batch)`` (with the evaluation's str feeds as keyword
+            arguments it accepts); it may return a dict, whose names the hooks' fetches can
+            name.
+        input_fn: called with no argument at each evaluation; returns an iterable of batches.
+        steps: evaluate at most this many batches (``None``: until ``input_fn``'s iterable
+            ends).
+        hooks: the evaluation hooks (e.g. a ``FinalOpsHook`` over torchmetrics metrics).
+        name: the evaluation's name: results go to ``eval_<name>`` rather than ``eval``.
+        every_n_iter: evaluate every N runs of the training session.
+        modules: the module(s) to put in eval mode; by default the training session's
+            (``MonitoredSession(modules=...)``, or Lightning's ``pl_module``).
+        output_dir: write scalar results as TensorBoard summaries under it (chief only).
+
+    Raises:
+        ValueError: ``invalid every_n_iter=...`` or ``Must specify steps > 0, given: ...``
+            (TF's messages), or an empty ``name``.
+        TypeError: ``Hooks must be a SessionRunHook, given: ...`` (TF's message), or
+            ``eval_step``/``input_fn`` not callable.
+    """
+
+    def __init__(
+        self,
+        eval_step: Callable[..., Any],
+        input_fn: Callable[[], Iterable[Any]],
+        steps: Optional[int] = None,
+        hooks: Optional[Iterable[SessionRunHook]] = None,
+        name: Optional[str] = None,
+        every_n_iter: int = 100,
+        *,
+        modules: Any = None,
+        output_dir: Optional[str] = None,
+    ) -> None:
+        if not is_int(every_n_iter) or every_n_iter <= 0:
+            raise ValueError(f"invalid every_n_iter={every_n_iter}.")
+        if steps is not None and (not is_int(steps) or steps <= 0):
+            raise ValueError(f"Must specify steps > 0, given: {steps}")
+        if not callable(eval_step):
+            raise TypeError(f"eval_step must be callable, got {describe(eval_step)}.")
+        if not callable(input_fn):
+            raise TypeError(f"input_fn must be callable, got {describe(input_fn)}.")
+        hooks = list(hooks or [])
+        for hook in hooks:
+            if not isinstance(hook, SessionRunHook):
+                raise TypeError(f"Hooks must be a SessionRunHook, given: {hook}")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"name must be a non-empty str or None, got {name!r}.")
+        self._eval_step = eval_step
+        self._input_fn = input_fn
+        self._steps = None if steps is None else int(steps)
+        self._hooks = hooks
+        self._name = name
+        self._every_n_iter = int(every_n_iter)
+        self._modules = modules
+        output_dir = check_path(output_dir, "output_dir", allow_none=True)
+        self._eval_dir = (
+            None if output_dir is None
+            else os.path.join(output_dir, "eval" if not name else "eval_" + name)
+        )
+        self._timer = SecondOrStepTimer(every_steps=every_n_iter)
+        self._iter_count = 0
+        self._history: List[Tuple[int, Dict[str, Any]]] = []
+
+    @property
+    def eval_dir(self) -> Optional[str]:
+        """``output_dir/eval`` (or ``eval_<name>``), where the results go; ``None``: nowhere."""
+        return self._eval_dir
+
+    @property
+    def hooks(self) -> List[SessionRunHook]:
+        """The evaluation hooks."""
+        return self._hooks
+
+    @property
+    def evaluation_history(self) -> List[Tuple[int, Dict[str, Any]]]:
+        """``[(global step, {name: value})]``, one entry per evaluation, oldest first."""
+        return self._history
+
+    @property
+    def state_key(self) -> str:
+        """``InMemoryEvaluatorHook`` or ``InMemoryEvaluatorHook[<name>]``."""
+        return "InMemoryEvaluatorHook" + (f"[{self._name}]" if self._name else "")
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The evaluation history, so a resumed run keeps the evaluations before it."""
+        return {"evaluation_history": list(self._history)}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore the evaluation history."""
+        if set(state_dict) != {"evaluation_history"}:
+            raise ValueError(
+                f"{self.state_key}.load_state_dict expects {{'evaluation_history': [...]}}, "
+                f"got keys {sorted(state_dict)}."
+            )
+        self._history = [(int(step), dict(values))
+                         for step, values in state_dict["evaluation_history"]]
+
+    # -- the training session's hook methods -----------------------------------------------
+    def begin(self) -> None:
+        """Reset the schedule: this session's runs are counted from 0."""
+        self._timer.reset()
+        self._iter_count = 0
+
+    def after_create_session(self, session: RawSession, coord: Coordinator) -> None:
+        """Evaluate once, before training."""
+        self._evaluate(session)
+
+    def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
+        """Count the run; evaluate when ``every_n_iter`` runs passed since the last one."""
+        self._iter_count += 1
+        if self._timer.should_trigger_for_step(self._iter_count):
+            self._evaluate(run_context.session)
+
+    def end(self, session: Optional[RawSession]) -> None:
+        """Evaluate the final weights."""
+        if session is not None:
+            self._evaluate(session)
+
+    # -- one evaluation ----------------------------------------------------------------------
+    def _evaluate(self, training: RawSession) -> None:
+        modules = self._modules
+        if modules is None:
+            modules = getattr(training, "modules", None)
+            if modules is None:
+                modules = getattr(training, "pl_module", None)
+        global_step = training.global_step
+        engine = _EvaluationEngine(training, global_step, modules)
+        self._reset_metrics()
+        with _evaluating(_modules_of(modules)):
+            means = self._run_session(engine)
+        results: Dict[str, Any] = dict(means)
+        for hook in self._hooks:
+            if isinstance(hook, FinalOpsHook) and isinstance(hook.final_ops_values, Mapping):
+                results.update(hook.final_ops_values)
+        self._history.append((global_step, results))
+        self._timer.update_last_triggered_step(self._iter_count)
+        if logger.isEnabledFor(logging.INFO):  # printing device values waits for them
+            logger.info("Saving dict for global step %d: %s", global_step, _describe(results))
+        if self._eval_dir is not None and training.is_chief:
+            self._write_summary(results, global_step)
+
+    def _run_session(self, engine: _EvaluationEngine) -> Dict[str, torch.Tensor]:
+        """Run the evaluation session; the mean of the step's scalar outputs."""
+        session = HookedSession(self._hooks, engine, "hooks")
+        sums: Dict[str, Any] = {}
+        batches = 0
+        session.begin()
+        session.create()
+        iterator = iter(self._input_fn())
+        try:
+            while not session.should_stop and (self._steps is None or batches < self._steps):
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    break
+                pending = session.start_run(self._eval_step)
+                try:
+                    outputs = self._eval_step(batch, **pending.str_feeds)
+                except BaseException:
+                    session.abort_run()
+                    raise
+                session.finish_run(outputs)
+                batches += 1
+                if isinstance(outputs, Mapping):
+                    _accumulate(sums, outputs)
+        except BaseException:
+            session.abandon()
+            raise
+        session.end()
+        session.coord.raise_requested_exception()
+        return {name: total / batches for name, total in sums.items()} if batches else {}
+
+    def _reset_metrics(self) -> None:
+        for hook in self._hooks:
+            if isinstance(hook, FinalOpsHook):
+                for _, leaf in leaves(hook.final_ops):
+                    if is_metric(leaf) and callable(getattr(leaf, "reset", None)):
+                        leaf.reset()
+
+    def _write_summary(self, results: Mapping[str, Any], global_step: int) -> None:
+        assert self._eval_dir is not None
+        writer = _SummaryWriterCache.get(self._eval_dir)
+        for name, value in to_host(results).items():  # one transfer for all of them
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                writer.add_scalar(name, float(value), global_step)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                writer.add_scalar(name, float(value), global_step)
+        writer.flush()
+
+
+def _accumulate(sums: Dict[str, Any], outputs: Mapping[str, Any]) -> None:
+    for name, value in outputs.items():
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                continue
+            value = value.detach().float().reshape(())
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        key = str(name)
+        sums[key] = sums[key] + value if key in sums else value
+
+
+def _describe(results: Mapping[str, Any]) -> str:
+    host = to_host(dict(results))
+    scalar = lambda v: float(v) if isinstance(v, torch.Tensor) and v.numel() == 1 else v  # noqa: E731
+    return ", ".join(f"{name} = {scalar(value)}" for name, value in sorted(host.items()))
