@@ -11,6 +11,9 @@ saw to ``OUT_DIR/<mode>-rank<r>.pt``:
   while ``HookCallback`` handles a training batch; validations in which rank 0 has 3 batches
   and rank 1 has 1, with a hook that stops rank 0's evaluation early; then ``predict`` over 5
   samples (3 batches and 2) with a per-run prediction hook.
+- ``early``: a ``stop_if_lower_hook`` checking every 3 s on clocks that disagree, over a
+  validation metric that only rank 1 sees cross the threshold (logged without sync): rank 1
+  alone decides to stop, and both ranks must stop at the same step.
 """
 
 import functools
@@ -36,6 +39,7 @@ from lightning_finalops import (  # noqa: E402
     HookCallback,
     LoggingTensorHook,
     SessionRunHook,
+    stop_if_lower_hook,
 )
 from lightning_finalops.hooks import timers  # noqa: E402
 
@@ -209,10 +213,52 @@ def uneven(out_dir: str) -> dict:
     }
 
 
+class ScriptedValidation(Module):
+    """Logs ``scripted`` per rank, unsynced: rank 1's drops below 0.5 at its third validation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.validations = 0
+        self.values = [1.0] * 100 if rank() == 0 else [1.0, 1.0] + [0.2] * 98
+
+    def validation_step(self, batch, batch_idx):
+        out = super().validation_step(batch, batch_idx)
+        self.log("scripted", self.values[self.validations])
+        return out
+
+    def on_validation_epoch_end(self) -> None:
+        self.validations += 1
+
+
+def early(out_dir: str) -> dict:
+    speed = {0: 1.0, 1: 2.7}[rank()]
+    ticks = itertools.count()
+    timers.clock = lambda: next(ticks) * speed
+    model = ScriptedValidation()
+    final = FinalOpsHook({"scripted": "scripted"})
+    stopper = stop_if_lower_hook(final, "scripted", 0.5, run_every_secs=3)
+    checked = []
+    trainer = make_trainer(
+        max_epochs=10, strategy="ddp", devices=2, use_distributed_sampler=False,
+        val_check_interval=2,
+        callbacks=[HookCallback(training_hooks=[stopper], evaluation_hooks=[final])],
+    )
+    original = stopper._should_stop_fn
+
+    def should_stop() -> bool:
+        checked.append(trainer.global_step)
+        return original()
+
+    stopper._should_stop_fn = should_stop
+    trainer.fit(model)
+    return {"global_step": trainer.global_step, "stopped": stopper.stopped, "checked": checked,
+            "evaluations": [step for step, _ in final.final_ops_history]}
+
+
 def main() -> None:
     out_dir, mode = sys.argv[1], sys.argv[2]
     torch.manual_seed(0)
-    result = {"clocks": clocks, "uneven": uneven}[mode](out_dir)
+    result = {"clocks": clocks, "uneven": uneven, "early": early}[mode](out_dir)
     torch.save(result, os.path.join(out_dir, f"{mode}-rank{rank()}.pt"))
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()  # avoids gloo's abort at interpreter exit

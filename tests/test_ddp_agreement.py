@@ -72,3 +72,16 @@ def test_evaluations_with_uneven_batches_and_a_one_rank_stop_finish(uneven) -> N
 def test_predict_with_uneven_batches_and_a_per_run_hook_finishes(uneven) -> None:
     rank0, rank1 = uneven
     assert (rank0["prediction_runs"], rank1["prediction_runs"]) == (3, 2)
+
+
+def test_an_early_stop_decided_on_one_rank_lands_at_the_same_step_on_both(tmp_path) -> None:
+    rank0, rank1 = _launch(tmp_path, "early")
+    assert (rank0["stopped"], rank1["stopped"]) == (False, True)  # rank 1 alone saw 0.2
+    assert rank0["global_step"] == rank1["global_step"]
+    # the checks ran at the same steps (rank 0's clock decides), the first on the first run
+    assert rank0["checked"] == rank1["checked"] and rank0["checked"][0] == 1
+    # rank 1's third validation (step 6) crossed; its next check requested the stop, which
+    # both ranks applied one run later
+    first_check_after = min(step for step in rank1["checked"] if step > 6)
+    assert rank1["global_step"] == first_check_after + 1
+    assert rank0["evaluations"][:3] == [2, 4, 6]
