@@ -18,6 +18,7 @@ from lightning_finalops import (
     FinalOpsHook,
     GlobalStepWaiterHook,
     HookCallback,
+    InMemoryEvaluatorHook,
     LoggingTensorHook,
     MonitoredSession,
     NanTensorHook,
@@ -28,6 +29,7 @@ from lightning_finalops import (
     StopAtStepHook,
     SummarySaverHook,
     audit_syncs,
+    stop_if_no_decrease_hook,
 )
 
 
@@ -43,6 +45,7 @@ class ReadsTheLoss(SessionRunHook):
 
 def standard_hooks(tmp_path, w):
     """Every standard hook, doing its per-run work, with its periodic work out of the way."""
+    final_ops = FinalOpsHook({"w": w, "loss": "loss"})
     return [
         StepCounterHook(every_n_steps=1000),
         LoggingTensorHook(["loss"], every_n_iter=1000),
@@ -51,7 +54,11 @@ def standard_hooks(tmp_path, w):
         FeedFnHook(lambda: {w: torch.ones(w.shape)}),
         GlobalStepWaiterHook(0),
         NanTensorHook("loss", non_blocking=True),
-        FinalOpsHook({"w": w, "loss": "loss"}),
+        final_ops,
+        # checks every run; only a new evaluation would cross to the host
+        stop_if_no_decrease_hook(final_ops, "loss", 10**6, run_every_secs=None,
+                                 run_every_steps=1),
+        InMemoryEvaluatorHook(lambda batch: None, lambda: [], every_n_iter=1000),
         CheckpointSaverHook(tmp_path / "ckpt", save_steps=1000),
         Counter(),
     ]
