@@ -24,6 +24,7 @@ from lightning_finalops import (
     FinalOpsHook,
     GlobalStepWaiterHook,
     HookCallback,
+    InMemoryEvaluatorHook,
     LoggingTensorHook,
     MonitoredSession,
     MonitoredTrainingSession,
@@ -33,6 +34,9 @@ from lightning_finalops import (
     StepCounterHook,
     StopAtStepHook,
     SummarySaverHook,
+    make_early_stopping_hook,
+    stop_if_lower_hook,
+    stop_if_no_decrease_hook,
 )
 
 HOSTILE = st.one_of(
@@ -102,7 +106,18 @@ def period_secs(v: Any) -> bool:
     return v is None or (real and not math.isnan(v) and v != math.inf)
 
 
+def seconds_or_zero(v: Any) -> bool:  # the early-stopping hooks: TF's 0 s is every run
+    real = isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+    return real and math.isfinite(v) and v >= 0
+
+
+def threshold(v: Any) -> bool:
+    real = isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+    return real and not math.isnan(v)
+
+
 SUMMARY = {"x": "x"}
+EVALS = FinalOpsHook({"loss": "loss"})
 
 CASES: List[Tuple[str, Callable[[Any], Any], Callable[[Any], bool]]] = [
     ("save_steps", lambda v: CheckpointSaverHook("ckpt", save_steps=v), steps),
@@ -146,6 +161,16 @@ CASES: List[Tuple[str, Callable[[Any], Any], Callable[[Any], bool]]] = [
     ("history_on_host", lambda v: FinalOpsHook("loss", history_on_host=v), flag),
     ("include_sanity_check", lambda v: HookCallback(include_sanity_check=v), flag),
     ("log_final_ops", lambda v: HookCallback(log_final_ops=v), flag),
+    ("every_n_iter", lambda v: InMemoryEvaluatorHook(print, list, every_n_iter=v), steps),
+    ("steps", lambda v: InMemoryEvaluatorHook(print, list, steps=v), steps),
+    ("run_every_steps",
+     lambda v: make_early_stopping_hook(bool, run_every_secs=None, run_every_steps=v), steps),
+    ("run_every_secs", lambda v: make_early_stopping_hook(bool, run_every_secs=v),
+     seconds_or_zero),
+    ("threshold", lambda v: stop_if_lower_hook(EVALS, "loss", v), threshold),
+    ("min_steps", lambda v: stop_if_lower_hook(EVALS, "loss", 0.5, min_steps=v), step_index),
+    ("max_steps_without_decrease", lambda v: stop_if_no_decrease_hook(EVALS, "loss", v),
+     step_index),
 ]
 
 

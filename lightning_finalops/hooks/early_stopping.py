@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import glob
 import logging
+import math
 import os
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -344,6 +345,13 @@ def make_early_stopping_hook(
     return _StopOnPredicateHook(should_stop_fn, run_every_secs, run_every_steps, name)
 
 
+def _check_threshold(threshold: Any) -> float:
+    value = check_number(threshold, "threshold")
+    if math.isnan(value):
+        raise ValueError("threshold must be a number, got nan (no metric value crosses it).")
+    return value
+
+
 def _predicate_hook(
     kind: str, eval_results: Any, metric_name: str, eval_dir: Optional[str],
     run_every_secs: Optional[float], run_every_steps: Optional[int],
@@ -387,7 +395,7 @@ def stop_if_higher_hook(
             ``eval_results`` and ``eval_dir``.
         KeyError: (at a check) ``metric_name`` is in no evaluation.
     """
-    threshold = check_number(threshold, "threshold")
+    threshold = _check_threshold(threshold)
     min_steps = check_int(min_steps, "min_steps", minimum=0)
     return _predicate_hook(
         "higher", eval_results, metric_name, eval_dir, run_every_secs, run_every_steps,
@@ -408,7 +416,7 @@ def stop_if_lower_hook(
 
     Arguments, return value and errors as :func:`stop_if_higher_hook`.
     """
-    threshold = check_number(threshold, "threshold")
+    threshold = _check_threshold(threshold)
     min_steps = check_int(min_steps, "min_steps", minimum=0)
     return _predicate_hook(
         "lower", eval_results, metric_name, eval_dir, run_every_secs, run_every_steps,
