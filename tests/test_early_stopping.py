@@ -349,3 +349,11 @@ def test_lightning_resume_after_an_early_stop_is_a_finished_job(tmp_path) -> Non
     trainer, stopper, model = fit(os.path.join(str(tmp_path), "last.ckpt"))
     assert trainer.global_step == 7 and stopper.stopped
     assert model.validations == 0  # nothing trained or evaluated again
+
+
+def test_make_early_stopping_hook_in_trainer_fit() -> None:
+    trainer = None
+    stopper = make_early_stopping_hook(lambda: trainer.global_step >= 5, run_every_secs=0)
+    trainer = make_trainer(max_epochs=20, callbacks=[HookCallback(training_hooks=[stopper])])
+    trainer.fit(DecreasingThenFlat())
+    assert trainer.global_step == 5 and stopper.stopped
