@@ -183,6 +183,9 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         self.name = name
         self._sessions: Dict[str, HookedSession] = {}
         self._warned_continue = False
+        # global steps at which a training session ended, recording an entry in the
+        # FinalOpsHooks it shares with the evaluations (left out of evaluation_history)
+        self._fit_end_steps: List[int] = []
         # Built from what identifies the callback (as Lightning's callbacks build theirs from
         # their arguments): its name, else its stateful hooks' keys, else its hooks' classes.
         # A resume whose key changed finds its state in on_load_checkpoint.
@@ -203,19 +206,29 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
 
         Every entry of every distinct ``FinalOpsHook`` in ``evaluation_hooks`` (so of
         ``final_ops``) whose values are a dict, ordered by global step (stable); entries at
-        one step are merged by their readers (the early-stopping hooks). ``final_ops`` also
-        records at the end of each ``fit``: that entry is in the history too, with the
-        values the final ops had then (a name fetched from ``callback_metrics`` repeats the
-        last validation's value). The values are the recorded objects (tensors on their
-        device), kept with the hooks' state in checkpoints.
+        one step are merged by their readers (the early-stopping hooks). The entries that
+        ``final_ops`` (or any ``FinalOpsHook`` in both lists) records at the end of each
+        ``fit`` are not evaluations and are left out (their steps are part of the callback's
+        state, so a resumed run leaves them out too). The values are the recorded objects
+        (tensors on their device), kept with the hooks' state in checkpoints.
         """
         seen = set()
+        shared = {id(h) for h in self._fit_end_hooks()}
         entries: List[Tuple[int, Any]] = []
         for hook in self.evaluation_hooks:
             if isinstance(hook, FinalOpsHook) and id(hook) not in seen:
                 seen.add(id(hook))
-                entries.extend(e for e in hook.final_ops_history if isinstance(e[1], Mapping))
+                history = hook.final_ops_history
+                if id(hook) in shared:
+                    history = _without_fit_end_entries(history, self._fit_end_steps)
+                entries.extend(e for e in history if isinstance(e[1], Mapping))
         return sorted(entries, key=lambda entry: entry[0])
+
+    def _fit_end_hooks(self) -> List[FinalOpsHook]:
+        """The ``FinalOpsHook`` s of both the training and the evaluation sessions."""
+        evaluation = {id(h) for h in self.evaluation_hooks}
+        return [h for h in self.training_hooks
+                if isinstance(h, FinalOpsHook) and id(h) in evaluation]
 
     @property
     def state_key(self) -> str:
@@ -252,7 +265,10 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         ``{}`` (so nothing in the checkpoint) when no hook has state.
         """
         states = hook_state_dict(self._all_hooks())
-        return {"hooks": states} if states else {}
+        state: Dict[str, Any] = {"hooks": states} if states else {}
+        if self._fit_end_steps:
+            state["fit_end_steps"] = list(self._fit_end_steps)
+        return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Give every hook its saved state (Lightning calls this on ``ckpt_path=...``).
@@ -269,6 +285,7 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
                 f"{type(state_dict).__name__}."
             )
         load_hook_state_dict(self._all_hooks(), state_dict.get("hooks", {}))
+        self._fit_end_steps = [int(step) for step in state_dict.get("fit_end_steps", ())]
 
     # -- sessions --------------------------------------------------------------------------
     def _open(
@@ -301,6 +318,8 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         if session is not None:
             session.abort_run()  # a run Lightning never finished (no batch end)
             session.end()
+            if kind == TRAINING and self._fit_end_hooks():
+                self._fit_end_steps.append(session.engine.global_step)
             training = session if kind == TRAINING else self._sessions.get(TRAINING)
             if training is not None and training.created:
                 training.engine.refresh_checkpoint()
@@ -516,6 +535,26 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             except Exception as e:  # pragma: no cover - defensive
                 warnings.warn(f"HookCallback could not end the step: {e!r}", stacklevel=2)
         self._sessions.clear()
+
+
+def _without_fit_end_entries(history: Sequence[Tuple[int, Any]],
+                             fit_end_steps: Sequence[int]) -> List[Tuple[int, Any]]:
+    """``history`` less the entries recorded at the end of a ``fit``.
+
+    The end of ``fit`` comes after every validation at its step, so its entry is the last
+    one at that step (one per ``fit`` that ended there).
+    """
+    to_drop: Dict[int, int] = {}
+    for step in fit_end_steps:
+        to_drop[step] = to_drop.get(step, 0) + 1
+    kept: List[Tuple[int, Any]] = []
+    for entry in reversed(history):
+        if to_drop.get(entry[0], 0) > 0:
+            to_drop[entry[0]] -= 1
+            continue
+        kept.append(entry)
+    kept.reverse()
+    return kept
 
 
 def _orphan_states_by_callback(trainer: Any, states: Mapping[str, Any]) -> Dict[int, str]:

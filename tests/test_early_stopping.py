@@ -357,3 +357,35 @@ def test_make_early_stopping_hook_in_trainer_fit() -> None:
     trainer = make_trainer(max_epochs=20, callbacks=[HookCallback(training_hooks=[stopper])])
     trainer.fit(DecreasingThenFlat())
     assert trainer.global_step == 5 and stopper.stopped
+
+
+def test_hookcallback_history_leaves_out_the_end_of_fit_entry_also_after_resume(tmp_path):
+    """The entry ``final_ops`` records at the end of a fit is no evaluation: counted as one,
+    it would end the patience early on resume (best 0.3 at step 12, fit ended at 14)."""
+    from lightning_finalops import CheckpointSaverHook
+
+    def fit(max_steps, ckpt_path=None):
+        evaluations = HookCallback(final_ops={"scripted_loss": "scripted_loss"},
+                                   log_final_ops=False, name="evals")
+        stopper = stop_if_no_decrease_hook(evaluations, "scripted_loss", 2,
+                                           run_every_secs=None, run_every_steps=1)
+        saver = CheckpointSaverHook(str(tmp_path), save_steps=1)
+        trainer = make_trainer(max_steps=max_steps, max_epochs=-1, val_check_interval=4,
+                               callbacks=[evaluations, HookCallback(
+                                   training_hooks=[stopper, saver], name="stopper")])
+        model = DecreasingThenFlat()
+        model.validations = 0 if ckpt_path is None else 3
+        trainer.fit(model, ckpt_path=ckpt_path)
+        return trainer, evaluations
+
+    trainer, evaluations = fit(14)
+    assert [s for s, _ in evaluations.final_ops_hook.final_ops_history] == [4, 8, 12, 14]
+    assert [s for s, _ in evaluations.evaluation_history] == [4, 8, 12]
+    trainer, evaluations = fit(40, os.path.join(str(tmp_path), "model.ckpt-14"))
+    # as without the interruption: validation at 16 (16 - 12 >= 2), the stop one run later
+    assert trainer.global_step == 17
+    # Lightning validates once more when the stop ends the epoch (step 17); both ends of
+    # fit (14 and 17) are left out
+    assert [s for s, _ in evaluations.final_ops_hook.final_ops_history] == [
+        4, 8, 12, 14, 16, 17, 17]
+    assert [s for s, _ in evaluations.evaluation_history] == [4, 8, 12, 16, 17]
