@@ -67,3 +67,16 @@ def test_a_stop_hook_for_the_chief_alone_is_refused_with_several_ranks(launches)
     _, results = launches
     for rank in results["first"]:
         assert "chief_only_hooks holds ['StopAtStepHook']" in rank["chief_only_stop"]
+
+
+def test_in_memory_evaluation_on_shards_agrees_and_stops_every_rank_at_one_step(tmp_path):
+    run_launch("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               SCRIPT, str(tmp_path), "evaluate")
+    rank0, rank1 = (torch.load(tmp_path / f"evaluate-rank{r}.pt", weights_only=False)
+                    for r in (0, 1))
+    # 3 batches on rank 0, 1 on rank 1: torchmetrics reduced them, so both ranks hold the
+    # mean over all 8 samples, and decided the same
+    assert rank0["history"] == rank1["history"]
+    assert rank0["history"][-1][1] == pytest.approx(rank0["by_hand"], rel=1e-5)
+    assert rank0["stopped"] and rank1["stopped"]
+    assert rank0["global_step"] == rank1["global_step"] < 40

@@ -5,7 +5,9 @@ A plain training loop (DDP-wrapped ``Linear`` on gloo) under ``MonitoredTraining
 with a ``CheckpointSaverHook`` every 2 steps and a ``FinalOpsHook`` over a torchmetrics mean
 of the loss. MODE ``first``: rank 1 alone asks to stop at step 3. MODE ``resume``: a second
 launch restores from the checkpoints and trains to step 6. Each rank saves what it saw to
-``OUT/<mode>-rank<r>.pt``, including how many checkpoint files it wrote itself.
+``OUT/<mode>-rank<r>.pt``, including how many checkpoint files it wrote itself. MODE
+``evaluate``: an ``InMemoryEvaluatorHook`` whose ranks evaluate shards of different sizes
+(3 batches and 1) into a torchmetrics mean, and a ``stop_if_no_decrease_hook`` on its history.
 """
 
 import os
@@ -20,10 +22,12 @@ warnings.filterwarnings("ignore")
 
 from lightning_finalops import (  # noqa: E402
     FinalOpsHook,
+    InMemoryEvaluatorHook,
     MonitoredSession,
     MonitoredTrainingSession,
     SessionRunHook,
     StopAtStepHook,
+    stop_if_no_decrease_hook,
 )
 
 
@@ -33,10 +37,59 @@ class StopOnRankOne(SessionRunHook):
             run_context.request_stop()
 
 
+def evaluate(out: str, rank: int) -> None:
+    """Every rank evaluates its shard; the metric reduces, so every rank sees the same."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 1)
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+    eval_x = torch.randn(8, 3, generator=torch.Generator().manual_seed(7))
+    shards = {0: [eval_x[0:2], eval_x[2:4], eval_x[4:6]], 1: [eval_x[6:8]]}
+    eval_mse = torchmetrics.MeanMetric()
+
+    def eval_step(x):
+        eval_mse.update((net(x) - x.sum(1, keepdim=True)).pow(2).reshape(-1))
+
+    evaluator = InMemoryEvaluatorHook(eval_step, lambda: shards[rank], every_n_iter=2,
+                                      hooks=[FinalOpsHook({"mse": eval_mse})])
+    stopper = stop_if_no_decrease_hook(evaluator, "mse", 2, run_every_secs=None,
+                                       run_every_steps=1)
+    with MonitoredSession([evaluator, stopper, StopAtStepHook(last_step=40)],
+                          modules=net) as sess:
+        while not sess.should_stop():
+            g = torch.Generator().manual_seed(100 * sess.global_step + rank)
+            x = torch.randn(4, 3, generator=g)
+
+            def train_step(x=x, ddp=ddp):
+                optimizer.zero_grad()
+                # a learning rate that overshoots from step 4 on: the mse stops decreasing
+                for group in optimizer.param_groups:
+                    group["lr"] = 0.05 if sess.global_step < 4 else 1.5
+                loss = torch.nn.functional.mse_loss(ddp(x), x.sum(1, keepdim=True))
+                loss.backward()
+                optimizer.step()
+
+            sess.run(train_step)
+    # the mean of all 8 samples' squared errors, by hand on the final weights
+    with torch.no_grad():
+        by_hand = (net(eval_x) - eval_x.sum(1, keepdim=True)).pow(2).mean()
+    torch.save({
+        "global_step": sess.global_step, "stopped": stopper.stopped,
+        "history": [(step, float(v["mse"])) for step, v in evaluator.evaluation_history],
+        "by_hand": float(by_hand),
+    }, os.path.join(out, f"evaluate-rank{rank}.pt"))
+    del ddp
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main() -> None:
     out, mode = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    if mode == "evaluate":
+        evaluate(out, rank)
+        return
     writes = [0]
     real_save = torch.save
 
