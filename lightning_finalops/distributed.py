@@ -11,12 +11,14 @@ run after the request, and no rank waits for another on a step where nothing was
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["RankAgreement", "broadcast_from_rank_zero", "is_rank_zero", "world_size"]
+__all__ = [
+    "RankAgreement", "any_rank_async", "broadcast_from_rank_zero", "is_rank_zero", "world_size",
+]
 
 # (the default group it was made for, the gloo group): a group re-created after a
 # destroy_process_group() gets a gloo group of its own, even at a reused address
@@ -59,6 +61,25 @@ def broadcast_from_rank_zero(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0, group=_cpu_group())
     return box[0]
+
+
+def any_rank_async(flag: bool) -> Callable[[], bool]:
+    """Start asking whether any rank's ``flag`` is True, without waiting for the answer.
+
+    One all-reduce of a one-element CPU tensor over the ranks' CPU group, issued with
+    ``async_op=True``; every rank must call it at the same point.
+
+    Returns:
+        A function that waits for the answer (call it a run later: it has long arrived).
+    """
+    vector = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)
+    work = dist.all_reduce(vector, op=dist.ReduceOp.MAX, group=_cpu_group(), async_op=True)
+
+    def answer() -> bool:
+        work.wait()
+        return bool(vector[0] > 0)
+
+    return answer
 
 
 class RankAgreement:

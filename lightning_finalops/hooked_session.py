@@ -471,6 +471,7 @@ class HookedSession:
         self.created = True
         if self._agree:
             self._agreement = self.engine.rank_agreement()
+            self.engine.agrees_across_ranks = self._agreement is not None
             if self._agreement is not None:
                 # restored when the session ends: an enclosing session's agreed time
                 self._time_before = timers.agreed_time()

@@ -183,9 +183,8 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         self.name = name
         self._sessions: Dict[str, HookedSession] = {}
         self._warned_continue = False
-        # global steps at which a training session ended, recording an entry in the
-        # FinalOpsHooks it shares with the evaluations (left out of evaluation_history)
-        self._fit_end_steps: List[int] = []
+        # (global step, values) of every evaluation session's FinalOpsHooks (its state)
+        self._evaluations: List[Tuple[int, Any]] = []
         # Built from what identifies the callback (as Lightning's callbacks build theirs from
         # their arguments): its name, else its stateful hooks' keys, else its hooks' classes.
         # A resume whose key changed finds its state in on_load_checkpoint.
@@ -202,33 +201,32 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
 
     @property
     def evaluation_history(self) -> List[Tuple[int, Any]]:
-        """``[(global step, {name: value})]`` of the ``FinalOpsHook`` s of the evaluations.
+        """``[(global step, {name: value})]``: what each evaluation's ``FinalOpsHook`` s recorded.
 
-        Every entry of every distinct ``FinalOpsHook`` in ``evaluation_hooks`` (so of
-        ``final_ops``) whose values are a dict, ordered by global step (stable); entries at
-        one step are merged by their readers (the early-stopping hooks). The entries that
-        ``final_ops`` (or any ``FinalOpsHook`` in both lists) records at the end of each
-        ``fit`` are not evaluations and are left out (their steps are part of the callback's
-        state, so a resumed run leaves them out too). The values are the recorded objects
-        (tensors on their device), kept with the hooks' state in checkpoints.
+        One entry per evaluation session (every validation, also inside ``fit``, and every
+        ``Trainer.test``) and per distinct ``FinalOpsHook`` of ``evaluation_hooks`` (so of
+        ``final_ops``) whose values are a dict, oldest first. What ``final_ops`` records at
+        the end of a ``fit`` is no evaluation and is not in it. The values are the recorded
+        objects (tensors on their device); the history is the callback's checkpointed state.
+        The early-stopping hooks read it.
         """
-        seen = set()
-        shared = {id(h) for h in self._fit_end_hooks()}
-        entries: List[Tuple[int, Any]] = []
-        for hook in self.evaluation_hooks:
-            if isinstance(hook, FinalOpsHook) and id(hook) not in seen:
-                seen.add(id(hook))
-                history = hook.final_ops_history
-                if id(hook) in shared:
-                    history = _without_fit_end_entries(history, self._fit_end_steps)
-                entries.extend(e for e in history if isinstance(e[1], Mapping))
-        return sorted(entries, key=lambda entry: entry[0])
+        return self._evaluations
 
-    def _fit_end_hooks(self) -> List[FinalOpsHook]:
-        """The ``FinalOpsHook`` s of both the training and the evaluation sessions."""
-        evaluation = {id(h) for h in self.evaluation_hooks}
-        return [h for h in self.training_hooks
-                if isinstance(h, FinalOpsHook) and id(h) in evaluation]
+    def check_evaluation_history(self, argument: str) -> None:
+        """Fail when the evaluations record nothing (no ``FinalOpsHook`` with dict values).
+
+        Args:
+            argument: the argument this callback was given as, for the message.
+
+        Raises:
+            ValueError: no ``FinalOpsHook`` of ``evaluation_hooks`` evaluates a dict.
+        """
+        if not any(isinstance(h, FinalOpsHook) and isinstance(h.final_ops, Mapping)
+                   for h in self.evaluation_hooks):
+            raise ValueError(
+                f"{argument}: this HookCallback's evaluations record nothing to stop on: give "
+                "it final_ops={'name': ...} or a FinalOpsHook({...}) in evaluation_hooks."
+            )
 
     @property
     def state_key(self) -> str:
@@ -266,8 +264,8 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         """
         states = hook_state_dict(self._all_hooks())
         state: Dict[str, Any] = {"hooks": states} if states else {}
-        if self._fit_end_steps:
-            state["fit_end_steps"] = list(self._fit_end_steps)
+        if self._evaluations:
+            state["evaluation_history"] = list(self._evaluations)
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -285,7 +283,8 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
                 f"{type(state_dict).__name__}."
             )
         load_hook_state_dict(self._all_hooks(), state_dict.get("hooks", {}))
-        self._fit_end_steps = [int(step) for step in state_dict.get("fit_end_steps", ())]
+        self._evaluations = [(int(step), values)
+                             for step, values in state_dict.get("evaluation_history", ())]
 
     # -- sessions --------------------------------------------------------------------------
     def _open(
@@ -317,12 +316,32 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         session = self._sessions.pop(kind, None)
         if session is not None:
             session.abort_run()  # a run Lightning never finished (no batch end)
+            latest = self._latest_entries() if kind == EVALUATION else None
             session.end()
-            if kind == TRAINING and self._fit_end_hooks():
-                self._fit_end_steps.append(session.engine.global_step)
+            if latest is not None:
+                self._record_evaluation(latest)
             training = session if kind == TRAINING else self._sessions.get(TRAINING)
             if training is not None and training.created:
                 training.engine.refresh_checkpoint()
+
+    def _evaluation_final_ops(self) -> List[FinalOpsHook]:
+        distinct: Dict[int, FinalOpsHook] = {}
+        for hook in self.evaluation_hooks:
+            if isinstance(hook, FinalOpsHook):
+                distinct.setdefault(id(hook), hook)
+        return list(distinct.values())
+
+    def _latest_entries(self) -> List[Any]:
+        """Each evaluation ``FinalOpsHook``'s latest history entry (or ``None``)."""
+        return [h.final_ops_history[-1] if h.final_ops_history else None
+                for h in self._evaluation_final_ops()]
+
+    def _record_evaluation(self, before: List[Any]) -> None:
+        """Keep the entries the evaluation session that just ended recorded."""
+        for hook, previous in zip(self._evaluation_final_ops(), before):
+            history = hook.final_ops_history
+            if history and history[-1] is not previous and isinstance(history[-1][1], Mapping):
+                self._evaluations.append(history[-1])
 
     def _finished_before_start(self, trainer: Any) -> bool:
         """Whether ``fit`` restored a job that had already reached its end, so ran nothing."""
@@ -535,26 +554,6 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             except Exception as e:  # pragma: no cover - defensive
                 warnings.warn(f"HookCallback could not end the step: {e!r}", stacklevel=2)
         self._sessions.clear()
-
-
-def _without_fit_end_entries(history: Sequence[Tuple[int, Any]],
-                             fit_end_steps: Sequence[int]) -> List[Tuple[int, Any]]:
-    """``history`` less the entries recorded at the end of a ``fit``.
-
-    The end of ``fit`` comes after every validation at its step, so its entry is the last
-    one at that step (one per ``fit`` that ended there).
-    """
-    to_drop: Dict[int, int] = {}
-    for step in fit_end_steps:
-        to_drop[step] = to_drop.get(step, 0) + 1
-    kept: List[Tuple[int, Any]] = []
-    for entry in reversed(history):
-        if to_drop.get(entry[0], 0) > 0:
-            to_drop[entry[0]] -= 1
-            continue
-        kept.append(entry)
-    kept.reverse()
-    return kept
 
 
 def _orphan_states_by_callback(trainer: Any, states: Mapping[str, Any]) -> Dict[int, str]:

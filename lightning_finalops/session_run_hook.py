@@ -373,6 +373,11 @@ class RawSession(abc.ABC):
     ``MonitoredSession`` and under ``HookCallback``.
     """
 
+    #: Whether this session's ranks take their decisions together (a training session on
+    #: several ranks, set when the session is created): every rank runs every run with the
+    #: same hooks, so a hook may start a collective at a step that every rank reaches.
+    agrees_across_ranks: bool = False
+
     @abc.abstractmethod
     def run(self, fetches: Any, feed_dict: Optional[Mapping[Any, Any]] = None) -> Any:
         """Evaluate ``fetches`` now, without hooks, with ``feed_dict`` applied for this call."""

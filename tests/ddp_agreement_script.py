@@ -234,25 +234,38 @@ def early(out_dir: str) -> dict:
     speed = {0: 1.0, 1: 2.7}[rank()]
     ticks = itertools.count()
     timers.clock = lambda: next(ticks) * speed
-    model = ScriptedValidation()
-    final = FinalOpsHook({"scripted": "scripted"})
-    stopper = stop_if_lower_hook(final, "scripted", 0.5, run_every_secs=3)
-    checked = []
-    trainer = make_trainer(
-        max_epochs=10, strategy="ddp", devices=2, use_distributed_sampler=False,
-        val_check_interval=2,
-        callbacks=[HookCallback(training_hooks=[stopper], evaluation_hooks=[final])],
-    )
-    original = stopper._should_stop_fn
+    ckpt_dir = os.path.join(out_dir, "early-ckpt")
 
-    def should_stop() -> bool:
-        checked.append(trainer.global_step)
-        return original()
+    def fit(ckpt_path=None):
+        model = ScriptedValidation()
+        final = FinalOpsHook({"scripted": "scripted"})
+        stopper = stop_if_lower_hook(final, "scripted", 0.5, run_every_secs=3)
+        saver = CheckpointSaverHook(ckpt_dir, save_steps=1)
+        trainer = make_trainer(
+            max_epochs=10, strategy="ddp", devices=2, use_distributed_sampler=False,
+            val_check_interval=2, callbacks=[HookCallback(
+                training_hooks=[stopper, saver], evaluation_hooks=[final])],
+        )
+        checked = []
+        original = stopper._should_stop_fn
 
-    stopper._should_stop_fn = should_stop
-    trainer.fit(model)
-    return {"global_step": trainer.global_step, "stopped": stopper.stopped, "checked": checked,
-            "evaluations": [step for step, _ in final.final_ops_history]}
+        def should_stop() -> bool:
+            checked.append(trainer.global_step)
+            return original()
+
+        stopper._should_stop_fn = should_stop
+        trainer.fit(model, ckpt_path=ckpt_path)
+        return trainer, stopper, checked, final, model
+
+    trainer, stopper, checked, final, _ = fit()
+    result = {"global_step": trainer.global_step, "stopped": stopper.stopped,
+              "checked": checked, "evaluations": [step for step, _ in final.final_ops_history]}
+    # resume from the last checkpoint (rank 0 wrote it): the early stop holds on every rank
+    latest = os.path.join(ckpt_dir, f"model.ckpt-{trainer.global_step}")
+    trainer, stopper, checked, _, model = fit(latest)
+    result["resumed"] = {"global_step": trainer.global_step, "stopped": stopper.stopped,
+                         "checked": checked, "validations": model.validations}
+    return result
 
 
 def main() -> None:

@@ -76,12 +76,16 @@ def test_predict_with_uneven_batches_and_a_per_run_hook_finishes(uneven) -> None
 
 def test_an_early_stop_decided_on_one_rank_lands_at_the_same_step_on_both(tmp_path) -> None:
     rank0, rank1 = _launch(tmp_path, "early")
-    assert (rank0["stopped"], rank1["stopped"]) == (False, True)  # rank 1 alone saw 0.2
     assert rank0["global_step"] == rank1["global_step"]
     # the checks ran at the same steps (rank 0's clock decides), the first on the first run
     assert rank0["checked"] == rank1["checked"] and rank0["checked"][0] == 1
-    # rank 1's third validation (step 6) crossed; its next check requested the stop, which
-    # both ranks applied one run later
+    # rank 1's third validation (step 6) crossed (rank 0's never did); its next check asked,
+    # and both ranks recorded the stop and applied it one run later
     first_check_after = min(step for step in rank1["checked"] if step > 6)
     assert rank1["global_step"] == first_check_after + 1
+    assert rank0["stopped"] and rank1["stopped"]
     assert rank0["evaluations"][:3] == [2, 4, 6]
+    # a resume from the checkpoint rank 0 wrote stays stopped on both ranks: nothing runs
+    for resumed in (rank0["resumed"], rank1["resumed"]):
+        assert resumed == {"global_step": rank0["global_step"], "stopped": True,
+                           "checked": [], "validations": 0}

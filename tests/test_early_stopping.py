@@ -191,12 +191,22 @@ def test_stop_is_the_hooks_state(should_stop) -> None:
 
 
 def test_a_restored_stop_stops_the_session_at_its_creation() -> None:
+    with MonitoredSession([make_early_stopping_hook(lambda: True)]) as sess:
+        sess.run(lambda: None)
+        state = sess.state_dict()
     calls = []
     hook = make_early_stopping_hook(lambda: calls.append(1) or False)
-    hook.load_state_dict({"stop": True})
-    with MonitoredSession([hook]) as sess:
+    with MonitoredSession([hook], state=state) as sess:
         assert sess.should_stop()
-    assert calls == []
+    assert calls == [] and hook.stopped
+
+
+def test_a_stopped_hook_reused_without_a_checkpoint_starts_unstopped() -> None:
+    answers = iter([True, False, False])
+    hook = make_early_stopping_hook(lambda: next(answers), run_every_secs=0)
+    assert stops_after_one_run(hook)
+    assert not stops_after_one_run(hook)  # a new session: TF's STOP started False
+    assert not hook.stopped
 
 
 def test_run_every_steps_checks_on_the_first_run_then_every_n_steps() -> None:
@@ -389,3 +399,42 @@ def test_hookcallback_history_leaves_out_the_end_of_fit_entry_also_after_resume(
     assert [s for s, _ in evaluations.final_ops_hook.final_ops_history] == [
         4, 8, 12, 14, 16, 17, 17]
     assert [s for s, _ in evaluations.evaluation_history] == [4, 8, 12, 16, 17]
+
+
+def test_values_that_are_numpy_scalars_count() -> None:
+    import numpy as np
+
+    hook = FinalOpsHook({"acc": torch.zeros(())})
+    hook.load_state_dict({"final_ops_history": [(10, {"acc": np.float32(0.9)})]})
+    assert stops_after_one_run(stop_if_higher_hook(hook, "acc", 0.5))
+
+
+def test_a_metric_that_is_not_one_number_is_a_clear_error() -> None:
+    hook = FinalOpsHook({"acc": torch.zeros(2)})
+    hook.load_state_dict({"final_ops_history": [(10, {"acc": torch.zeros(2)})]})
+    with pytest.raises(TypeError, match="'acc' at step 10 is not one number"):
+        stops_after_one_run(stop_if_higher_hook(hook, "acc", 0.5))
+
+
+def test_sources_that_can_never_stop_are_refused_when_built() -> None:
+    with pytest.raises(TypeError, match="final_ops must be a dict"):
+        stop_if_lower_hook(FinalOpsHook(torch.zeros(())), "loss", 0.5)
+    with pytest.raises(ValueError, match="evaluations record nothing"):
+        stop_if_lower_hook(HookCallback(), "loss", 0.5)
+    with pytest.raises(ValueError, match="run_every_secs must be a finite number of seconds >= 0"):
+        make_early_stopping_hook(lambda: True, run_every_secs=-1)
+    with pytest.raises(ValueError, match="metric_name"):
+        stop_if_lower_hook(FinalOpsHook({"loss": "loss"}), "", 0.5)
+
+
+def test_hookcallback_history_keeps_a_validate_after_fit_at_the_same_step() -> None:
+    evaluations = HookCallback(final_ops={"scripted_loss": "scripted_loss"},
+                               log_final_ops=False)
+    trainer = make_trainer(max_steps=4, max_epochs=-1, val_check_interval=4,
+                           callbacks=[evaluations])
+    model = DecreasingThenFlat()
+    trainer.fit(model)
+    trainer.validate(model)  # at the same global step as the end of fit
+    history = evaluations.evaluation_history
+    assert [s for s, _ in history] == [4, 4]
+    assert [float(v["scripted_loss"]) for _, v in history] == pytest.approx([0.9, 0.5])

@@ -203,6 +203,7 @@ def test_metrics_are_reset_when_each_evaluation_starts() -> None:
 
 def test_an_exception_in_an_evaluation_propagates_without_end() -> None:
     recorder = Recorder()
+    model = nn.Linear(1, 1)
 
     def eval_step(batch):
         if batch == 1:
@@ -211,8 +212,65 @@ def test_an_exception_in_an_evaluation_propagates_without_end() -> None:
 
     evaluator = InMemoryEvaluatorHook(eval_step, lambda: range(3), hooks=[recorder])
     with pytest.raises(RuntimeError, match="bad batch"):
-        train([evaluator], 2)
+        train([evaluator], 2, modules=model)
     assert "end" not in [c if isinstance(c, str) else c[0] for c in recorder.calls]
+    assert model.training  # back in train mode
+
+
+def test_a_stop_iteration_in_eval_step_ends_that_evaluation_not_training() -> None:
+    recorder = Recorder()
+
+    def eval_step(batch):
+        if batch == 1:
+            raise StopIteration  # e.g. next() on an exhausted iterator inside the step
+        return {"twice": torch.tensor(2.0 * batch)}
+
+    evaluator = InMemoryEvaluatorHook(eval_step, lambda: range(3), hooks=[recorder],
+                                      every_n_iter=2)
+    assert train([evaluator], 10) == 10  # training went on to its end
+    assert [s for s, _ in evaluator.evaluation_history] == [0, 2, 4, 6, 8, 10, 10]
+    assert recorder.calls.count(("end", 10)) == 2  # each evaluation ended cleanly
+
+
+def test_each_returned_name_is_averaged_over_the_batches_that_returned_it() -> None:
+    evaluator = InMemoryEvaluatorHook(
+        lambda b: {"loss": torch.tensor(float(b)), **({"acc": 1.0} if b == 0 else {})},
+        lambda: range(4), every_n_iter=100)
+    train([evaluator], 1)
+    assert history(evaluator)[0] == (0, {"loss": 1.5, "acc": 1.0})
+
+
+def test_modules_that_are_not_modules_are_refused() -> None:
+    with pytest.raises(TypeError, match="modules must be a torch.nn.Module"):
+        InMemoryEvaluatorHook(print, list, modules=iter([nn.Linear(1, 1)]))
+    with pytest.raises(TypeError, match="name must be a str"):
+        InMemoryEvaluatorHook(print, list, name=3)
+    with pytest.raises(TypeError, match="every_n_iter must be an int"):
+        InMemoryEvaluatorHook(print, list, every_n_iter="3")
+    hook = Recorder()
+    with pytest.raises(ValueError, match="same Recorder object"):
+        InMemoryEvaluatorHook(print, list, hooks=[hook, hook])
+
+
+def test_in_a_lightning_fit_on_the_lightning_module() -> None:
+    from lightning_models import make_module_class, make_trainer
+
+    from lightning_finalops import HookCallback
+
+    model = make_module_class()(n_train=8)
+    modes = []
+
+    def eval_step(batch):
+        x, y = batch
+        modes.append((model.training, torch.is_grad_enabled()))
+        return {"loss": nn.functional.mse_loss(model.layer(x), y)}
+
+    data = [(torch.randn(2, 4), torch.randn(2, 1))]
+    evaluator = InMemoryEvaluatorHook(eval_step, lambda: data, every_n_iter=3)
+    make_trainer(max_steps=7, max_epochs=-1, limit_val_batches=0,
+                 callbacks=[HookCallback(training_hooks=[evaluator])]).fit(model)
+    assert [s for s, _ in evaluator.evaluation_history] == [0, 3, 6, 7]
+    assert set(modes) == {(False, False)}
 
 
 # -- with early stopping and checkpoints ---------------------------------------------------------

@@ -103,7 +103,7 @@ def _restore_library_logger():
     logger.setLevel(level)
     from lightning_finalops.hooks import summary
 
-    summary._SummaryWriterCache.clear()  # the writers the guide's hooks opened
+    summary.SummaryWriterCache.clear()  # the writers the guide's hooks opened
 
 
 def test_every_runnable_block_runs_in_order(tmp_path, monkeypatch, capsys,

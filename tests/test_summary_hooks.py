@@ -57,7 +57,7 @@ def clock(monkeypatch) -> FakeClock:
 @pytest.fixture(autouse=True)
 def _close_cached_writers():
     yield
-    summary._SummaryWriterCache.clear()
+    summary.SummaryWriterCache.clear()
 
 
 def events(logdir) -> EventAccumulator:

@@ -46,6 +46,9 @@ class ReadsTheLoss(SessionRunHook):
 def standard_hooks(tmp_path, w):
     """Every standard hook, doing its per-run work, with its periodic work out of the way."""
     final_ops = FinalOpsHook({"w": w, "loss": "loss"})
+    evaluated = FinalOpsHook({"loss": torch.zeros(())})  # two evaluations already recorded
+    evaluated.load_state_dict({"final_ops_history": [(0, {"loss": torch.tensor(1.0)}),
+                                                     (0, {"loss": torch.tensor(0.5)})]})
     return [
         StepCounterHook(every_n_steps=1000),
         LoggingTensorHook(["loss"], every_n_iter=1000),
@@ -55,10 +58,12 @@ def standard_hooks(tmp_path, w):
         GlobalStepWaiterHook(0),
         NanTensorHook("loss", non_blocking=True),
         final_ops,
-        # checks every run; only a new evaluation would cross to the host
-        stop_if_no_decrease_hook(final_ops, "loss", 10**6, run_every_secs=None,
+        # checks every run; each evaluation crosses to the host once, not at every check
+        stop_if_no_decrease_hook(evaluated, "loss", 10**6, run_every_secs=None,
                                  run_every_steps=1),
-        InMemoryEvaluatorHook(lambda batch: None, lambda: [], every_n_iter=1000),
+        # evaluates at every run: its per-batch means stay on the device
+        InMemoryEvaluatorHook(lambda batch: {"x": batch * 2}, lambda: [torch.ones(())],
+                              every_n_iter=1),
         CheckpointSaverHook(tmp_path / "ckpt", save_steps=1000),
         Counter(),
     ]

@@ -23,12 +23,14 @@ import collections
 import glob
 import logging
 import math
+import numbers
 import os
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from lightning_finalops.distributed import any_rank_async
 from lightning_finalops.fetches import to_host
 from lightning_finalops.hooks.final_ops import FinalOpsHook
 from lightning_finalops.hooks.timers import SecondOrStepTimer
@@ -69,6 +71,8 @@ def read_eval_metrics(eval_dir: str) -> collections.OrderedDict[int, Dict[str, f
         ``OrderedDict({global step: {tag: value}})``, steps ascending.
 
     Raises:
+        TypeError: ``eval_dir`` is not a str or ``os.PathLike``.
+        ValueError: ``eval_dir`` is empty.
         ImportError: the ``tensorboard`` package (``pip install
             lightning-finalops[tensorboard]``) is not installed.
     """
@@ -122,12 +126,20 @@ def _history_source(eval_results: Any, eval_dir: Optional[str]) -> Callable[[], 
             "Give eval_results (evaluations kept in memory) or eval_dir (event files), not both."
         )
     if isinstance(eval_results, FinalOpsHook):
+        if not isinstance(eval_results.final_ops, Mapping):
+            raise TypeError(
+                "eval_results: the FinalOpsHook's final_ops must be a dict of named metrics "
+                f"to stop on, got {describe(eval_results.final_ops)}."
+            )
         return lambda: eval_results.final_ops_history
     if not hasattr(type(eval_results), "evaluation_history"):
         raise TypeError(
             "`eval_results` must be a FinalOpsHook, a HookCallback or an "
             f"InMemoryEvaluatorHook (or None with eval_dir). Got: {describe(eval_results)}"
         )
+    check = getattr(eval_results, "check_evaluation_history", None)
+    if callable(check):
+        check("eval_results")  # e.g. a HookCallback with no evaluation to read
     return lambda: eval_results.evaluation_history
 
 
@@ -157,21 +169,28 @@ class _HostValues:
         return collections.OrderedDict(sorted(merged.items()))
 
 
-def _as_floats(values: Any) -> Dict[str, float]:
+class _NotScalar(str):
+    """What an evaluation holds for a value that is not one number (its description)."""
+
+
+def _as_floats(values: Any) -> Dict[str, Any]:
     if not isinstance(values, Mapping):
         raise TypeError(
             "An evaluation's values must be a dict of named metrics for early stopping, got "
             f"{describe(values)}: give the FinalOpsHook a dict, e.g. FinalOpsHook({{'loss': "
             "metric}})."
         )
-    scalars = {}
+    scalars: Dict[str, Any] = {}
+    others: Dict[str, Any] = {}
     for name, value in values.items():
-        if isinstance(value, torch.Tensor) and value.numel() != 1:
-            continue  # not a scalar metric: nothing a predicate could compare
-        if isinstance(value, (torch.Tensor, int, float)) and not isinstance(value, bool):
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
             scalars[str(name)] = value
-    host = to_host(scalars)
-    return {name: float(value) for name, value in host.items()}
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+            scalars[str(name)] = value
+        else:
+            others[str(name)] = _NotScalar(describe(value))
+    host = to_host(scalars)  # one transfer for the evaluation's tensors
+    return {**others, **{name: float(value) for name, value in host.items()}}
 
 
 # -- the predicates (TF's, exactly) ----------------------------------------------------------
@@ -179,7 +198,10 @@ def _metric(metrics: Mapping[str, float], metric_name: str, step: int,
             history: Mapping[int, Mapping[str, float]]) -> Optional[float]:
     """``metrics[metric_name]``; ``None`` if absent here but present in another evaluation."""
     if metric_name in metrics:
-        return metrics[metric_name]
+        value = metrics[metric_name]
+        if isinstance(value, _NotScalar):
+            raise TypeError(f"Metric {metric_name!r} at step {step} is not one number: {value}.")
+        return value
     if any(metric_name in m for m in history.values()):
         return None  # this evaluation did not log it (another did): skipped
     names = sorted({name for m in history.values() for name in m})
@@ -248,9 +270,15 @@ class _StopOnPredicateHook(SessionRunHook):
 
     The stop is the hook's state (TF's ``signal_early_stopping/STOP`` variable, which was
     checkpointed): a session restored from a checkpoint written after the stop stops at its
-    creation and runs nothing, like a finished job. With several ranks, every rank calls
-    ``should_stop_fn`` (each reads its own copy of the history); a True on any rank stops
-    every rank at the same global step, one run later, through the session's agreement.
+    creation and runs nothing, like a finished job. Each session starts unstopped (``begin``)
+    unless a checkpoint restores the stop.
+
+    With several ranks (a session whose ranks agree, ``session.agrees_across_ranks``) every
+    rank calls ``should_stop_fn`` at the same global step (the timer reads the agreed clock)
+    and the ranks OR their answers with one non-blocking all-reduce per check (TF's
+    ``_MultiWorkerEarlyStoppingHook`` summed a flag the same way), read at the next run:
+    every rank then records the stop and stops after that run. So the checkpoint rank 0
+    writes holds the stop even when another rank decided it.
     """
 
     def __init__(self, should_stop_fn: Callable[[], bool], run_every_secs: Optional[float],
@@ -259,29 +287,37 @@ class _StopOnPredicateHook(SessionRunHook):
             raise TypeError("`should_stop_fn` must be callable.")
         if run_every_secs is not None and run_every_steps is not None:
             raise ValueError("Only one of `run_every_secs` and `run_every_steps` must be set.")
+        if run_every_secs is not None:
+            seconds = check_number(run_every_secs, "run_every_secs")
+            if not (math.isfinite(seconds) and seconds >= 0):
+                raise ValueError("run_every_secs must be a finite number of seconds >= 0 (0: "
+                                 f"every run), got {run_every_secs!r}.")
+            if seconds == 0:
+                run_every_secs, run_every_steps = None, 1  # TF's 0 s: every run (new step)
         self._should_stop_fn = should_stop_fn
-        if run_every_secs is not None and check_number(run_every_secs, "run_every_secs") == 0:
-            run_every_secs, run_every_steps = None, 1  # TF's 0 s: every run (every new step)
         self._timer = SecondOrStepTimer(
             every_secs=run_every_secs, every_steps=run_every_steps,
             secs_argument="run_every_secs", steps_argument="run_every_steps",
         )
         self._name = name
         self._stopped = False
+        self._answer: Optional[Callable[[], bool]] = None  # the ranks' answer, in flight
 
     @property
     def stopped(self) -> bool:
-        """Whether this hook requested the early stop (restored from a checkpoint too)."""
+        """Whether the early stop was requested (or restored from a checkpoint)."""
         return self._stopped
 
     @property
     def state_key(self) -> str:
-        """``EarlyStopping[<predicate>]``: what it stops on, not where it sits in a list."""
+        """``EarlyStopping[<what it stops on>]``, from its arguments, not its list position."""
         return f"EarlyStopping[{self._name}]"
 
     def begin(self) -> None:
-        """The first run of every session checks (TF's timer fires on its first call)."""
+        """A new session: unstopped, and its first run checks (TF's timer fires first)."""
         self._timer.reset()
+        self._stopped = False
+        self._answer = None
 
     def after_create_session(self, session: RawSession, coord: Coordinator) -> None:
         """A session restored after the early stop stops before its first run."""
@@ -290,15 +326,36 @@ class _StopOnPredicateHook(SessionRunHook):
             coord.request_stop()
 
     def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
-        """When the timer fires, call ``should_stop_fn``; on True request the stop."""
+        """Apply the ranks' answer to the previous check; check when the timer fires."""
         global_step = run_context.session.global_step
+        if self._answer is not None:
+            answer, self._answer = self._answer, None
+            if answer():
+                self._stop(run_context, global_step)
+                return
         if not self._timer.should_trigger_for_step(global_step):
             return
         self._timer.update_last_triggered_step(global_step)
-        if self._should_stop_fn():
+        decision = bool(self._should_stop_fn())
+        if run_context.session.agrees_across_ranks:
+            if decision:
+                logger.info("Requesting early stopping at global step %d", global_step)
+            self._answer = any_rank_async(decision)  # read at the next run, on every rank
+        elif decision:
             logger.info("Requesting early stopping at global step %d", global_step)
-            self._stopped = True
-            run_context.request_stop()
+            self._stop(run_context, global_step)
+
+    def _stop(self, run_context: SessionRunContext, global_step: int) -> None:
+        self._stopped = True
+        # every rank has the same answer: the stop applies after this run, on every rank
+        run_context.request_stop(rank_consistent=True)
+
+    def end(self, session: Optional[RawSession]) -> None:
+        """Wait for the ranks' answer to a check of the last run (every rank sent it)."""
+        if self._answer is not None:
+            answer, self._answer = self._answer, None
+            if answer():
+                self._stopped = True
 
     def state_dict(self) -> Dict[str, Any]:
         """``{"stop": bool}``, so a resumed job that had stopped stays stopped."""
@@ -338,8 +395,8 @@ def make_early_stopping_hook(
     Raises:
         TypeError: ``"`should_stop_fn` must be callable."``
         ValueError: ``"Only one of `run_every_secs` and `run_every_steps` must be set."``,
-            or neither is set (the timer's ``"Either every_secs or every_steps should be
-            provided."``).
+            neither is set (the timer's ``"Either every_secs or every_steps should be
+            provided."``), or a negative period.
     """
     name = getattr(should_stop_fn, "__qualname__", type(should_stop_fn).__qualname__)
     return _StopOnPredicateHook(should_stop_fn, run_every_secs, run_every_steps, name)
@@ -355,13 +412,15 @@ def _check_threshold(threshold: Any) -> float:
 def _predicate_hook(
     kind: str, eval_results: Any, metric_name: str, eval_dir: Optional[str],
     run_every_secs: Optional[float], run_every_steps: Optional[int],
-    make: Callable[[Callable[[], Any]], Callable[[], bool]],
+    make: Callable[[Callable[[], Any]], Callable[[], bool]], arguments: str,
 ) -> SessionRunHook:
-    if not isinstance(metric_name, str) or not metric_name:
-        raise TypeError(f"metric_name must be a non-empty str, got {describe(metric_name)}.")
+    if not isinstance(metric_name, str):
+        raise TypeError(f"metric_name must be a str, got {describe(metric_name)}.")
+    if not metric_name:
+        raise ValueError("metric_name must be a non-empty str, got ''.")
     read = _HostValues(_history_source(eval_results, eval_dir))
     return _StopOnPredicateHook(make(read), run_every_secs, run_every_steps,
-                                f"{kind}:{metric_name}")
+                                f"{kind}:{metric_name}:{arguments}")
 
 
 def stop_if_higher_hook(
@@ -376,23 +435,30 @@ def stop_if_higher_hook(
     """Stop once an evaluation's ``metric_name`` is strictly higher than ``threshold``.
 
     Args:
-        eval_results: a ``FinalOpsHook``, ``HookCallback`` or ``InMemoryEvaluatorHook`` whose
-            evaluation history is read, or ``None`` to read ``eval_dir``.
+        eval_results: where the evaluations come from: a ``FinalOpsHook`` (whose
+            ``final_ops`` is a dict; one that is also a training hook records at the end of
+            each fit too, so pass its ``HookCallback`` instead), a ``HookCallback`` or an
+            ``InMemoryEvaluatorHook`` (their ``evaluation_history``), or ``None`` to read
+            ``eval_dir``. A ``FinalOpsHook(max_history=N)`` shows the predicates its last N
+            evaluations only.
         metric_name: the metric's name in each evaluation's dict (a TensorBoard tag with
             ``eval_dir``).
         threshold: the threshold.
         eval_dir: a directory of TensorBoard event files (with ``eval_results=None``).
         min_steps: evaluations at global steps below it are ignored.
-        run_every_secs: seconds between checks (``None`` to use ``run_every_steps``).
+        run_every_secs: seconds between checks (``0``: every run; ``None`` to use
+            ``run_every_steps``).
         run_every_steps: global steps between checks.
 
     Returns:
-        The training hook.
+        The training hook (its ``stopped`` tells whether it stopped the training).
 
     Raises:
-        TypeError: ``eval_results`` is none of those, or an argument has the wrong type.
-        ValueError: both or neither of the timer arguments, or neither/both of
-            ``eval_results`` and ``eval_dir``.
+        TypeError: ``eval_results`` is none of the sources, its values are not a dict, or an
+            argument has the wrong type.
+        ValueError: both or neither of the timer arguments, neither or both of
+            ``eval_results`` and ``eval_dir``, a ``HookCallback`` with no ``FinalOpsHook`` in
+            its evaluations, or a value out of range.
         KeyError: (at a check) ``metric_name`` is in no evaluation.
     """
     threshold = _check_threshold(threshold)
@@ -400,6 +466,7 @@ def stop_if_higher_hook(
     return _predicate_hook(
         "higher", eval_results, metric_name, eval_dir, run_every_secs, run_every_steps,
         lambda read: _stop_if_threshold_crossed(read, metric_name, threshold, min_steps, True),
+        f"threshold={threshold},min_steps={min_steps}",
     )
 
 
@@ -414,13 +481,39 @@ def stop_if_lower_hook(
 ) -> SessionRunHook:
     """Stop once an evaluation's ``metric_name`` is strictly lower than ``threshold``.
 
-    Arguments, return value and errors as :func:`stop_if_higher_hook`.
+    Args:
+        eval_results: where the evaluations come from: a ``FinalOpsHook`` (whose
+            ``final_ops`` is a dict; one that is also a training hook records at the end of
+            each fit too, so pass its ``HookCallback`` instead), a ``HookCallback`` or an
+            ``InMemoryEvaluatorHook`` (their ``evaluation_history``), or ``None`` to read
+            ``eval_dir``. A ``FinalOpsHook(max_history=N)`` shows the predicates its last N
+            evaluations only.
+        metric_name: the metric's name in each evaluation's dict (a TensorBoard tag with
+            ``eval_dir``).
+        threshold: the threshold.
+        eval_dir: a directory of TensorBoard event files (with ``eval_results=None``).
+        min_steps: evaluations at global steps below it are ignored.
+        run_every_secs: seconds between checks (``0``: every run; ``None`` to use
+            ``run_every_steps``).
+        run_every_steps: global steps between checks.
+
+    Returns:
+        The training hook (its ``stopped`` tells whether it stopped the training).
+
+    Raises:
+        TypeError: ``eval_results`` is none of the sources, its values are not a dict, or an
+            argument has the wrong type.
+        ValueError: both or neither of the timer arguments, neither or both of
+            ``eval_results`` and ``eval_dir``, a ``HookCallback`` with no ``FinalOpsHook`` in
+            its evaluations, or a value out of range.
+        KeyError: (at a check) ``metric_name`` is in no evaluation.
     """
     threshold = _check_threshold(threshold)
     min_steps = check_int(min_steps, "min_steps", minimum=0)
     return _predicate_hook(
         "lower", eval_results, metric_name, eval_dir, run_every_secs, run_every_steps,
         lambda read: _stop_if_threshold_crossed(read, metric_name, threshold, min_steps, False),
+        f"threshold={threshold},min_steps={min_steps}",
     )
 
 
@@ -438,14 +531,39 @@ def stop_if_no_increase_hook(
     The steps are evaluation global steps: at some evaluation, ``its step - the step of the
     best evaluation so far >= max_steps_without_increase`` (an equal value is no increase).
 
-    Arguments, return value and errors as :func:`stop_if_higher_hook`, with
-    ``max_steps_without_increase`` (an int >= 0) in place of ``threshold``.
+    Args:
+        eval_results: where the evaluations come from: a ``FinalOpsHook`` (whose
+            ``final_ops`` is a dict; one that is also a training hook records at the end of
+            each fit too, so pass its ``HookCallback`` instead), a ``HookCallback`` or an
+            ``InMemoryEvaluatorHook`` (their ``evaluation_history``), or ``None`` to read
+            ``eval_dir``. A ``FinalOpsHook(max_history=N)`` shows the predicates its last N
+            evaluations only.
+        metric_name: the metric's name in each evaluation's dict (a TensorBoard tag with
+            ``eval_dir``).
+        max_steps_without_increase: evaluation steps without an increase that stop.
+        eval_dir: a directory of TensorBoard event files (with ``eval_results=None``).
+        min_steps: evaluations at global steps below it are ignored.
+        run_every_secs: seconds between checks (``0``: every run; ``None`` to use
+            ``run_every_steps``).
+        run_every_steps: global steps between checks.
+
+    Returns:
+        The training hook (its ``stopped`` tells whether it stopped the training).
+
+    Raises:
+        TypeError: ``eval_results`` is none of the sources, its values are not a dict, or an
+            argument has the wrong type.
+        ValueError: both or neither of the timer arguments, neither or both of
+            ``eval_results`` and ``eval_dir``, a ``HookCallback`` with no ``FinalOpsHook`` in
+            its evaluations, or a value out of range.
+        KeyError: (at a check) ``metric_name`` is in no evaluation.
     """
     steps = check_int(max_steps_without_increase, "max_steps_without_increase", minimum=0)
     min_steps = check_int(min_steps, "min_steps", minimum=0)
     return _predicate_hook(
         "no_increase", eval_results, metric_name, eval_dir, run_every_secs, run_every_steps,
         lambda read: _stop_if_no_metric_improvement(read, metric_name, steps, min_steps, True),
+        f"max_steps={steps},min_steps={min_steps}",
     )
 
 
@@ -461,10 +579,38 @@ def stop_if_no_decrease_hook(
     """Stop once ``metric_name`` has not decreased for ``max_steps_without_decrease`` steps.
 
     As :func:`stop_if_no_increase_hook`, for a metric that should go down (a loss).
+
+    Args:
+        eval_results: where the evaluations come from: a ``FinalOpsHook`` (whose
+            ``final_ops`` is a dict; one that is also a training hook records at the end of
+            each fit too, so pass its ``HookCallback`` instead), a ``HookCallback`` or an
+            ``InMemoryEvaluatorHook`` (their ``evaluation_history``), or ``None`` to read
+            ``eval_dir``. A ``FinalOpsHook(max_history=N)`` shows the predicates its last N
+            evaluations only.
+        metric_name: the metric's name in each evaluation's dict (a TensorBoard tag with
+            ``eval_dir``).
+        max_steps_without_decrease: evaluation steps without a decrease that stop.
+        eval_dir: a directory of TensorBoard event files (with ``eval_results=None``).
+        min_steps: evaluations at global steps below it are ignored.
+        run_every_secs: seconds between checks (``0``: every run; ``None`` to use
+            ``run_every_steps``).
+        run_every_steps: global steps between checks.
+
+    Returns:
+        The training hook (its ``stopped`` tells whether it stopped the training).
+
+    Raises:
+        TypeError: ``eval_results`` is none of the sources, its values are not a dict, or an
+            argument has the wrong type.
+        ValueError: both or neither of the timer arguments, neither or both of
+            ``eval_results`` and ``eval_dir``, a ``HookCallback`` with no ``FinalOpsHook`` in
+            its evaluations, or a value out of range.
+        KeyError: (at a check) ``metric_name`` is in no evaluation.
     """
     steps = check_int(max_steps_without_decrease, "max_steps_without_decrease", minimum=0)
     min_steps = check_int(min_steps, "min_steps", minimum=0)
     return _predicate_hook(
         "no_decrease", eval_results, metric_name, eval_dir, run_every_secs, run_every_steps,
         lambda read: _stop_if_no_metric_improvement(read, metric_name, steps, min_steps, False),
+        f"max_steps={steps},min_steps={min_steps}",
     )

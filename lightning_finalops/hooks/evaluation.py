@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 import os
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
@@ -11,9 +12,9 @@ import torch
 from torch import nn
 
 from lightning_finalops.fetches import is_metric, leaves, to_host
-from lightning_finalops.hooked_session import Engine, HookedSession
+from lightning_finalops.hooked_session import Engine, HookedSession, check_hooks
 from lightning_finalops.hooks.final_ops import FinalOpsHook
-from lightning_finalops.hooks.summary import _SummaryWriterCache
+from lightning_finalops.hooks.summary import SummaryWriterCache
 from lightning_finalops.hooks.timers import SecondOrStepTimer
 from lightning_finalops.session_run_hook import (
     Coordinator,
@@ -22,7 +23,7 @@ from lightning_finalops.session_run_hook import (
     SessionRunHook,
     SessionRunValues,
 )
-from lightning_finalops.validation import check_path, describe, is_int
+from lightning_finalops.validation import check_int, check_path, describe, is_int
 
 __all__ = ["InMemoryEvaluatorHook"]
 
@@ -52,16 +53,25 @@ class _EvaluationEngine(Engine):
         self._training.log_metrics(metrics, step)
 
 
-def _modules_of(modules: Any) -> List[nn.Module]:
+def _modules_of(modules: Any, argument: str) -> List[nn.Module]:
+    """The modules of ``modules``: a module, a list/tuple of them or a dict of them.
+
+    Raises:
+        TypeError: ``modules`` is something else, or holds something else than modules.
+    """
     if modules is None:
         return []
     if isinstance(modules, nn.Module):
         return [modules]
-    if isinstance(modules, Mapping):
-        modules = list(modules.values())
-    if isinstance(modules, (list, tuple)):
-        return [m for m in modules if isinstance(m, nn.Module)]
-    return []
+    items = list(modules.values()) if isinstance(modules, Mapping) else modules
+    if not isinstance(items, (list, tuple)) or not all(
+        isinstance(m, nn.Module) for m in items
+    ):
+        raise TypeError(
+            f"{argument} must be a torch.nn.Module, or a list, tuple or dict of them, got "
+            f"{describe(modules)}."
+        )
+    return list(items)
 
 
 @contextlib.contextmanager
@@ -91,7 +101,9 @@ class InMemoryEvaluatorHook(SessionRunHook):
     Each evaluation is a full session for ``hooks``: ``begin``, ``after_create_session``,
     ``before_run``/``after_run`` per batch, ``end``, with TF's order, stop and exception
     rules, and their raw session's ``global_step`` fixed at the training step evaluated. A
-    hook's ``request_stop()`` ends that evaluation after the current batch. The torchmetrics
+    hook's ``request_stop()`` ends that evaluation after the current batch, and so does the
+    end of the data (a ``StopIteration`` from ``eval_step`` too: it never reaches the training
+    loop; one raised by a hook is a ``RuntimeError``). The torchmetrics
     (objects with ``compute`` and ``reset``) that the ``FinalOpsHook`` s of ``hooks`` evaluate
     are reset when each evaluation starts, as TF's evaluation started from fresh metric
     variables.
@@ -100,10 +112,12 @@ class InMemoryEvaluatorHook(SessionRunHook):
     scalar tensor or number in the dict ``eval_step`` returns (kept on the device: no host
     sync), then the values of each ``FinalOpsHook`` of ``hooks`` whose final ops are a dict
     (they win a name clash). ``evaluation_history`` keeps ``(global step, results)`` for
-    every evaluation, is the hook's checkpointed state, and is what the early-stopping hooks
-    read when given this hook. With ``output_dir``, the chief also writes the scalar results
-    to TensorBoard in ``output_dir/eval`` (``eval_<name>``) at the global step, for
-    ``stop_if_*_hook(eval_dir=...)`` and TensorBoard.
+    every evaluation (unbounded: return scalars), is the hook's checkpointed state, and is
+    what the early-stopping hooks read when given this hook. The state of ``hooks`` is not
+    checkpointed (each evaluation is a fresh session for them). With ``output_dir``, the
+    chief also writes the scalar results to TensorBoard in ``output_dir/eval``
+    (``eval_<name>``) at the global step, for ``stop_if_*_hook(eval_dir=...)`` and
+    TensorBoard.
 
     Many processes: every rank evaluates (the schedule is the same on every rank); give each
     rank its shard in ``input_fn`` and use torchmetrics, whose ``compute()`` reduces across
@@ -126,9 +140,10 @@ class InMemoryEvaluatorHook(SessionRunHook):
 
     Raises:
         ValueError: ``invalid every_n_iter=...`` or ``Must specify steps > 0, given: ...``
-            (TF's messages), or an empty ``name``.
-        TypeError: ``Hooks must be a SessionRunHook, given: ...`` (TF's message), or
-            ``eval_step``/``input_fn`` not callable.
+            (TF's messages), an empty ``name``, or one hook listed twice.
+        TypeError: ``Hooks must be a SessionRunHook, given: ...`` (TF's message),
+            ``eval_step``/``input_fn`` not callable, a non-int ``every_n_iter``/``steps``, a
+            non-str ``name``, or ``modules`` that are not modules.
     """
 
     def __init__(
@@ -143,20 +158,27 @@ class InMemoryEvaluatorHook(SessionRunHook):
         modules: Any = None,
         output_dir: Optional[str] = None,
     ) -> None:
-        if not is_int(every_n_iter) or every_n_iter <= 0:
-            raise ValueError(f"invalid every_n_iter={every_n_iter}.")
-        if steps is not None and (not is_int(steps) or steps <= 0):
-            raise ValueError(f"Must specify steps > 0, given: {steps}")
+        if every_n_iter is None or (is_int(every_n_iter) and every_n_iter <= 0):
+            raise ValueError(f"invalid every_n_iter={every_n_iter}.")  # TF's message
+        check_int(every_n_iter, "every_n_iter")
+        if steps is not None and is_int(steps) and steps <= 0:
+            raise ValueError(f"Must specify steps > 0, given: {steps}")  # TF's message
+        check_int(steps, "steps", allow_none=True)
         if not callable(eval_step):
             raise TypeError(f"eval_step must be callable, got {describe(eval_step)}.")
         if not callable(input_fn):
             raise TypeError(f"input_fn must be callable, got {describe(input_fn)}.")
-        hooks = list(hooks or [])
-        for hook in hooks:
-            if not isinstance(hook, SessionRunHook):
-                raise TypeError(f"Hooks must be a SessionRunHook, given: {hook}")
-        if name is not None and (not isinstance(name, str) or not name):
-            raise ValueError(f"name must be a non-empty str or None, got {name!r}.")
+        if isinstance(hooks, (list, tuple)):
+            for hook in hooks:
+                if not isinstance(hook, SessionRunHook):
+                    raise TypeError(f"Hooks must be a SessionRunHook, given: {hook}")  # TF's
+        hooks = list(check_hooks(() if hooks is None else hooks, "hooks"))
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, got {describe(name)}.")
+        if name == "":
+            raise ValueError("name must be a non-empty str or None, got ''.")
+        if modules is not None:
+            _modules_of(modules, "modules")
         self._eval_step = eval_step
         self._input_fn = input_fn
         self._steps = None if steps is None else int(steps)
@@ -238,7 +260,7 @@ class InMemoryEvaluatorHook(SessionRunHook):
         global_step = training.global_step
         engine = _EvaluationEngine(training, global_step, modules)
         self._reset_metrics()
-        with _evaluating(_modules_of(modules)):
+        with _evaluating(_modules_of(modules, "the session's modules")):
             means = self._run_session(engine)
         results: Dict[str, Any] = dict(means)
         for hook in self._hooks:
@@ -252,14 +274,19 @@ class InMemoryEvaluatorHook(SessionRunHook):
             self._write_summary(results, global_step)
 
     def _run_session(self, engine: _EvaluationEngine) -> Dict[str, torch.Tensor]:
-        """Run the evaluation session; the mean of the step's scalar outputs."""
+        """Run the evaluation session; the mean of each scalar the step returned.
+
+        The end of the data ends the evaluation cleanly, also a ``StopIteration`` from
+        ``eval_step`` (TF's end of input): it never reaches the training loop.
+        """
         session = HookedSession(self._hooks, engine, "hooks")
         sums: Dict[str, Any] = {}
-        batches = 0
+        counts: Dict[str, int] = {}
         session.begin()
         session.create()
-        iterator = iter(self._input_fn())
+        batches = 0
         try:
+            iterator = iter(self._input_fn())
             while not session.should_stop and (self._steps is None or batches < self._steps):
                 try:
                     batch = next(iterator)
@@ -268,19 +295,25 @@ class InMemoryEvaluatorHook(SessionRunHook):
                 pending = session.start_run(self._eval_step)
                 try:
                     outputs = self._eval_step(batch, **pending.str_feeds)
+                except StopIteration:
+                    session.abort_run()
+                    break
                 except BaseException:
                     session.abort_run()
                     raise
                 session.finish_run(outputs)
                 batches += 1
                 if isinstance(outputs, Mapping):
-                    _accumulate(sums, outputs)
+                    _accumulate(sums, counts, outputs)
+            session.end()
+        except StopIteration as e:  # from a hook: a training loop would take it for its end
+            session.abandon()
+            raise RuntimeError(f"StopIteration raised inside an evaluation: {e!r}") from e
         except BaseException:
             session.abandon()
             raise
-        session.end()
         session.coord.raise_requested_exception()
-        return {name: total / batches for name, total in sums.items()} if batches else {}
+        return {name: total / counts[name] for name, total in sums.items()}
 
     def _reset_metrics(self) -> None:
         for hook in self._hooks:
@@ -291,7 +324,7 @@ class InMemoryEvaluatorHook(SessionRunHook):
 
     def _write_summary(self, results: Mapping[str, Any], global_step: int) -> None:
         assert self._eval_dir is not None
-        writer = _SummaryWriterCache.get(self._eval_dir)
+        writer = SummaryWriterCache.get(self._eval_dir)
         for name, value in to_host(results).items():  # one transfer for all of them
             if isinstance(value, torch.Tensor) and value.numel() == 1:
                 writer.add_scalar(name, float(value), global_step)
@@ -300,16 +333,18 @@ class InMemoryEvaluatorHook(SessionRunHook):
         writer.flush()
 
 
-def _accumulate(sums: Dict[str, Any], outputs: Mapping[str, Any]) -> None:
+def _accumulate(sums: Dict[str, Any], counts: Dict[str, int],
+                outputs: Mapping[str, Any]) -> None:
     for name, value in outputs.items():
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
                 continue
             value = value.detach().float().reshape(())
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        elif isinstance(value, bool) or not isinstance(value, numbers.Real):
             continue
         key = str(name)
         sums[key] = sums[key] + value if key in sums else value
+        counts[key] = counts.get(key, 0) + 1
 
 
 def _describe(results: Mapping[str, Any]) -> str:

@@ -57,7 +57,7 @@ def _summary_writer_class() -> type:
     return SummaryWriter
 
 
-class _SummaryWriterCache:
+class SummaryWriterCache:
     """One ``SummaryWriter`` per output directory per process, as TF's ``SummaryWriterCache``.
 
     Hooks writing to the same directory share one events file. The key includes the process
@@ -127,7 +127,7 @@ class _WriterHolder:
     def get(self) -> Any:
         """The writer, created on first use (only the chief calls this)."""
         if self.writer is None and self._output_dir:
-            self.writer = _SummaryWriterCache.get(self._output_dir)
+            self.writer = SummaryWriterCache.get(self._output_dir)
         return self.writer
 
     def flush(self) -> None:
