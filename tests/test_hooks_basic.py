@@ -361,6 +361,15 @@ def test_logging_formatter_receives_numpy_values(logs):
     assert logs.messages() == ["ok"]
 
 
+def test_logging_formatter_runs_under_tf_print_options(logs):
+    hook = LoggingTensorHook({"v": torch.tensor([1e-8, 1.0])}, every_n_iter=1,
+                             formatter=lambda values: str(values["v"]))
+    with MonitoredSession([hook]) as sess:
+        sess.run(no_op)
+    assert "e-08" not in logs.messages()[0]  # suppress=True, as TF formatted: 0.00000001
+    assert np.get_printoptions()["suppress"] is False  # restored afterwards
+
+
 def test_logging_every_2_iterations_logs_runs_1_3_5(logs):
     step = torch.tensor(0.0)
     hook = LoggingTensorHook({"step": step}, every_n_iter=2)

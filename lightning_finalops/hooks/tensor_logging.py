@@ -218,10 +218,10 @@ class LoggingTensorHook(SessionRunHook):
         with host_values():
             host = _numpy(host_tensors)
         elapsed_secs, _ = self._timer.update_last_triggered_step(self._iter_count)
-        if self._formatter is not None:
-            logger.info("%s", self._formatter(host))
-            return
-        with np.printoptions(suppress=True):
+        with np.printoptions(suppress=True):  # TF's options while formatting, formatter too
+            if self._formatter is not None:
+                logger.info("%s", self._formatter(host))
+                return
             text = ", ".join(f"{tag} = {_text(host[tag])}" for tag in self._tag_order)
         if elapsed_secs is not None:
             logger.info("%s (%.3f sec)", text, elapsed_secs)
