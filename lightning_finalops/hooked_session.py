@@ -18,6 +18,7 @@ Two pieces, each imported by every adapter and importing none:
       per run:  pending = session.start_run(fetches, feed_dict, options)
                 <the engine runs the step, with pending.str_feeds passed on>
                 session.finish_run(step_outputs)   # or session.abort_run() if the step raised
+            or: outputs = session.run_step(step)   # all three, for a step callable alone
       session.end()                                # clean end only
 
 Neither piece imports Lightning or an adapter.
@@ -26,7 +27,7 @@ Neither piece imports Lightning or an adapter.
 from __future__ import annotations
 
 import types
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -40,6 +41,7 @@ from lightning_finalops.fetches import (
     evaluate,
     shares_memory,
     split_feeds,
+    step_snapshot,
 )
 from lightning_finalops.hooks import timers
 from lightning_finalops.session_run_hook import (
@@ -67,6 +69,10 @@ __all__ = [
 STOP_REQUESTED_MESSAGE = "Run called even after should_stop requested."
 _EMPTY: Mapping[Any, Any] = types.MappingProxyType({})
 _DEFAULT_OPTIONS = RunOptions()
+# Builds a NamedTuple (SessionRunArgs, SessionRunValues) without its Python-level __new__:
+# ``_new_tuple(SessionRunValues, (a, b, c))`` is ``SessionRunValues(a, b, c)``, one frame
+# fewer on the path every run takes.
+_new_tuple = tuple.__new__
 
 
 class Engine(RawSession):
@@ -319,7 +325,7 @@ class PendingRun:
 
     __slots__ = (
         "context", "options", "run_metadata", "tensor_feeds", "str_feeds", "hook_fetches",
-        "_applied", "_trace",
+        "_hook_feeds", "_applied", "_trace",
     )
 
     def __init__(self, context: Optional[SessionRunContext], options: RunOptions) -> None:
@@ -330,6 +336,7 @@ class PendingRun:
         self.tensor_feeds: Mapping[torch.Tensor, Any] = _EMPTY
         self.str_feeds: Mapping[str, Any] = _EMPTY
         self.hook_fetches: Sequence[Tuple[int, Any]] = ()
+        self._hook_feeds: Optional[Dict[Any, Any]] = None  # gathered in the hooks' order
         self._applied: Optional[TensorFeeds] = None
         self._trace: Any = None
 
@@ -371,6 +378,10 @@ class PendingRun:
 # The run of a session whose hooks have no per-run methods, when the user asks for nothing
 # either: no hook sees it, so one shared, empty object serves every such run.
 _IDLE_RUN = PendingRun(None, _DEFAULT_OPTIONS)
+# What marks a run in flight while HookedSession.run_step runs a step that no hook asked
+# anything of: that run's context and metadata are run_step's own, as no one else needs them.
+_LOCAL_RUN = PendingRun(None, _DEFAULT_OPTIONS)
+_IN_FLIGHT_MESSAGE = "start_run() called while a run is in flight; finish or abort it."
 
 
 def trace_run(pending: PendingRun) -> Any:
@@ -547,42 +558,151 @@ class HookedSession:
         if self.should_stop:
             raise RuntimeError(STOP_REQUESTED_MESSAGE)
         if self._run is not None:
-            raise RuntimeError("start_run() called while a run is in flight; finish or abort it.")
+            raise RuntimeError(_IN_FLIGHT_MESSAGE)
         if options is not None and not isinstance(options, RunOptions):
             raise TypeError(f"options must be a RunOptions or None, got {type(options).__name__}.")
         if self.idle_per_run and feed_dict is None and options is None:
             self._run = _IDLE_RUN
             return _IDLE_RUN
-        context = SessionRunContext(SessionRunArgs(fetches, feed_dict), self.engine)
+        context = SessionRunContext(
+            _new_tuple(SessionRunArgs, (fetches, feed_dict, None)), self.engine
+        )
         pending = PendingRun(context, options or _DEFAULT_OPTIONS)
-        hook_fetches: Optional[List[Tuple[int, Any]]] = None
-        hook_feeds: Optional[Dict[Any, Any]] = None
         for i, hook, before_run in self._before:
             request = before_run(context)
-            if request is None:
-                continue
-            if not isinstance(request, SessionRunArgs):
-                raise TypeError(
-                    f"{_hook_name(hook)}.before_run must return a SessionRunArgs or None, "
-                    f"got {type(request).__name__}."
-                )
-            if request.fetches is not None:
-                check_fetches(request.fetches, f"{_hook_name(hook)}.before_run fetches")
-                if hook_fetches is None:
-                    hook_fetches = []
-                hook_fetches.append((i, request.fetches))
-            if request.feed_dict:
-                split_feeds(request.feed_dict, f"{_hook_name(hook)}.before_run feed_dict")
-                if hook_feeds is None:
-                    hook_feeds = {}
-                _raise_if_feeds_intersect(
-                    hook_feeds, request.feed_dict, "Same tensor is fed by two hooks."
-                )
-                hook_feeds.update(request.feed_dict)
-            if request.options:
-                pending.options = pending.options.merged(request.options)
-        if hook_fetches:
-            pending.hook_fetches = hook_fetches
+            if request is not None:
+                self._add_request(pending, i, hook, request)
+        self._enter(pending, fetches, feed_dict)
+        return pending
+
+    def run_step(self, step: Callable[..., Any]) -> Any:
+        """A whole run whose one fetch is ``step``, with no feeds or options: a plain loop's run.
+
+        The same as :meth:`start_run` with ``step`` as the fetch, then ``step`` called (with
+        the run's str feeds it accepts, when hooks feed some), then :meth:`finish_run` with
+        what it returned (:meth:`abort_run` if it raised), in one call: every step of a plain
+        loop takes this path, so a run that no hook asks anything of is finished here,
+        without a :class:`PendingRun`.
+
+        Args:
+            step: the step callable (not a metric).
+
+        Returns:
+            What ``step`` returned, detached (:func:`~lightning_finalops.fetches.step_snapshot`;
+            with str feeds, evaluated as a fetch).
+
+        Raises:
+            RuntimeError: a stop was requested earlier, or a run is already in flight.
+            BaseException: whatever the step, a hook or a hook's fetch raised (see
+                :meth:`start_run` and :meth:`finish_run`).
+        """
+        if self._agreement is not None:  # the ranks vote at every run: the general path
+            return self._finish_step(step, self.start_run(step))
+        if self.should_stop:
+            raise RuntimeError(STOP_REQUESTED_MESSAGE)
+        if self._run is not None:
+            raise RuntimeError(_IN_FLIGHT_MESSAGE)
+        engine = self.engine
+        if self.idle_per_run:  # no hook acts per run: finish_run's idle run, inline
+            self._run = _IDLE_RUN
+            try:
+                outputs = step_snapshot(step())
+            finally:
+                self._run = None
+            engine._step_outputs = (
+                outputs if type(outputs) is dict or isinstance(outputs, Mapping) else _EMPTY
+            )
+            engine._runs += 1
+            self.runs += 1
+            engine.step_completed()
+            return outputs
+        context = SessionRunContext(_new_tuple(SessionRunArgs, (step, None, None)), engine)
+        pending: Optional[PendingRun] = None
+        for i, hook, before_run in self._before:
+            request = before_run(context)
+            if request is not None:
+                if pending is None:
+                    pending = PendingRun(context, _DEFAULT_OPTIONS)
+                self._add_request(pending, i, hook, request)
+        if pending is not None:  # a hook asked for something: the general path from here
+            self._enter(pending, step, None)
+            return self._finish_step(step, pending)
+        # No request: finish_run's steps for a run with no fetches, feeds or trace, inline.
+        self._run = _LOCAL_RUN
+        try:
+            outputs = step_snapshot(step())
+        except BaseException:
+            self._run = None
+            raise
+        engine._step_outputs = (
+            outputs if type(outputs) is dict or isinstance(outputs, Mapping) else _EMPTY
+        )
+        engine._step_outputs_fresh = True
+        try:
+            engine._runs += 1
+            self.runs += 1
+            engine.step_completed()
+            no_results = _new_tuple(SessionRunValues, (None, _DEFAULT_OPTIONS, RunMetadata()))
+            for after_run in self._after_calls:
+                after_run(context, no_results)
+            self.should_stop = self.should_stop or context._stop_requested
+        finally:
+            engine._step_outputs_fresh = False
+            self._run = None
+        return outputs
+
+    def _finish_step(self, step: Callable[..., Any], pending: PendingRun) -> Any:
+        """Call ``step`` in the started run ``pending``, then finish the run (abort on error)."""
+        try:
+            if pending.str_feeds:
+                outputs = evaluate(step, self.engine.namespaces(), pending.str_feeds)
+            else:
+                outputs = step_snapshot(step())
+        except BaseException:
+            self.abort_run()
+            raise
+        self.finish_run(outputs)
+        return outputs
+
+    def _add_request(
+        self, pending: PendingRun, i: int, hook: SessionRunHook, request: Any
+    ) -> None:
+        """Check what hook ``i`` returned from ``before_run`` and add it to the run's requests.
+
+        Raises:
+            TypeError: ``request`` is not a ``SessionRunArgs``, or holds an invalid fetch or
+                feed key.
+            RuntimeError: it feeds a tensor another hook of the run feeds.
+        """
+        if not isinstance(request, SessionRunArgs):
+            raise TypeError(
+                f"{_hook_name(hook)}.before_run must return a SessionRunArgs or None, "
+                f"got {type(request).__name__}."
+            )
+        if request.fetches is not None:
+            check_fetches(request.fetches, f"{_hook_name(hook)}.before_run fetches")
+            pending.hook_fetches = [*pending.hook_fetches, (i, request.fetches)]
+        if request.feed_dict:
+            split_feeds(request.feed_dict, f"{_hook_name(hook)}.before_run feed_dict")
+            if pending._hook_feeds is None:
+                pending._hook_feeds = {}
+            _raise_if_feeds_intersect(
+                pending._hook_feeds, request.feed_dict, "Same tensor is fed by two hooks."
+            )
+            pending._hook_feeds.update(request.feed_dict)
+        if request.options:
+            pending.options = pending.options.merged(request.options)
+
+    def _enter(self, pending: PendingRun, fetches: Any,
+               feed_dict: Optional[Mapping[Any, Any]]) -> None:
+        """Merge the user's and the hooks' feeds, enter the run's protected region, start it.
+
+        Raises:
+            RuntimeError: the user and a hook feed the same tensor.
+            ValueError: a str feed that no callable of the run accepts (with
+                ``str_feeds_as_keywords``), or a tensor feed of the wrong shape.
+        """
+        hook_feeds = pending._hook_feeds
         if feed_dict or hook_feeds:
             tensor_feeds, str_feeds = split_feeds(feed_dict, "feed_dict")
             if hook_feeds:
@@ -596,11 +716,12 @@ class HookedSession:
             pending.tensor_feeds = tensor_feeds
             pending.str_feeds = str_feeds
             if str_feeds and self.engine.str_feeds_as_keywords:
-                check_str_feeds_accepted(str_feeds, fetches, [f for _, f in hook_fetches or ()])
+                check_str_feeds_accepted(
+                    str_feeds, fetches, [f for _, f in pending.hook_fetches]
+                )
         if pending.tensor_feeds or pending.options.trace_level:
             pending.enter()
         self._run = pending
-        return pending
 
     def finish_run(self, outputs: Any) -> bool:
         """The step ran: evaluate the hooks' fetches, leave the run, call every ``after_run``.
@@ -651,7 +772,9 @@ class HookedSession:
             assert context is not None
             agreement = self._agreement
             agreed_stop = self._receive_agreement() if agreement is not None else False
-            no_results = SessionRunValues(None, pending.options, pending.run_metadata)
+            no_results = _new_tuple(
+                SessionRunValues, (None, pending.options, pending.run_metadata)
+            )
             if not results:
                 for after_run in self._after_calls:
                     after_run(context, no_results)
@@ -664,7 +787,8 @@ class HookedSession:
                     else:
                         after_run(context, no_results)
             if agreement is None:
-                self.should_stop = self.should_stop or context.stop_requested
+                # the flag itself, not the property: one call fewer per run
+                self.should_stop = self.should_stop or context._stop_requested
             else:
                 # A request made in this run reaches the other ranks with this vote and
                 # stops every rank after the next run; a rank-consistent one applies now.
