@@ -572,7 +572,10 @@ class HookedSession:
             request = before_run(context)
             if request is not None:
                 self._add_request(pending, i, hook, request)
-        self._enter(pending, fetches, feed_dict)
+        if feed_dict or pending._hook_feeds or pending.options.trace_level:
+            self._enter(pending, fetches, feed_dict)
+        else:  # the usual run: nothing to merge or enter
+            self._run = pending
         return pending
 
     def run_step(self, step: Callable[..., Any]) -> Any:
