@@ -313,6 +313,9 @@ def _raise_if_feeds_intersect(
 class PendingRun:
     """One run between ``start_run`` and ``finish_run``: what the hooks asked for.
 
+    A run with nothing of its own to record (no user feeds or options, no hook request)
+    is its session's one reused plain record, valid until that run finishes or aborts.
+
     Attributes:
         context: the :class:`SessionRunContext` shared by every hook of the run.
         options: the merged :class:`RunOptions` (immutable; the user's object is kept).
@@ -461,6 +464,9 @@ class HookedSession:
         #: runs this session finished
         self.runs = 0
         self._run: Optional[PendingRun] = None
+        # The record of every run that has nothing of its own to record (no feeds, options or
+        # requests: most runs), reused: start_run gives it each run's context and metadata.
+        self._plain_run = PendingRun(None, _DEFAULT_OPTIONS)
         # A session whose hooks act only at its start and end can neither stop nor trigger
         # on time: it needs no agreement, so no collective at all.
         self._agree = agree_across_ranks and (
@@ -567,15 +573,25 @@ class HookedSession:
         context = SessionRunContext(
             _new_tuple(SessionRunArgs, (fetches, feed_dict, None)), self.engine
         )
-        pending = PendingRun(context, options or _DEFAULT_OPTIONS)
+        # A run gets a PendingRun of its own once it has something to record (the user's
+        # feeds or options, a hook's request); until then it is the session's plain run.
+        pending = (
+            PendingRun(context, options or _DEFAULT_OPTIONS)
+            if feed_dict or options is not None else None
+        )
         for i, hook, before_run in self._before:
             request = before_run(context)
             if request is not None:
+                if pending is None:
+                    pending = PendingRun(context, _DEFAULT_OPTIONS)
                 self._add_request(pending, i, hook, request)
-        if feed_dict or pending._hook_feeds or pending.options.trace_level:
-            self._enter(pending, fetches, feed_dict)
-        else:  # the usual run: nothing to merge or enter
+        if pending is None:  # the usual run: nothing to merge or enter
+            pending = self._plain_run
+            pending.context = context
+            pending.run_metadata = RunMetadata()
             self._run = pending
+        else:
+            self._enter(pending, fetches, feed_dict)
         return pending
 
     def run_step(self, step: Callable[..., Any]) -> Any:
@@ -744,6 +760,28 @@ class HookedSession:
         if pending is None:
             raise RuntimeError("finish_run() called without a run in flight.")
         engine = self.engine
+        if pending is self._plain_run and self._agreement is None:
+            # The usual run, with nothing to evaluate or undo: the steps below, fewer checks
+            # (run_step finishes such a run of a plain loop the same way, inline).
+            engine._step_outputs = (
+                outputs if type(outputs) is dict or isinstance(outputs, Mapping) else _EMPTY
+            )
+            engine._step_outputs_fresh = True
+            try:
+                engine._runs += 1
+                self.runs += 1
+                engine.step_completed()
+                context = pending.context
+                no_results = _new_tuple(
+                    SessionRunValues, (None, _DEFAULT_OPTIONS, pending.run_metadata)
+                )
+                for after_run in self._after_calls:
+                    after_run(context, no_results)
+                self.should_stop = self.should_stop or context._stop_requested
+            finally:
+                engine._step_outputs_fresh = False
+                self._run = None
+            return self.should_stop
         previous_outputs = engine._step_outputs
         engine._step_outputs = (
             outputs if type(outputs) is dict or isinstance(outputs, Mapping) else _EMPTY
