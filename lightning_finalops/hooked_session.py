@@ -600,8 +600,8 @@ class HookedSession:
         The same as :meth:`start_run` with ``step`` as the fetch, then ``step`` called (with
         the run's str feeds it accepts, when hooks feed some), then :meth:`finish_run` with
         what it returned (:meth:`abort_run` if it raised), in one call: every step of a plain
-        loop takes this path, so a run that no hook asks anything of is finished here,
-        without a :class:`PendingRun`.
+        loop takes this path, so a run that no hook asks anything of is started and finished
+        here, inline, as :meth:`finish_run` finishes the session's plain run.
 
         Args:
             step: the step callable (not a metric).
@@ -646,7 +646,7 @@ class HookedSession:
         if pending is not None:  # a hook asked for something: the general path from here
             self._enter(pending, step, None)
             return self._finish_step(step, pending)
-        # No request: finish_run's steps for a run with no fetches, feeds or trace, inline.
+        # No request: what finish_run does with the session's plain run, inline.
         self._run = _LOCAL_RUN
         try:
             outputs = step_snapshot(step())
