@@ -32,6 +32,13 @@ Reported figures
   runner actually skips the ``FinalOpsHook``'s inherited no-op methods, so this figure also
   carries the runner's fixed cost per ``run()``. The decomposition line separates the two.
 
+``--decompose`` adds two hand-written loops that bound what any runner must cost here:
+``floor`` builds ``SessionRunContext(SessionRunArgs(step), None)``, calls the 10 no-op
+hooks' ``before_run``, runs ``step()``, builds ``SessionRunValues(None, None, None)`` and
+calls their ``after_run``; ``floor+detach`` also passes the step's result through
+``step_snapshot`` (the detach ``MonitoredSession.run`` applies to what it returns) and keeps
+it until the next step, as the session keeps the latest step's dict for name lookups.
+
 ``--profile`` instead runs one hooked block under ``cProfile`` and prints where the
 session's own functions spend their time (cProfile inflates small Python calls several times;
 use it for proportions, the timed run for costs).
@@ -58,7 +65,15 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
-from lightning_finalops import FinalOpsHook, MonitoredSession, SessionRunHook
+from lightning_finalops import (
+    FinalOpsHook,
+    MonitoredSession,
+    SessionRunArgs,
+    SessionRunContext,
+    SessionRunHook,
+    SessionRunValues,
+)
+from lightning_finalops.fetches import step_snapshot
 
 N_NOOP_HOOKS = 10
 TARGET_RATIO = 1.03
@@ -147,12 +162,39 @@ def run_hooked(work: Workload, steps: int, n_noop: int) -> int:
     return t1 - t0
 
 
+def run_floor(work: Workload, steps: int, n_noop: int, detach: bool) -> int:
+    """One block of the hand-written floor loop (see ``--decompose``); returns ns."""
+    step = work.step
+    work.loss_mean.reset()
+    hooks = [NoOpHook() for _ in range(n_noop)]
+    before_runs = [hook.before_run for hook in hooks]
+    after_runs = [hook.after_run for hook in hooks]
+    outputs: Any = None
+    t0 = time.perf_counter_ns()
+    for _ in range(steps):
+        context = SessionRunContext(SessionRunArgs(step), None)  # type: ignore[arg-type]
+        for before_run in before_runs:
+            before_run(context)
+        if detach:
+            outputs = step_snapshot(step())  # kept until the next step, as the session does
+        else:
+            step()
+        values = SessionRunValues(None, None, None)  # type: ignore[arg-type]
+        for after_run in after_runs:
+            after_run(context, values)
+    final = {"loss_mean": work.loss_mean.compute(), "weight_norm": work.weight_norm()}
+    t1 = time.perf_counter_ns()
+    assert torch.isfinite(final["loss_mean"]) and (outputs is not None) == detach
+    return t1 - t0
+
+
 def quartiles(samples: List[float]) -> tuple[float, float, float]:
     q1, q2, q3 = statistics.quantiles(samples, n=4, method="inclusive")
     return q1, q2, q3
 
 
-def measure(steps: int, rounds: int, warmup_rounds: int = 1) -> Dict[str, List[float]]:
+def measure(steps: int, rounds: int, warmup_rounds: int = 1,
+            decompose: bool = False) -> Dict[str, List[float]]:
     """Interleaved blocks of every variant; per-step µs samples, one per recorded round."""
     work = Workload()
     variants: Dict[str, Callable[[], int]] = {
@@ -160,6 +202,9 @@ def measure(steps: int, rounds: int, warmup_rounds: int = 1) -> Dict[str, List[f
         "hooked": lambda: run_hooked(work, steps, N_NOOP_HOOKS),
         "final_ops_only": lambda: run_hooked(work, steps, 0),
     }
+    if decompose:
+        variants["floor"] = lambda: run_floor(work, steps, N_NOOP_HOOKS, detach=False)
+        variants["floor+detach"] = lambda: run_floor(work, steps, N_NOOP_HOOKS, detach=True)
     names = list(variants)
     samples: Dict[str, List[float]] = {name: [] for name in names}
     for r in range(warmup_rounds + rounds):
@@ -206,6 +251,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                         "of each variant per round)")
     parser.add_argument("--warmup-rounds", type=int, default=2, help="unrecorded rounds first")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--decompose", action="store_true",
+                        help="add the hand-written floor and floor+detach loops")
     parser.add_argument("--profile", action="store_true",
                         help="profile one hooked block with cProfile instead of timing")
     args = parser.parse_args(argv)
@@ -218,7 +265,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
 
     t0 = time.perf_counter()
-    samples = measure(args.steps, args.rounds, args.warmup_rounds)
+    samples = measure(args.steps, args.rounds, args.warmup_rounds, args.decompose)
     elapsed = time.perf_counter() - t0
 
     stats = {name: quartiles(values) for name, values in samples.items()}

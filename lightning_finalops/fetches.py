@@ -304,7 +304,9 @@ def snapshot(value: Any) -> Any:
 
 def _step_leaf(value: Any, path: Optional[Path] = None) -> Any:
     if isinstance(value, torch.Tensor):
-        if value.grad_fn is not None and not value._is_view():
+        # ``not is_leaf`` is ``grad_fn is not None`` read from a flag: reading ``grad_fn``
+        # would build a Python object for the autograd node of every fresh loss.
+        if not value.is_leaf and not value._is_view():
             return value.detach()
         return value.detach().clone()
     return value
@@ -317,6 +319,14 @@ def step_snapshot(value: Any) -> Any:
     view) belongs to nobody but the caller, so it is only detached: the step's loss costs
     no copy. Whatever reads it later by name (a hook's fetch, ``FinalOpsHook``) copies it.
     """
+    if type(value) is dict:  # the usual step result, {name: loss}: a loop, no inner calls
+        snap = {}
+        for key, item in value.items():
+            if type(item) is torch.Tensor and not item.is_leaf and not item._is_view():
+                snap[key] = item.detach()  # as _step_leaf: autograd's fresh result
+            else:
+                snap[key] = step_snapshot(item)
+        return snap
     if isinstance(value, torch.Tensor):
         return _step_leaf(value)
     return map_structure(_step_leaf, value)

@@ -18,6 +18,7 @@ Two pieces, each imported by every adapter and importing none:
       per run:  pending = session.start_run(fetches, feed_dict, options)
                 <the engine runs the step, with pending.str_feeds passed on>
                 session.finish_run(step_outputs)   # or session.abort_run() if the step raised
+            or: outputs = session.run_step(step)   # all three, for a step callable alone
       session.end()                                # clean end only
 
 Neither piece imports Lightning or an adapter.
@@ -26,7 +27,7 @@ Neither piece imports Lightning or an adapter.
 from __future__ import annotations
 
 import types
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -40,6 +41,7 @@ from lightning_finalops.fetches import (
     evaluate,
     shares_memory,
     split_feeds,
+    step_snapshot,
 )
 from lightning_finalops.hooks import timers
 from lightning_finalops.session_run_hook import (
@@ -67,6 +69,10 @@ __all__ = [
 STOP_REQUESTED_MESSAGE = "Run called even after should_stop requested."
 _EMPTY: Mapping[Any, Any] = types.MappingProxyType({})
 _DEFAULT_OPTIONS = RunOptions()
+# Builds a NamedTuple (SessionRunArgs, SessionRunValues) without its Python-level __new__:
+# ``_new_tuple(SessionRunValues, (a, b, c))`` is ``SessionRunValues(a, b, c)``, one frame
+# fewer on the path every run takes.
+_new_tuple = tuple.__new__
 
 
 class Engine(RawSession):
@@ -307,6 +313,9 @@ def _raise_if_feeds_intersect(
 class PendingRun:
     """One run between ``start_run`` and ``finish_run``: what the hooks asked for.
 
+    A run with nothing of its own to record (no user feeds or options, no hook request)
+    is its session's one reused plain record, valid until that run finishes or aborts.
+
     Attributes:
         context: the :class:`SessionRunContext` shared by every hook of the run.
         options: the merged :class:`RunOptions` (immutable; the user's object is kept).
@@ -319,7 +328,7 @@ class PendingRun:
 
     __slots__ = (
         "context", "options", "run_metadata", "tensor_feeds", "str_feeds", "hook_fetches",
-        "_applied", "_trace",
+        "_hook_feeds", "_applied", "_trace",
     )
 
     def __init__(self, context: Optional[SessionRunContext], options: RunOptions) -> None:
@@ -330,6 +339,7 @@ class PendingRun:
         self.tensor_feeds: Mapping[torch.Tensor, Any] = _EMPTY
         self.str_feeds: Mapping[str, Any] = _EMPTY
         self.hook_fetches: Sequence[Tuple[int, Any]] = ()
+        self._hook_feeds: Optional[Dict[Any, Any]] = None  # gathered in the hooks' order
         self._applied: Optional[TensorFeeds] = None
         self._trace: Any = None
 
@@ -371,6 +381,10 @@ class PendingRun:
 # The run of a session whose hooks have no per-run methods, when the user asks for nothing
 # either: no hook sees it, so one shared, empty object serves every such run.
 _IDLE_RUN = PendingRun(None, _DEFAULT_OPTIONS)
+# What marks a run in flight while HookedSession.run_step runs a step that no hook asked
+# anything of: that run's context and metadata are run_step's own, as no one else needs them.
+_LOCAL_RUN = PendingRun(None, _DEFAULT_OPTIONS)
+_IN_FLIGHT_MESSAGE = "start_run() called while a run is in flight; finish or abort it."
 
 
 def trace_run(pending: PendingRun) -> Any:
@@ -450,6 +464,9 @@ class HookedSession:
         #: runs this session finished
         self.runs = 0
         self._run: Optional[PendingRun] = None
+        # The record of every run that has nothing of its own to record (no feeds, options or
+        # requests: most runs), reused: start_run gives it each run's context and metadata.
+        self._plain_run = PendingRun(None, _DEFAULT_OPTIONS)
         # A session whose hooks act only at its start and end can neither stop nor trigger
         # on time: it needs no agreement, so no collective at all.
         self._agree = agree_across_ranks and (
@@ -548,42 +565,164 @@ class HookedSession:
         if self.should_stop:
             raise RuntimeError(STOP_REQUESTED_MESSAGE)
         if self._run is not None:
-            raise RuntimeError("start_run() called while a run is in flight; finish or abort it.")
+            raise RuntimeError(_IN_FLIGHT_MESSAGE)
         if options is not None and not isinstance(options, RunOptions):
             raise TypeError(f"options must be a RunOptions or None, got {type(options).__name__}.")
         if self.idle_per_run and feed_dict is None and options is None:
             self._run = _IDLE_RUN
             return _IDLE_RUN
-        context = SessionRunContext(SessionRunArgs(fetches, feed_dict), self.engine)
-        pending = PendingRun(context, options or _DEFAULT_OPTIONS)
-        hook_fetches: Optional[List[Tuple[int, Any]]] = None
-        hook_feeds: Optional[Dict[Any, Any]] = None
+        context = SessionRunContext(
+            _new_tuple(SessionRunArgs, (fetches, feed_dict, None)), self.engine
+        )
+        # A run gets a PendingRun of its own once it has something to record (the user's
+        # feeds or options, a hook's request); until then it is the session's plain run.
+        pending = (
+            PendingRun(context, options or _DEFAULT_OPTIONS)
+            if feed_dict or options is not None else None
+        )
         for i, hook, before_run in self._before:
             request = before_run(context)
-            if request is None:
-                continue
-            if not isinstance(request, SessionRunArgs):
-                raise TypeError(
-                    f"{_hook_name(hook)}.before_run must return a SessionRunArgs or None, "
-                    f"got {type(request).__name__}."
-                )
-            if request.fetches is not None:
-                check_fetches(request.fetches, f"{_hook_name(hook)}.before_run fetches")
-                if hook_fetches is None:
-                    hook_fetches = []
-                hook_fetches.append((i, request.fetches))
-            if request.feed_dict:
-                split_feeds(request.feed_dict, f"{_hook_name(hook)}.before_run feed_dict")
-                if hook_feeds is None:
-                    hook_feeds = {}
-                _raise_if_feeds_intersect(
-                    hook_feeds, request.feed_dict, "Same tensor is fed by two hooks."
-                )
-                hook_feeds.update(request.feed_dict)
-            if request.options:
-                pending.options = pending.options.merged(request.options)
-        if hook_fetches:
-            pending.hook_fetches = hook_fetches
+            if request is not None:
+                if pending is None:
+                    pending = PendingRun(context, _DEFAULT_OPTIONS)
+                self._add_request(pending, i, hook, request)
+        if pending is None:  # the usual run: nothing to merge or enter
+            pending = self._plain_run
+            pending.context = context
+            pending.run_metadata = RunMetadata()
+            self._run = pending
+        else:
+            self._enter(pending, fetches, feed_dict)
+        return pending
+
+    def run_step(self, step: Callable[..., Any]) -> Any:
+        """A whole run whose one fetch is ``step``, with no feeds or options: a plain loop's run.
+
+        The same as :meth:`start_run` with ``step`` as the fetch, then ``step`` called (with
+        the run's str feeds it accepts, when hooks feed some), then :meth:`finish_run` with
+        what it returned (:meth:`abort_run` if it raised), in one call: every step of a plain
+        loop takes this path, so a run that no hook asks anything of is started and finished
+        here, inline, as :meth:`finish_run` finishes the session's plain run.
+
+        Args:
+            step: the step callable (not a metric).
+
+        Returns:
+            What ``step`` returned, detached (:func:`~lightning_finalops.fetches.step_snapshot`;
+            with str feeds, evaluated as a fetch).
+
+        Raises:
+            RuntimeError: a stop was requested earlier, or a run is already in flight.
+            BaseException: whatever the step, a hook or a hook's fetch raised (see
+                :meth:`start_run` and :meth:`finish_run`).
+        """
+        if self._agreement is not None:  # the ranks vote at every run: the general path
+            return self._finish_step(step, self.start_run(step))
+        if self.should_stop:
+            raise RuntimeError(STOP_REQUESTED_MESSAGE)
+        if self._run is not None:
+            raise RuntimeError(_IN_FLIGHT_MESSAGE)
+        engine = self.engine
+        if self.idle_per_run:  # no hook acts per run: finish_run's idle run, inline
+            self._run = _IDLE_RUN
+            try:
+                outputs = step_snapshot(step())
+            finally:
+                self._run = None
+            engine._step_outputs = (
+                outputs if type(outputs) is dict or isinstance(outputs, Mapping) else _EMPTY
+            )
+            engine._runs += 1
+            self.runs += 1
+            engine.step_completed()
+            return outputs
+        context = SessionRunContext(_new_tuple(SessionRunArgs, (step, None, None)), engine)
+        pending: Optional[PendingRun] = None
+        for i, hook, before_run in self._before:
+            request = before_run(context)
+            if request is not None:
+                if pending is None:
+                    pending = PendingRun(context, _DEFAULT_OPTIONS)
+                self._add_request(pending, i, hook, request)
+        if pending is not None:  # a hook asked for something: the general path from here
+            self._enter(pending, step, None)
+            return self._finish_step(step, pending)
+        # No request: what finish_run does with the session's plain run, inline.
+        self._run = _LOCAL_RUN
+        try:
+            outputs = step_snapshot(step())
+        except BaseException:
+            self._run = None
+            raise
+        engine._step_outputs = (
+            outputs if type(outputs) is dict or isinstance(outputs, Mapping) else _EMPTY
+        )
+        engine._step_outputs_fresh = True
+        try:
+            engine._runs += 1
+            self.runs += 1
+            engine.step_completed()
+            no_results = _new_tuple(SessionRunValues, (None, _DEFAULT_OPTIONS, RunMetadata()))
+            for after_run in self._after_calls:
+                after_run(context, no_results)
+            self.should_stop = self.should_stop or context._stop_requested
+        finally:
+            engine._step_outputs_fresh = False
+            self._run = None
+        return outputs
+
+    def _finish_step(self, step: Callable[..., Any], pending: PendingRun) -> Any:
+        """Call ``step`` in the started run ``pending``, then finish the run (abort on error)."""
+        try:
+            if pending.str_feeds:
+                outputs = evaluate(step, self.engine.namespaces(), pending.str_feeds)
+            else:
+                outputs = step_snapshot(step())
+        except BaseException:
+            self.abort_run()
+            raise
+        self.finish_run(outputs)
+        return outputs
+
+    def _add_request(
+        self, pending: PendingRun, i: int, hook: SessionRunHook, request: Any
+    ) -> None:
+        """Check what hook ``i`` returned from ``before_run`` and add it to the run's requests.
+
+        Raises:
+            TypeError: ``request`` is not a ``SessionRunArgs``, or holds an invalid fetch or
+                feed key.
+            RuntimeError: it feeds a tensor another hook of the run feeds.
+        """
+        if not isinstance(request, SessionRunArgs):
+            raise TypeError(
+                f"{_hook_name(hook)}.before_run must return a SessionRunArgs or None, "
+                f"got {type(request).__name__}."
+            )
+        if request.fetches is not None:
+            check_fetches(request.fetches, f"{_hook_name(hook)}.before_run fetches")
+            pending.hook_fetches = [*pending.hook_fetches, (i, request.fetches)]
+        if request.feed_dict:
+            split_feeds(request.feed_dict, f"{_hook_name(hook)}.before_run feed_dict")
+            if pending._hook_feeds is None:
+                pending._hook_feeds = {}
+            _raise_if_feeds_intersect(
+                pending._hook_feeds, request.feed_dict, "Same tensor is fed by two hooks."
+            )
+            pending._hook_feeds.update(request.feed_dict)
+        if request.options:
+            pending.options = pending.options.merged(request.options)
+
+    def _enter(self, pending: PendingRun, fetches: Any,
+               feed_dict: Optional[Mapping[Any, Any]]) -> None:
+        """Merge the user's and the hooks' feeds, enter the run's protected region, start it.
+
+        Raises:
+            RuntimeError: the user and a hook feed the same tensor.
+            ValueError: a str feed that no callable of the run accepts (with
+                ``str_feeds_as_keywords``), or a tensor feed of the wrong shape.
+        """
+        hook_feeds = pending._hook_feeds
         if feed_dict or hook_feeds:
             tensor_feeds, str_feeds = split_feeds(feed_dict, "feed_dict")
             if hook_feeds:
@@ -597,11 +736,12 @@ class HookedSession:
             pending.tensor_feeds = tensor_feeds
             pending.str_feeds = str_feeds
             if str_feeds and self.engine.str_feeds_as_keywords:
-                check_str_feeds_accepted(str_feeds, fetches, [f for _, f in hook_fetches or ()])
+                check_str_feeds_accepted(
+                    str_feeds, fetches, [f for _, f in pending.hook_fetches]
+                )
         if pending.tensor_feeds or pending.options.trace_level:
             pending.enter()
         self._run = pending
-        return pending
 
     def finish_run(self, outputs: Any) -> bool:
         """The step ran: evaluate the hooks' fetches, leave the run, call every ``after_run``.
@@ -621,6 +761,28 @@ class HookedSession:
         if pending is None:
             raise RuntimeError("finish_run() called without a run in flight.")
         engine = self.engine
+        if pending is self._plain_run and self._agreement is None:
+            # The usual run, with nothing to evaluate or undo: the steps below, fewer checks
+            # (run_step finishes such a run of a plain loop the same way, inline).
+            engine._step_outputs = (
+                outputs if type(outputs) is dict or isinstance(outputs, Mapping) else _EMPTY
+            )
+            engine._step_outputs_fresh = True
+            try:
+                engine._runs += 1
+                self.runs += 1
+                engine.step_completed()
+                context = pending.context
+                no_results = _new_tuple(
+                    SessionRunValues, (None, _DEFAULT_OPTIONS, pending.run_metadata)
+                )
+                for after_run in self._after_calls:
+                    after_run(context, no_results)
+                self.should_stop = self.should_stop or context._stop_requested
+            finally:
+                engine._step_outputs_fresh = False
+                self._run = None
+            return self.should_stop
         previous_outputs = engine._step_outputs
         engine._step_outputs = (
             outputs if type(outputs) is dict or isinstance(outputs, Mapping) else _EMPTY
@@ -652,7 +814,9 @@ class HookedSession:
             assert context is not None
             agreement = self._agreement
             agreed_stop = self._receive_agreement() if agreement is not None else False
-            no_results = SessionRunValues(None, pending.options, pending.run_metadata)
+            no_results = _new_tuple(
+                SessionRunValues, (None, pending.options, pending.run_metadata)
+            )
             if not results:
                 for after_run in self._after_calls:
                     after_run(context, no_results)
@@ -665,7 +829,8 @@ class HookedSession:
                     else:
                         after_run(context, no_results)
             if agreement is None:
-                self.should_stop = self.should_stop or context.stop_requested
+                # the flag itself, not the property: one call fewer per run
+                self.should_stop = self.should_stop or context._stop_requested
             else:
                 # A request made in this run reaches the other ranks with this vote and
                 # stops every rank after the next run; a rank-consistent one applies now.

@@ -48,6 +48,15 @@ _CALLBACK_BASES: Tuple[type, ...] = (pytorch_lightning.Callback,) + (
 
 TRAINING, EVALUATION, PREDICTION = "training", "evaluation", "prediction"
 
+# Callback hooks Lightning calls at every training step, only through its dispatcher
+# (``_call_callback_hooks``), which calls a callback's hook only when the attribute is callable.
+# HookCallback does nothing at them, so each instance sets them to None (unless its class
+# overrides one): Lightning then skips them instead of dispatching a no-op (a profiler action
+# named from state_key, and a call) four times per step.
+_UNUSED_STEP_HOOKS = (
+    "on_before_backward", "on_after_backward", "on_before_optimizer_step", "on_before_zero_grad",
+)
+
 
 class _LightningEngine(Engine):
     """The engine of a Lightning session: the hooks' raw session inside a ``Trainer``.
@@ -131,6 +140,11 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
     exception no hook's ``end()`` runs (TF's rule). The hooks' state goes into Lightning
     checkpoints and is restored on ``fit(ckpt_path=...)`` before ``after_create_session``.
 
+    Per training step it acts at ``on_train_batch_start``/``on_train_batch_end`` only: its
+    ``on_before_backward``, ``on_after_backward``, ``on_before_optimizer_step`` and
+    ``on_before_zero_grad`` are ``None`` on the instance (unless a subclass defines them),
+    so Lightning, which calls only the hooks that are callable, does not dispatch them.
+
     Args:
         training_hooks: hooks of each ``fit`` (``EstimatorSpec.training_hooks``).
         evaluation_hooks: hooks of each validation and test run (``evaluation_hooks``).
@@ -194,6 +208,10 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             keys = hook_state_keys(self._all_hooks())
             described = keys or [type(h).__qualname__ for h in self._all_hooks()]
             self._state_key = "HookCallback{" + ",".join(described) + "}"
+        for hook_name in _UNUSED_STEP_HOOKS:
+            inherited = {getattr(base, hook_name) for base in _CALLBACK_BASES}
+            if getattr(type(self), hook_name) in inherited:  # a subclass's own is kept
+                setattr(self, hook_name, None)
 
     # -- identity and state ----------------------------------------------------------------
     def _all_hooks(self) -> List[SessionRunHook]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import types
 from typing import Any, Callable, Dict, Mapping, Optional, Type
 
 import torch
@@ -29,6 +30,9 @@ from lightning_finalops.validation import check_bool
 __all__ = ["MonitoredSession", "StepContext"]
 
 logger = logging.getLogger("lightning_finalops")
+
+# What a plain loop's step usually is: never a metric, always called as the run's step.
+_STEP_TYPES = (types.FunctionType, types.MethodType)
 
 
 def _named(objects: Any, argument: str, kind: type) -> Dict[str, Any]:
@@ -376,6 +380,8 @@ class MonitoredSession:
         if self._closed:
             raise RuntimeError("Run called on a closed MonitoredSession.")
         session = self._session
+        if feed_dict is None and options is None and type(fetches) in _STEP_TYPES:
+            return session.run_step(fetches)  # the usual run: a step function alone
         if not callable(fetches):  # a lone callable (the step) is always a valid fetch
             check_fetches(fetches, "fetches")
         pending = session.start_run(fetches, feed_dict, options)

@@ -113,6 +113,30 @@ def test_hook_callback_is_a_callback_of_both_packages(package: str) -> None:
     assert isinstance(HookCallback(), pl_package(package).Callback)
 
 
+STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step",
+              "on_before_zero_grad")
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_lightning_skips_the_step_hooks_hook_callback_does_not_define(package: str) -> None:
+    seen: List[str] = []
+
+    class Backward(HookCallback):  # a subclass that defines one of them keeps it
+        def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+            seen.append("on_after_backward")
+
+    plain, sub = HookCallback(training_hooks=[Counter()]), Backward(name="sub")
+    assert all(getattr(plain, name) is None for name in STEP_HOOKS)
+    assert [name for name in STEP_HOOKS if getattr(sub, name) is None] == [
+        "on_before_backward", "on_before_optimizer_step", "on_before_zero_grad"
+    ]
+    model = make_module_class(package)(n_train=4, n_val=4)
+    trainer = make_trainer(package, max_epochs=1, callbacks=[plain, sub])
+    trainer.fit(model)  # Lightning dispatches only callable hooks
+    assert trainer.global_step == 2 and plain.training_hooks[0].runs == 2
+    assert seen == ["on_after_backward"] * 2
+
+
 def test_validate_test_and_predict_are_sessions_of_their_own() -> None:
     log: List[Any] = []
     callback = HookCallback(

@@ -6,6 +6,7 @@ Ports the hook cases of TF's ``monitored_session_test.py`` and the semantics of
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -1172,3 +1173,76 @@ def test_invalid_user_fetch_raises_type_error_naming_its_position():
     sess = MonitoredSession()
     with pytest.raises(TypeError, match=r"fetches\[1\]"):
         sess.run([noop, 3])
+
+
+# -- the fast path of a step function ------------------------------------------------------------
+
+
+class NameReader(SessionRunHook):
+    """Reads the name ``"i"`` through the raw session in ``before_run`` and ``after_run``."""
+
+    def __init__(self):
+        self.read = []
+
+    def before_run(self, run_context):
+        self.read.append(run_context.session.run("i") if run_context.session.global_step else None)
+
+    def after_run(self, run_context, run_values):
+        self.read.append(run_context.session.run("i"))  # this run's: the fresh outputs
+
+
+def _run_scenario(wrap, scenario):
+    """Run ``scenario`` with its step passed as ``wrap(step)``; return what hooks and user saw."""
+    log = []
+    w = torch.ones(2, requires_grad=True)
+    reader = NameReader()
+    if scenario == "idle":
+        hooks = []
+    elif scenario == "no requests":
+        hooks = [*recorders(log), reader]
+    elif scenario == "a later hook asks":
+        hooks = [Recorder("h1", log), Recorder("h2", log, args=SessionRunArgs({"l": "loss"})),
+                 Recorder("h3", log)]
+    elif scenario == "stop in after_run":
+        hooks = recorders(log, stop_in=("after_run",))
+    else:  # a failing step
+        hooks = recorders(log)
+    sess = MonitoredSession(hooks)
+    outputs, errors = [], []
+    for i in range(3):
+        def step(i=i):
+            if scenario == "a failing step" and i == 1:
+                raise ValueError("step failed")
+            return {"loss": (w * (i + 1)).sum(), "w": w, "i": i}
+
+        try:
+            outputs.append(sess.run(wrap(step)))
+        except (ValueError, RuntimeError) as e:
+            errors.append(str(e))
+    def plain(value):  # tensors as comparable values
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, torch.Tensor):
+            return (value.tolist(), value.requires_grad)
+        return value
+
+    seen = [
+        (h.name, h.steps, h.stop_seen,
+         [plain(v.results) for v in h.values], [type(v.run_metadata) for v in h.values],
+         [c.original_args.feed_dict for c in h.contexts])
+        for h in hooks if isinstance(h, Recorder)
+    ]
+    return (log, seen, reader.read, [plain(out) for out in outputs], errors, sess.global_step,
+            sess.should_stop(), sess.raw_session().run("i") if outputs else None)
+
+
+@pytest.mark.parametrize("scenario", ["idle", "no requests", "a later hook asks",
+                                      "stop in after_run", "a failing step"])
+def test_a_step_function_runs_as_any_other_callable_step(scenario):
+    # a function takes HookedSession.run_step; a partial, the general start/finish path
+    fast = _run_scenario(lambda step: step, scenario)
+    general = _run_scenario(functools.partial, scenario)
+    assert fast == general
+    assert all(not out["loss"][1] and not out["w"][1] for out in fast[3])  # detached
+    if scenario == "no requests":
+        assert fast[2] == [None, 0, 0, 1, 1, 2]
