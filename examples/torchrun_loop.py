@@ -10,6 +10,7 @@ checkpoint rank 0 chose. Runs in seconds on a CPU (gloo).
 """
 
 import argparse
+import gc
 import os
 import tempfile
 
@@ -56,7 +57,11 @@ def main() -> None:
     print(f"rank {rank}: steps {start} -> {sess.global_step}, final values "
           f"{ {k: round(float(v), 4) for k, v in to_host(final.final_ops_values).items()} }",
           flush=True)
-    del model  # DDP's reducer goes before the process group it uses
+    # DDP's reducer goes before the process group it uses (train_step's default argument
+    # and the session's last run still reference it; freed after destroy_process_group(),
+    # the reducer may abort the process at exit)
+    del model, train_step, sess
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 

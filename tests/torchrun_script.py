@@ -10,6 +10,7 @@ launch restores from the checkpoints and trains to step 6. Each rank saves what 
 (3 batches and 1) into a torchmetrics mean, and a ``stop_if_no_decrease_hook`` on its history.
 """
 
+import gc
 import os
 import sys
 import warnings
@@ -59,12 +60,13 @@ def evaluate(out: str, rank: int) -> None:
         while not sess.should_stop():
             g = torch.Generator().manual_seed(100 * sess.global_step + rank)
             x = torch.randn(4, 3, generator=g)
+            # a learning rate that overshoots from step 4 on: the mse stops decreasing
+            lr = 0.05 if sess.global_step < 4 else 1.5
 
-            def train_step(x=x, ddp=ddp):
+            def train_step(x=x, ddp=ddp, lr=lr):
                 optimizer.zero_grad()
-                # a learning rate that overshoots from step 4 on: the mse stops decreasing
                 for group in optimizer.param_groups:
-                    group["lr"] = 0.05 if sess.global_step < 4 else 1.5
+                    group["lr"] = lr
                 loss = torch.nn.functional.mse_loss(ddp(x), x.sum(1, keepdim=True))
                 loss.backward()
                 optimizer.step()
@@ -78,7 +80,13 @@ def evaluate(out: str, rank: int) -> None:
         "history": [(step, float(v["mse"])) for step, v in evaluator.evaluation_history],
         "by_hand": float(by_hand),
     }, os.path.join(out, f"evaluate-rank{rank}.pt"))
-    del ddp
+    # DDP's reducer goes before the process group it uses: the last step function (its
+    # default argument) and the session (its last run's context holds the step) still
+    # reference the DDP module; freed at interpreter exit, after destroy_process_group(),
+    # the reducer aborts the process now and then ("terminate called without an active
+    # exception")
+    del ddp, train_step, sess
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
@@ -139,7 +147,13 @@ def main() -> None:
     seen.update(global_step=sess.global_step, final=final.final_ops_values, writes=writes[0],
                 w=net.weight.detach().clone())
     torch.save(seen, os.path.join(out, f"{mode}-rank{rank}.pt"))
-    del ddp  # DDP's reducer goes before the process group it uses
+    # DDP's reducer goes before the process group it uses: the last step function (its
+    # default argument) and the session (its last run's context holds the step) still
+    # reference the DDP module; freed at interpreter exit, after destroy_process_group(),
+    # the reducer aborts the process now and then ("terminate called without an active
+    # exception")
+    del ddp, train_step, sess
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
