@@ -782,6 +782,7 @@ class HookedSession:
             finally:
                 engine._step_outputs_fresh = False
                 self._run = None
+                pending.context = None  # the session keeps no run's fetches (the step)
             return self.should_stop
         previous_outputs = engine._step_outputs
         engine._step_outputs = (
@@ -840,6 +841,8 @@ class HookedSession:
         finally:
             engine._step_outputs_fresh = False
             self._run = None
+            if pending is self._plain_run:
+                pending.context = None
         return self.should_stop
 
     def _receive_agreement(self) -> bool:
@@ -856,7 +859,9 @@ class HookedSession:
         """The step raised (or never finished): leave the run without any ``after_run``."""
         pending, self._run = self._run, None
         self.engine._step_outputs_fresh = False
-        if pending is not None and pending.entered:
+        if pending is self._plain_run:
+            pending.context = None
+        elif pending is not None and pending.entered:
             pending.exit()
 
     def _evaluate_hook_fetches(self, pending: PendingRun) -> Dict[int, Any]:

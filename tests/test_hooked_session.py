@@ -542,3 +542,27 @@ def test_state_with_no_hook_to_go_to_is_an_error_unless_not_strict():
         session.load_state_dict(saved)
     session.load_state_dict(saved, strict=False)
     assert session.hooks[0].runs == 3
+
+
+def test_the_session_keeps_no_reference_to_a_finished_runs_fetches() -> None:
+    """A step (and what its closure holds, such as a DDP module) is freed when the caller
+    drops it, not kept by the session until its next run (it would outlive
+    destroy_process_group() and abort at exit)."""
+    import gc
+    import weakref
+
+    from lightning_finalops import MonitoredSession, SessionRunHook
+
+    class AfterRun(SessionRunHook):
+        def after_run(self, run_context, run_values):
+            pass
+
+    with MonitoredSession([AfterRun()]) as sess:
+        def step():
+            return torch.ones(())
+
+        sess.run({"out": step})  # through start_run/finish_run, as under Lightning
+        ref = weakref.ref(step)
+        del step
+        gc.collect()
+        assert ref() is None
