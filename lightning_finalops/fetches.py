@@ -10,6 +10,7 @@ looked up in the run's namespaces) or ``None``. Nothing here synchronises the ho
 from __future__ import annotations
 
 import inspect
+import numbers
 import types
 from collections import defaultdict
 from typing import (
@@ -67,6 +68,13 @@ def path_keys(path: Path) -> List[Any]:
 
 
 _METRIC_TYPES: Dict[type, bool] = {}
+
+
+def is_scalar(value: Any) -> bool:
+    """Whether ``value`` is one number: a one-element tensor or a real number (not a bool)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def is_metric(obj: Any) -> bool:

@@ -23,15 +23,12 @@ import collections
 import glob
 import logging
 import math
-import numbers
 import os
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-import torch
-
 from lightning_finalops.distributed import any_rank_async
-from lightning_finalops.fetches import to_host
+from lightning_finalops.fetches import is_scalar, to_host
 from lightning_finalops.hooks.final_ops import FinalOpsHook
 from lightning_finalops.hooks.timers import SecondOrStepTimer
 from lightning_finalops.session_run_hook import (
@@ -183,9 +180,7 @@ def _as_floats(values: Any) -> Dict[str, Any]:
     scalars: Dict[str, Any] = {}
     others: Dict[str, Any] = {}
     for name, value in values.items():
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            scalars[str(name)] = value
-        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        if is_scalar(value):
             scalars[str(name)] = value
         else:
             others[str(name)] = _NotScalar(describe(value))

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import numbers
 import os
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
-from lightning_finalops.fetches import is_metric, leaves, to_host
+from lightning_finalops.fetches import is_metric, is_scalar, leaves, to_host
 from lightning_finalops.hooked_session import Engine, HookedSession, check_hooks
 from lightning_finalops.hooks.final_ops import FinalOpsHook
 from lightning_finalops.hooks.summary import SummaryWriterCache
@@ -326,9 +325,7 @@ class InMemoryEvaluatorHook(SessionRunHook):
         assert self._eval_dir is not None
         writer = SummaryWriterCache.get(self._eval_dir)
         for name, value in to_host(results).items():  # one transfer for all of them
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                writer.add_scalar(name, float(value), global_step)
-            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            if is_scalar(value):
                 writer.add_scalar(name, float(value), global_step)
         writer.flush()
 
@@ -336,12 +333,10 @@ class InMemoryEvaluatorHook(SessionRunHook):
 def _accumulate(sums: Dict[str, Any], counts: Dict[str, int],
                 outputs: Mapping[str, Any]) -> None:
     for name, value in outputs.items():
-        if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                continue
-            value = value.detach().float().reshape(())
-        elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+        if not is_scalar(value):
             continue
+        if isinstance(value, torch.Tensor):
+            value = value.detach().float().reshape(())
         key = str(name)
         sums[key] = sums[key] + value if key in sums else value
         counts[key] = counts.get(key, 0) + 1
@@ -349,5 +344,6 @@ def _accumulate(sums: Dict[str, Any], counts: Dict[str, int],
 
 def _describe(results: Mapping[str, Any]) -> str:
     host = to_host(dict(results))
-    scalar = lambda v: float(v) if isinstance(v, torch.Tensor) and v.numel() == 1 else v  # noqa: E731
-    return ", ".join(f"{name} = {scalar(value)}" for name, value in sorted(host.items()))
+    shown = {name: float(value) if isinstance(value, torch.Tensor) and is_scalar(value)
+             else value for name, value in host.items()}
+    return ", ".join(f"{name} = {value}" for name, value in sorted(shown.items()))
