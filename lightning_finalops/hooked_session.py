@@ -75,6 +75,30 @@ _DEFAULT_OPTIONS = RunOptions()
 _new_tuple = tuple.__new__
 
 
+class _NoTrace(RunMetadata):
+    """The metadata of every run that asked for no trace: nothing recorded, read-only.
+
+    One object serves all such runs (and every hook of each), so it cannot be written.
+    """
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "profile", None)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(
+            "run_metadata of a run without a trace is read-only; ask for a trace with "
+            "SessionRunArgs(options=RunOptions(trace_level=...)) to get a profile in it."
+        )
+
+
+_NO_TRACE = _NoTrace()
+# What every after_run of a run without results, options or trace receives: immutable, so
+# one tuple serves every such run.
+_NO_RESULTS = _new_tuple(SessionRunValues, (None, _DEFAULT_OPTIONS, _NO_TRACE))
+
+
 class Engine(RawSession):
     """What an engine supplies to the session core; hooks receive it as their raw session.
 
@@ -102,7 +126,9 @@ class Engine(RawSession):
 
     # The latest checkpoint save_checkpoint wrote: (path, global step).
     _saved: Optional[Tuple[str, int, int]] = None
-    # Runs finished by sessions on this engine (the core counts them).
+    # Runs finished by sessions on this engine: the core counts a run once its step and the
+    # hooks' fetches succeeded, before its after_runs (an engine that counts its global
+    # step by runs, a plain loop, reads it).
     _runs = 0
 
     # Set by the session core only: the latest step's outputs and whether they are fresh.
@@ -148,12 +174,6 @@ class Engine(RawSession):
         # (gradient accumulation) moved the loop on, and the old position must stay
         if saved is not None and saved[1:] == (self.global_step, self._runs):
             self.write_checkpoint(saved[0])
-
-    def step_completed(self) -> None:
-        """The step and the hooks' fetches of a run succeeded; its ``after_run`` s come next.
-
-        An engine that counts runs itself (a plain loop) advances its global step here.
-        """
 
     def rank_agreement(self) -> Optional[RankAgreement]:
         """How the ranks of a training session agree (stops, time), or ``None``: one process.
@@ -334,7 +354,7 @@ class PendingRun:
     def __init__(self, context: Optional[SessionRunContext], options: RunOptions) -> None:
         self.context = context
         self.options = options
-        self.run_metadata = RunMetadata()
+        self.run_metadata: RunMetadata = _NO_TRACE  # a trace gets a RunMetadata of its own
         # Read-only empty defaults, replaced on the first request: most runs ask for nothing.
         self.tensor_feeds: Mapping[torch.Tensor, Any] = _EMPTY
         self.str_feeds: Mapping[str, Any] = _EMPTY
@@ -403,7 +423,8 @@ def trace_run(pending: PendingRun) -> Any:
         profile_memory=options.profile_memory,
         with_stack=options.with_stack,
     )
-    pending.run_metadata.profile = profile
+    pending.run_metadata = metadata = RunMetadata()
+    metadata.profile = profile
     return profile
 
 
@@ -453,6 +474,7 @@ class HookedSession:
         self._after = [
             (i, h.after_run) for i, h in enumerate(self.hooks) if _overrides(h, "after_run")
         ]
+        self._before_calls = [before_run for _, _, before_run in self._before]
         self._after_calls = [after_run for _, after_run in self._after]
         #: no hook overrides ``before_run`` or ``after_run``: a run needs no hook calls
         self.idle_per_run = not self._before and not self._after
@@ -543,6 +565,8 @@ class HookedSession:
         fetches: Any = None,
         feed_dict: Optional[Mapping[Any, Any]] = None,
         options: Optional[RunOptions] = None,
+        *,
+        replace: bool = False,
     ) -> PendingRun:
         """Call every hook's ``before_run`` in order, merge their requests, enter the run.
 
@@ -550,6 +574,8 @@ class HookedSession:
             fetches: the user's fetches (for ``run_context.original_args``).
             feed_dict: the user's feeds.
             options: the user's run options.
+            replace: abort a run still in flight (one its engine never finished) rather
+                than raise.
 
         Returns:
             The :class:`PendingRun`; the engine runs the step with its ``str_feeds``.
@@ -565,7 +591,9 @@ class HookedSession:
         if self.should_stop:
             raise RuntimeError(STOP_REQUESTED_MESSAGE)
         if self._run is not None:
-            raise RuntimeError(_IN_FLIGHT_MESSAGE)
+            if not replace:
+                raise RuntimeError(_IN_FLIGHT_MESSAGE)
+            self.abort_run()
         if options is not None and not isinstance(options, RunOptions):
             raise TypeError(f"options must be a RunOptions or None, got {type(options).__name__}.")
         if self.idle_per_run and feed_dict is None and options is None:
@@ -580,16 +608,16 @@ class HookedSession:
             PendingRun(context, options or _DEFAULT_OPTIONS)
             if feed_dict or options is not None else None
         )
-        for i, hook, before_run in self._before:
+        before_calls = self._before_calls
+        for before_run in before_calls:
             request = before_run(context)
             if request is not None:
-                if pending is None:
-                    pending = PendingRun(context, _DEFAULT_OPTIONS)
-                self._add_request(pending, i, hook, request)
+                pending = self._requests(context, before_calls.index(before_run), request,
+                                         pending)
+                break
         if pending is None:  # the usual run: nothing to merge or enter
             pending = self._plain_run
             pending.context = context
-            pending.run_metadata = RunMetadata()
             self._run = pending
         else:
             self._enter(pending, fetches, feed_dict)
@@ -634,19 +662,15 @@ class HookedSession:
             )
             engine._runs += 1
             self.runs += 1
-            engine.step_completed()
             return outputs
         context = SessionRunContext(_new_tuple(SessionRunArgs, (step, None, None)), engine)
-        pending: Optional[PendingRun] = None
-        for i, hook, before_run in self._before:
+        before_calls = self._before_calls
+        for before_run in before_calls:
             request = before_run(context)
-            if request is not None:
-                if pending is None:
-                    pending = PendingRun(context, _DEFAULT_OPTIONS)
-                self._add_request(pending, i, hook, request)
-        if pending is not None:  # a hook asked for something: the general path from here
-            self._enter(pending, step, None)
-            return self._finish_step(step, pending)
+            if request is not None:  # a hook asked for something: the general path from here
+                pending = self._requests(context, before_calls.index(before_run), request)
+                self._enter(pending, step, None)
+                return self._finish_step(step, pending)
         # No request: what finish_run does with the session's plain run, inline.
         self._run = _LOCAL_RUN
         try:
@@ -661,10 +685,8 @@ class HookedSession:
         try:
             engine._runs += 1
             self.runs += 1
-            engine.step_completed()
-            no_results = _new_tuple(SessionRunValues, (None, _DEFAULT_OPTIONS, RunMetadata()))
             for after_run in self._after_calls:
-                after_run(context, no_results)
+                after_run(context, _NO_RESULTS)
             self.should_stop = self.should_stop or context._stop_requested
         finally:
             engine._step_outputs_fresh = False
@@ -683,6 +705,33 @@ class HookedSession:
             raise
         self.finish_run(outputs)
         return outputs
+
+    def _requests(
+        self,
+        context: SessionRunContext,
+        k: int,
+        request: Any,
+        pending: Optional[PendingRun] = None,
+    ) -> PendingRun:
+        """The run's record once the ``k``-th ``before_run`` returned ``request``.
+
+        The hooks before it asked for nothing; the ones after it are called here.
+
+        Args:
+            context: the run's context.
+            k: the position of the requesting hook among those that override ``before_run``.
+            request: what it returned (not ``None``).
+            pending: the run's record so far (the user's feeds or options), if any.
+        """
+        if pending is None:
+            pending = PendingRun(context, _DEFAULT_OPTIONS)
+        i, hook, _ = self._before[k]
+        self._add_request(pending, i, hook, request)
+        for i, hook, before_run in self._before[k + 1:]:
+            request = before_run(context)
+            if request is not None:
+                self._add_request(pending, i, hook, request)
+        return pending
 
     def _add_request(
         self, pending: PendingRun, i: int, hook: SessionRunHook, request: Any
@@ -743,22 +792,26 @@ class HookedSession:
             pending.enter()
         self._run = pending
 
-    def finish_run(self, outputs: Any) -> bool:
+    def finish_run(self, outputs: Any, *, missing_ok: bool = False) -> bool:
         """The step ran: evaluate the hooks' fetches, leave the run, call every ``after_run``.
 
         The hooks' fetches are evaluated against ``outputs`` (when it is a mapping), then
-        the engine's named values; then ``engine.step_completed()``. An exception in a fetch
-        or in an ``after_run`` skips the later hooks and propagates; the stop flag is then
-        not applied (TF's rule), and a failed fetch leaves the run uncounted.
+        the engine's named values; then the run is counted (``engine._runs``). An exception
+        in a fetch or in an ``after_run`` skips the later hooks and propagates; the stop flag
+        is then not applied (TF's rule), and a failed fetch leaves the run uncounted.
 
         Args:
             outputs: what the step returned (a dict makes its keys fetchable by name).
+            missing_ok: with no run in flight (its engine skipped its start), return
+                ``False`` rather than raise.
 
         Returns:
             Whether the session should stop, agreed across ranks through the engine.
         """
         pending = self._run
         if pending is None:
+            if missing_ok:
+                return False
             raise RuntimeError("finish_run() called without a run in flight.")
         engine = self.engine
         if pending is self._plain_run and self._agreement is None:
@@ -771,13 +824,9 @@ class HookedSession:
             try:
                 engine._runs += 1
                 self.runs += 1
-                engine.step_completed()
                 context = pending.context
-                no_results = _new_tuple(
-                    SessionRunValues, (None, _DEFAULT_OPTIONS, pending.run_metadata)
-                )
                 for after_run in self._after_calls:
-                    after_run(context, no_results)
+                    after_run(context, _NO_RESULTS)
                 self.should_stop = self.should_stop or context._stop_requested
             finally:
                 engine._step_outputs_fresh = False
@@ -792,7 +841,6 @@ class HookedSession:
             self._run = None
             engine._runs += 1
             self.runs += 1
-            engine.step_completed()
             if self._agreement is not None:  # ranks whose hooks differ: the vote goes on
                 agreed_stop = self._receive_agreement()
                 self._agreement.send(False, timers.clock())
@@ -810,7 +858,6 @@ class HookedSession:
                     pending.exit()
             engine._runs += 1
             self.runs += 1
-            engine.step_completed()
             context = pending.context
             assert context is not None
             agreement = self._agreement

@@ -24,6 +24,7 @@ from lightning_finalops.distributed import RankAgreement
 from lightning_finalops.hooked_session import (
     Engine,
     HookedSession,
+    PendingRun,
     check_hooks,
     hook_state_dict,
     hook_state_keys,
@@ -123,6 +124,22 @@ class _LightningEngine(Engine):
             self.trainer.save_checkpoint(tmp)  # a collective: returns once every rank wrote
         # every rank returns once the checkpoint is in place under its final name
         self.trainer.strategy.barrier("lightning_finalops.save_checkpoint")
+
+
+def _feed_batch(session: HookedSession, pending: PendingRun, batch: Any) -> None:
+    """Set the run's str feeds on the batch (a mapping), or abort the run.
+
+    Raises:
+        TypeError: the batch is not a mutable mapping.
+    """
+    if not isinstance(batch, MutableMapping):
+        session.abort_run()
+        raise TypeError(
+            f"Hooks fed {sorted(pending.str_feeds)} (str feed keys), which HookCallback "
+            f"sets on the batch, but the batch is a {type(batch).__name__}: return a "
+            "dict from the dataloader (or collate_fn) to use str feeds."
+        )
+    batch.update(pending.str_feeds)
 
 
 class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
@@ -370,42 +387,25 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         )
 
     def _before_run(self, kind: str, batch: Any) -> None:
+        """An evaluation or prediction batch starts (training has its own, shorter path)."""
         session = self._sessions.get(kind)
         if session is None:
             return
-        session.abort_run()  # a run that got no batch end (Lightning skipped it)
-        if session.should_stop and kind != TRAINING:
+        if session.should_stop:
             # A hook stopped this evaluation/prediction after the previous batch. Lightning has
             # no API for that; its loops end the run cleanly on StopIteration raised before the
             # step (on_*_epoch_end and on_*_end still run, the previous batch fully counted).
             raise StopIteration
-        if session.should_stop:
-            # Lightning keeps training past a stop while min_epochs/min_steps are not met.
-            if not self._warned_continue:
-                self._warned_continue = True
-                warnings.warn(
-                    "A hook requested a stop, but Lightning keeps training to honour "
-                    "min_epochs/min_steps; the hooks keep running for those batches.",
-                    stacklevel=2,
-                )
-            session.should_stop = False
-        pending = session.start_run()
+        # replace: a run that got no batch end (Lightning skipped it) is aborted
+        pending = session.start_run(replace=True)
         if pending.str_feeds:
-            if not isinstance(batch, MutableMapping):
-                session.abort_run()
-                raise TypeError(
-                    f"Hooks fed {sorted(pending.str_feeds)} (str feed keys), which HookCallback "
-                    f"sets on the batch, but the batch is a {type(batch).__name__}: return a "
-                    "dict from the dataloader (or collate_fn) to use str feeds."
-                )
-            batch.update(pending.str_feeds)
+            _feed_batch(session, pending, batch)
 
     def _after_run(self, kind: str, outputs: Any) -> bool:
         """Finish the run; return whether the session should stop (agreed across ranks)."""
         session = self._sessions.get(kind)
-        if session is None or not session.in_run:
-            return False
-        return session.finish_run(outputs)
+        # missing_ok: a batch end whose start Lightning skipped (or that opened no run)
+        return session is not None and session.finish_run(outputs, missing_ok=True)
 
     def _is_session(self, trainer: Any) -> bool:
         return self.include_sanity_check or not trainer.sanity_checking
@@ -447,13 +447,31 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
     ) -> None:
         """Training session: every hook's ``before_run``; feeds applied."""
-        self._before_run(TRAINING, batch)
+        session = self._sessions.get(TRAINING)
+        if session is None:
+            return
+        if session.should_stop:
+            # Lightning keeps training past a stop while min_epochs/min_steps are not met.
+            if not self._warned_continue:
+                self._warned_continue = True
+                warnings.warn(
+                    "A hook requested a stop, but Lightning keeps training to honour "
+                    "min_epochs/min_steps; the hooks keep running for those batches.",
+                    stacklevel=2,
+                )
+            session.should_stop = False
+        # replace: a run that got no batch end (Lightning skipped it) is aborted
+        pending = session.start_run(replace=True)
+        if pending.str_feeds:
+            _feed_batch(session, pending, batch)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Training session: fetches evaluated, ``after_run``; a stop stops ``fit``."""
-        if self._after_run(TRAINING, outputs):
+        session = self._sessions.get(TRAINING)
+        # missing_ok: a batch end whose start Lightning skipped (or that opened no run)
+        if session is not None and session.finish_run(outputs, missing_ok=True):
             trainer.should_stop = True
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:

@@ -94,16 +94,17 @@ class _PlainEngine(Engine):
         self._named_modules = _named(modules, "modules", torch.nn.Module)
         self._named_optimizers = _named(optimizers, "optimizers", torch.optim.Optimizer)
         self._session_state = session_state
-        self._global_step = 0
+        # the global step is this plus the runs the core counted (restored with the state)
+        self._step_base = 0
 
     @property
     def global_step(self) -> int:
         """Completed runs of the monitored session (restored with its state)."""
-        return self._global_step
+        return self._step_base + self._runs
 
-    def step_completed(self) -> None:
-        """Count the run: its step and the hooks' fetches succeeded."""
-        self._global_step += 1
+    def set_global_step(self, step: int) -> None:
+        """Make the global step ``step`` now (a restored state's)."""
+        self._step_base = step - self._runs
 
     @property
     def modules(self) -> Any:
@@ -147,7 +148,7 @@ class _PlainEngine(Engine):
             return  # the chief writes what every rank holds
         atomic_torch_save(
             {
-                "global_step": self._global_step,
+                "global_step": self.global_step,
                 "modules": {k: m.state_dict() for k, m in self._named_modules.items()},
                 "optimizers": {k: o.state_dict() for k, o in self._named_optimizers.items()},
                 "session": self._session_state(),
@@ -157,7 +158,7 @@ class _PlainEngine(Engine):
 
     def _fabric_state(self) -> Dict[str, Any]:
         # Fabric saves and loads modules and optimizers given at the top level of the state
-        state: Dict[str, Any] = {"global_step": self._global_step,
+        state: Dict[str, Any] = {"global_step": self.global_step,
                                  "session": self._session_state()}
         state.update({f"module.{k}": m for k, m in self._named_modules.items()})
         state.update({f"optimizer.{k}": o for k, o in self._named_optimizers.items()})
@@ -505,4 +506,4 @@ class MonitoredSession:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise TypeError(f"state_dict['global_step'] must be an int >= 0, got {step!r}.")
         self._session.load_state_dict(state_dict["hooks"], strict=strict)
-        self._engine._global_step = step
+        self._engine.set_global_step(step)

@@ -207,6 +207,37 @@ def test_a_run_cannot_start_while_another_is_in_flight_nor_finish_twice():
         session.finish_run(None)
 
 
+def test_an_engine_that_skipped_a_batch_end_replaces_the_run_and_ignores_a_lone_end():
+    """What Lightning needs: a batch whose end never came (replace=True aborts its run, its
+    feeds restored, no after_run) and a batch end whose start never came (missing_ok)."""
+    log: List[Any] = []
+    w = torch.zeros(2)
+    session = HookedSession([Feeder({w: [1.0, 1.0]}), Recorder("a", log)], StepEngine())
+    session.start_run()
+    assert w.tolist() == [1.0, 1.0]
+    session.start_run(replace=True)  # the first run's batch end never came
+    assert session.finish_run(None) is False
+    assert w.tolist() == [0.0, 0.0]
+    assert log.count(("a", "before_run")) == 2 and log.count(("a", "after_run")) == 1
+    assert session.finish_run(None, missing_ok=True) is False  # an end without a start
+    assert log.count(("a", "after_run")) == 1 and session.runs == 1
+
+
+def test_a_run_without_a_trace_hands_every_hook_empty_read_only_metadata():
+    seen: List[Any] = []
+
+    class Peek(SessionRunHook):
+        def after_run(self, run_context, run_values):
+            seen.append(run_values.run_metadata)
+            with pytest.raises(AttributeError, match="read-only; ask for a trace"):
+                run_values.run_metadata.profile = "not a profile"
+
+    session = HookedSession([Peek()], StepEngine())
+    for _ in range(2):
+        one_run(session)
+    assert [m.profile for m in seen] == [None, None]
+
+
 # -- the protected region ------------------------------------------------------------------------
 
 
