@@ -92,6 +92,10 @@ class _NoTrace(RunMetadata):
             "SessionRunArgs(options=RunOptions(trace_level=...)) to get a profile in it."
         )
 
+    def __reduce__(self) -> str:
+        # copies and pickles (of a hook's saved run values) are the one shared object
+        return "_NO_TRACE"
+
 
 _NO_TRACE = _NoTrace()
 # What every after_run of a run without results, options or trace receives: immutable, so
@@ -174,6 +178,14 @@ class Engine(RawSession):
         # (gradient accumulation) moved the loop on, and the old position must stay
         if saved is not None and saved[1:] == (self.global_step, self._runs):
             self.write_checkpoint(saved[0])
+
+    def step_completed(self) -> None:
+        """The step and the hooks' fetches of a run succeeded; its ``after_run`` s come next.
+
+        Optional: the core calls it only when an engine overrides it (an engine that counts
+        its global step itself). The core counts runs in ``_runs`` before this call; the
+        plain loop's engine reads its global step from that count instead.
+        """
 
     def rank_agreement(self) -> Optional[RankAgreement]:
         """How the ranks of a training session agree (stops, time), or ``None``: one process.
@@ -474,8 +486,12 @@ class HookedSession:
         self._after = [
             (i, h.after_run) for i, h in enumerate(self.hooks) if _overrides(h, "after_run")
         ]
-        self._before_calls = [before_run for _, _, before_run in self._before]
         self._after_calls = [after_run for _, after_run in self._after]
+        # called after each counted run only when the engine overrides it (most do not)
+        self._step_completed = (
+            engine.step_completed
+            if type(engine).step_completed is not Engine.step_completed else None
+        )
         #: no hook overrides ``before_run`` or ``after_run``: a run needs no hook calls
         self.idle_per_run = not self._before and not self._after
         self.should_stop = False
@@ -588,12 +604,12 @@ class HookedSession:
             ValueError: a str feed that no callable of the run accepts (with
                 ``str_feeds_as_keywords``), or a tensor feed of the wrong shape.
         """
+        if replace and self._run is not None:
+            self.abort_run()
         if self.should_stop:
             raise RuntimeError(STOP_REQUESTED_MESSAGE)
         if self._run is not None:
-            if not replace:
-                raise RuntimeError(_IN_FLIGHT_MESSAGE)
-            self.abort_run()
+            raise RuntimeError(_IN_FLIGHT_MESSAGE)
         if options is not None and not isinstance(options, RunOptions):
             raise TypeError(f"options must be a RunOptions or None, got {type(options).__name__}.")
         if self.idle_per_run and feed_dict is None and options is None:
@@ -608,13 +624,12 @@ class HookedSession:
             PendingRun(context, options or _DEFAULT_OPTIONS)
             if feed_dict or options is not None else None
         )
-        before_calls = self._before_calls
-        for before_run in before_calls:
+        for i, hook, before_run in self._before:
             request = before_run(context)
             if request is not None:
-                pending = self._requests(context, before_calls.index(before_run), request,
-                                         pending)
-                break
+                if pending is None:
+                    pending = PendingRun(context, _DEFAULT_OPTIONS)
+                self._add_request(pending, i, hook, request)
         if pending is None:  # the usual run: nothing to merge or enter
             pending = self._plain_run
             pending.context = context
@@ -662,15 +677,20 @@ class HookedSession:
             )
             engine._runs += 1
             self.runs += 1
+            if self._step_completed is not None:
+                self._step_completed()
             return outputs
         context = SessionRunContext(_new_tuple(SessionRunArgs, (step, None, None)), engine)
-        before_calls = self._before_calls
-        for before_run in before_calls:
+        pending: Optional[PendingRun] = None
+        for i, hook, before_run in self._before:
             request = before_run(context)
-            if request is not None:  # a hook asked for something: the general path from here
-                pending = self._requests(context, before_calls.index(before_run), request)
-                self._enter(pending, step, None)
-                return self._finish_step(step, pending)
+            if request is not None:
+                if pending is None:
+                    pending = PendingRun(context, _DEFAULT_OPTIONS)
+                self._add_request(pending, i, hook, request)
+        if pending is not None:  # a hook asked for something: the general path from here
+            self._enter(pending, step, None)
+            return self._finish_step(step, pending)
         # No request: what finish_run does with the session's plain run, inline.
         self._run = _LOCAL_RUN
         try:
@@ -685,6 +705,8 @@ class HookedSession:
         try:
             engine._runs += 1
             self.runs += 1
+            if self._step_completed is not None:
+                self._step_completed()
             for after_run in self._after_calls:
                 after_run(context, _NO_RESULTS)
             self.should_stop = self.should_stop or context._stop_requested
@@ -705,33 +727,6 @@ class HookedSession:
             raise
         self.finish_run(outputs)
         return outputs
-
-    def _requests(
-        self,
-        context: SessionRunContext,
-        k: int,
-        request: Any,
-        pending: Optional[PendingRun] = None,
-    ) -> PendingRun:
-        """The run's record once the ``k``-th ``before_run`` returned ``request``.
-
-        The hooks before it asked for nothing; the ones after it are called here.
-
-        Args:
-            context: the run's context.
-            k: the position of the requesting hook among those that override ``before_run``.
-            request: what it returned (not ``None``).
-            pending: the run's record so far (the user's feeds or options), if any.
-        """
-        if pending is None:
-            pending = PendingRun(context, _DEFAULT_OPTIONS)
-        i, hook, _ = self._before[k]
-        self._add_request(pending, i, hook, request)
-        for i, hook, before_run in self._before[k + 1:]:
-            request = before_run(context)
-            if request is not None:
-                self._add_request(pending, i, hook, request)
-        return pending
 
     def _add_request(
         self, pending: PendingRun, i: int, hook: SessionRunHook, request: Any
@@ -824,6 +819,8 @@ class HookedSession:
             try:
                 engine._runs += 1
                 self.runs += 1
+                if self._step_completed is not None:
+                    self._step_completed()
                 context = pending.context
                 for after_run in self._after_calls:
                     after_run(context, _NO_RESULTS)
@@ -841,6 +838,8 @@ class HookedSession:
             self._run = None
             engine._runs += 1
             self.runs += 1
+            if self._step_completed is not None:
+                self._step_completed()
             if self._agreement is not None:  # ranks whose hooks differ: the vote goes on
                 agreed_stop = self._receive_agreement()
                 self._agreement.send(False, timers.clock())
@@ -858,6 +857,8 @@ class HookedSession:
                     pending.exit()
             engine._runs += 1
             self.runs += 1
+            if self._step_completed is not None:
+                self._step_completed()
             context = pending.context
             assert context is not None
             agreement = self._agreement

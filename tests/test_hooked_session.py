@@ -7,6 +7,8 @@ for both adapters, which only translate their engine's events into these calls.
 
 from __future__ import annotations
 
+import copy
+import pickle
 from typing import Any, Dict, List, Mapping, Optional
 
 import pytest
@@ -223,6 +225,55 @@ def test_an_engine_that_skipped_a_batch_end_replaces_the_run_and_ignores_a_lone_
     assert log.count(("a", "after_run")) == 1 and session.runs == 1
 
 
+def test_replace_aborts_the_run_in_flight_even_when_a_stop_refuses_the_next():
+    w = torch.zeros(2)
+    session = HookedSession([Feeder({w: [1.0, 1.0]})], StepEngine())
+    session.start_run()
+    session.should_stop = True
+    with pytest.raises(RuntimeError, match="should_stop"):
+        session.start_run(replace=True)
+    assert not session.in_run and w.tolist() == [0.0, 0.0]
+
+
+def test_hooks_sharing_one_before_run_get_each_their_own_results():
+    """A classmethod before_run is one equal bound method on every instance: each hook's
+    request still goes to that hook, and every before_run is called once."""
+    calls: List[str] = []
+
+    class Asks(SessionRunHook):
+        @classmethod
+        def before_run(cls, run_context):
+            calls.append("before_run")
+            return SessionRunArgs("loss") if len(calls) % 2 == 0 else None
+
+        def __init__(self) -> None:
+            self.results: List[Any] = []
+
+        def after_run(self, run_context, run_values):
+            self.results.append(run_values.results)
+
+    first, second = Asks(), Asks()
+    session = HookedSession([first, second], StepEngine())
+    one_run(session, {"loss": 1.0})
+    assert calls == ["before_run"] * 2
+    assert (first.results, second.results) == ([None], [1.0])
+
+
+def test_an_engine_that_counts_its_own_steps_hears_of_every_counted_run():
+    class Counting(StepEngine):
+        def step_completed(self) -> None:
+            self.step += 1
+
+    engine = Counting()
+    session = HookedSession([Recorder("a", [])], engine)
+    session.start_run()
+    session.finish_run(None)
+    session.run_step(lambda: {})
+    with pytest.raises(ZeroDivisionError):
+        session.run_step(lambda: 1 / 0)  # a failed run is not counted
+    assert engine.step == 2 and session.runs == 2
+
+
 def test_a_run_without_a_trace_hands_every_hook_empty_read_only_metadata():
     seen: List[Any] = []
 
@@ -236,6 +287,9 @@ def test_a_run_without_a_trace_hands_every_hook_empty_read_only_metadata():
     for _ in range(2):
         one_run(session)
     assert [m.profile for m in seen] == [None, None]
+    # a hook may keep copies of its run values: the metadata copies and pickles as itself
+    copied = pickle.loads(pickle.dumps(copy.deepcopy(seen[0])))
+    assert copied is seen[0] and copied.profile is None
 
 
 # -- the protected region ------------------------------------------------------------------------
