@@ -32,12 +32,15 @@ Reported figures
   runner actually skips the ``FinalOpsHook``'s inherited no-op methods, so this figure also
   carries the runner's fixed cost per ``run()``. The decomposition line separates the two.
 
-``--decompose`` adds two hand-written loops that bound what any runner must cost here:
+``--decompose`` adds three hand-written loops that bound what any runner must cost here:
 ``floor`` builds ``SessionRunContext(SessionRunArgs(step), None)``, calls the 10 no-op
 hooks' ``before_run``, runs ``step()``, builds ``SessionRunValues(None, None, None)`` and
 calls their ``after_run``; ``floor+detach`` also passes the step's result through
-``step_snapshot`` (the detach ``MonitoredSession.run`` applies to what it returns) and keeps
-it until the next step, as the session keeps the latest step's dict for name lookups.
+``step_snapshot`` (the detach ``MonitoredSession.run`` applies to what it returns: a fresh
+autograd result is detached, a leaf or a view is copied, as either may alias state a later
+in-place update changes) and keeps it until the next step, as the session keeps the latest
+step's dict for name lookups; ``floor+bare detach`` detaches every returned tensor without
+those alias checks, which prices them.
 
 ``--profile`` instead runs one hooked block under ``cProfile`` and prints where the
 session's own functions spend their time (cProfile inflates small Python calls several times;
@@ -162,8 +165,18 @@ def run_hooked(work: Workload, steps: int, n_noop: int) -> int:
     return t1 - t0
 
 
-def run_floor(work: Workload, steps: int, n_noop: int, detach: bool) -> int:
-    """One block of the hand-written floor loop (see ``--decompose``); returns ns."""
+def bare_detach(outputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Every returned tensor detached, without ``step_snapshot``'s alias checks."""
+    return {key: value.detach() for key, value in outputs.items()}
+
+
+def run_floor(work: Workload, steps: int, n_noop: int,
+              detach: Optional[Callable[[Any], Any]]) -> int:
+    """One block of the hand-written floor loop (see ``--decompose``); returns ns.
+
+    ``detach`` (``step_snapshot`` or :func:`bare_detach`) is applied to what the step returns,
+    kept until the next step; ``None``: the result is dropped.
+    """
     step = work.step
     work.loss_mean.reset()
     hooks = [NoOpHook() for _ in range(n_noop)]
@@ -175,8 +188,8 @@ def run_floor(work: Workload, steps: int, n_noop: int, detach: bool) -> int:
         context = SessionRunContext(SessionRunArgs(step), None)  # type: ignore[arg-type]
         for before_run in before_runs:
             before_run(context)
-        if detach:
-            outputs = step_snapshot(step())  # kept until the next step, as the session does
+        if detach is not None:
+            outputs = detach(step())  # kept until the next step, as the session does
         else:
             step()
         values = SessionRunValues(None, None, None)  # type: ignore[arg-type]
@@ -184,7 +197,7 @@ def run_floor(work: Workload, steps: int, n_noop: int, detach: bool) -> int:
             after_run(context, values)
     final = {"loss_mean": work.loss_mean.compute(), "weight_norm": work.weight_norm()}
     t1 = time.perf_counter_ns()
-    assert torch.isfinite(final["loss_mean"]) and (outputs is not None) == detach
+    assert torch.isfinite(final["loss_mean"]) and (outputs is not None) == (detach is not None)
     return t1 - t0
 
 
@@ -203,8 +216,10 @@ def measure(steps: int, rounds: int, warmup_rounds: int = 1,
         "final_ops_only": lambda: run_hooked(work, steps, 0),
     }
     if decompose:
-        variants["floor"] = lambda: run_floor(work, steps, N_NOOP_HOOKS, detach=False)
-        variants["floor+detach"] = lambda: run_floor(work, steps, N_NOOP_HOOKS, detach=True)
+        variants["floor"] = lambda: run_floor(work, steps, N_NOOP_HOOKS, None)
+        variants["floor+detach"] = lambda: run_floor(work, steps, N_NOOP_HOOKS, step_snapshot)
+        variants["floor+bare detach"] = lambda: run_floor(work, steps, N_NOOP_HOOKS,
+                                                          bare_detach)
     names = list(variants)
     samples: Dict[str, List[float]] = {name: [] for name in names}
     for r in range(warmup_rounds + rounds):
@@ -252,7 +267,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--warmup-rounds", type=int, default=2, help="unrecorded rounds first")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--decompose", action="store_true",
-                        help="add the hand-written floor and floor+detach loops")
+                        help="add the hand-written floor, floor+detach and floor+bare detach "
+                        "loops")
     parser.add_argument("--profile", action="store_true",
                         help="profile one hooked block with cProfile instead of timing")
     args = parser.parse_args(argv)
@@ -278,9 +294,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         f"{args.steps} steps/block x {args.rounds} rounds "
         f"(+{args.warmup_rounds} warm-up), {elapsed:.1f} s"
     )
-    print(f"{'variant':<16} {'median us/step':>15} {'IQR us/step':>17} {'ratio vs bare':>14}")
+    print(f"{'variant':<18} {'median us/step':>15} {'IQR us/step':>17} {'ratio vs bare':>14}")
     for name, (q1, q2, q3) in stats.items():
-        print(f"{name:<16} {q2:>15.2f} {q1:>8.2f}-{q3:<8.2f} {q2 / bare:>14.3f}")
+        print(f"{name:<18} {q2:>15.2f} {q1:>8.2f}-{q3:<8.2f} {q2 / bare:>14.3f}")
     # Per-round paired ratios: both blocks of a round share the machine's state of the moment.
     paired = [h / b for h, b in zip(samples["hooked"], samples["bare"])]
     pq1, pq2, pq3 = quartiles(paired)
