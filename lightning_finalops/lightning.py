@@ -401,11 +401,15 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         if pending.str_feeds:
             _feed_batch(session, pending, batch)
 
-    def _after_run(self, kind: str, outputs: Any) -> bool:
-        """Finish the run; return whether the session should stop (agreed across ranks)."""
+    def _after_run(self, kind: str, outputs: Any) -> None:
+        """An evaluation or prediction batch ends: finish its run (training has its own path).
+
+        A stop requested in it ends the evaluation at the next batch start (``_before_run``).
+        """
         session = self._sessions.get(kind)
-        # missing_ok: a batch end whose start Lightning skipped (or that opened no run)
-        return session is not None and session.finish_run(outputs, missing_ok=True)
+        if session is not None:
+            # missing_ok: a batch end whose start Lightning skipped (or that opened no run)
+            session.finish_run(outputs, missing_ok=True)
 
     def _is_session(self, trainer: Any) -> bool:
         return self.include_sanity_check or not trainer.sanity_checking
