@@ -32,15 +32,12 @@ Reported figures
   runner actually skips the ``FinalOpsHook``'s inherited no-op methods, so this figure also
   carries the runner's fixed cost per ``run()``. The decomposition line separates the two.
 
-``--decompose`` adds three hand-written loops that bound what any runner must cost here:
+``--decompose`` adds two hand-written loops that bound what any runner must cost here:
 ``floor`` builds ``SessionRunContext(SessionRunArgs(step), None)``, calls the 10 no-op
 hooks' ``before_run``, runs ``step()``, builds ``SessionRunValues(None, None, None)`` and
-calls their ``after_run``; ``floor+detach`` also passes the step's result through
-``step_snapshot`` (the detach ``MonitoredSession.run`` applies to what it returns: a fresh
-autograd result is detached, a leaf or a view is copied, as either may alias state a later
-in-place update changes) and keeps it until the next step, as the session keeps the latest
-step's dict for name lookups; ``floor+bare detach`` detaches every returned tensor without
-those alias checks, which prices them.
+calls their ``after_run``; ``floor+detach`` also detaches every tensor the step returns and
+keeps the result until the next step (what the session did before it kept the step's dict
+as returned; kept here as the price of that rule).
 
 ``--profile`` instead runs one hooked block under ``cProfile`` and prints where the
 session's own functions spend their time (cProfile inflates small Python calls several times;
@@ -76,7 +73,6 @@ from lightning_finalops import (
     SessionRunHook,
     SessionRunValues,
 )
-from lightning_finalops.fetches import step_snapshot
 
 N_NOOP_HOOKS = 10
 TARGET_RATIO = 1.03
@@ -166,7 +162,7 @@ def run_hooked(work: Workload, steps: int, n_noop: int) -> int:
 
 
 def bare_detach(outputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Every returned tensor detached, without ``step_snapshot``'s alias checks."""
+    """Every returned tensor detached."""
     return {key: value.detach() for key, value in outputs.items()}
 
 
@@ -174,7 +170,7 @@ def run_floor(work: Workload, steps: int, n_noop: int,
               detach: Optional[Callable[[Any], Any]]) -> int:
     """One block of the hand-written floor loop (see ``--decompose``); returns ns.
 
-    ``detach`` (``step_snapshot`` or :func:`bare_detach`) is applied to what the step returns,
+    ``detach`` (:func:`bare_detach`) is applied to what the step returns,
     kept until the next step; ``None``: the result is dropped.
     """
     step = work.step
@@ -217,9 +213,7 @@ def measure(steps: int, rounds: int, warmup_rounds: int = 1,
     }
     if decompose:
         variants["floor"] = lambda: run_floor(work, steps, N_NOOP_HOOKS, None)
-        variants["floor+detach"] = lambda: run_floor(work, steps, N_NOOP_HOOKS, step_snapshot)
-        variants["floor+bare detach"] = lambda: run_floor(work, steps, N_NOOP_HOOKS,
-                                                          bare_detach)
+        variants["floor+detach"] = lambda: run_floor(work, steps, N_NOOP_HOOKS, bare_detach)
     names = list(variants)
     samples: Dict[str, List[float]] = {name: [] for name in names}
     for r in range(warmup_rounds + rounds):
@@ -267,8 +261,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--warmup-rounds", type=int, default=2, help="unrecorded rounds first")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--decompose", action="store_true",
-                        help="add the hand-written floor, floor+detach and floor+bare detach "
-                        "loops")
+                        help="add the hand-written floor and floor+detach loops")
     parser.add_argument("--profile", action="store_true",
                         help="profile one hooked block with cProfile instead of timing")
     args = parser.parse_args(argv)

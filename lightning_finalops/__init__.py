@@ -1,9 +1,15 @@
 """TensorFlow's session-hook contract (``FinalOpsHook``, ``MonitoredSession``) on PyTorch."""
 
+from typing import TYPE_CHECKING
+
+from lightning_finalops.checkpoints import atomic_write, latest_checkpoint
+from lightning_finalops.engine import Engine
 from lightning_finalops.fetches import to_host
+from lightning_finalops.hooked_session import HookedSession
 from lightning_finalops.hooks import (
     CheckpointSaverHook,
     CheckpointSaverListener,
+    EarlyStoppingHook,
     FeedFnHook,
     FinalOpsHook,
     GlobalStepWaiterHook,
@@ -17,6 +23,7 @@ from lightning_finalops.hooks import (
     StepCounterHook,
     StopAtStepHook,
     SummarySaverHook,
+    SummaryWriterCache,
     make_early_stopping_hook,
     read_eval_metrics,
     stop_if_higher_hook,
@@ -38,16 +45,22 @@ from lightning_finalops.session_run_hook import (
 from lightning_finalops.sync_audit import SyncAudit, audit_syncs
 from lightning_finalops.training_session import MonitoredTrainingSession
 
+if TYPE_CHECKING:  # imported lazily at run time (below): plain loops never import Lightning
+    from lightning_finalops.lightning import HookCallback
+
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointSaverHook",
     "CheckpointSaverListener",
     "Coordinator",
+    "EarlyStoppingHook",
+    "Engine",
     "FeedFnHook",
     "FinalOpsHook",
     "GlobalStepWaiterHook",
     "HookCallback",
+    "HookedSession",
     "InMemoryEvaluatorHook",
     "LoggingTensorHook",
     "MonitoredSession",
@@ -68,8 +81,11 @@ __all__ = [
     "StepCounterHook",
     "StopAtStepHook",
     "SummarySaverHook",
+    "SummaryWriterCache",
     "SyncAudit",
+    "atomic_write",
     "audit_syncs",
+    "latest_checkpoint",
     "make_early_stopping_hook",
     "read_eval_metrics",
     "stop_if_higher_hook",

@@ -21,6 +21,8 @@ import torch
 from lightning_finalops.validation import check_path
 
 __all__ = [
+    "atomic_torch_save",
+    "atomic_write",
     "check_checkpoint_dir",
     "checkpoint_path",
     "latest_checkpoint",

@@ -11,18 +11,55 @@ run after the request, and no rank waits for another on a step where nothing was
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 __all__ = [
-    "RankAgreement", "any_rank_async", "broadcast_from_rank_zero", "is_rank_zero", "world_size",
+    "RankAgreement",
+    "agreed_time",
+    "any_rank_async",
+    "broadcast_from_rank_zero",
+    "is_rank_zero",
+    "local_clock",
+    "set_agreed_time",
+    "set_local_clock",
+    "world_size",
 ]
 
 # (the default group it was made for, the gloo group): a group re-created after a
 # destroy_process_group() gets a gloo group of its own, even at a reused address
 _GLOO_GROUP: List[Any] = []
+
+# Rank 0's clock as the ranks of the running session last agreed on it; None: no agreement.
+_agreed_time: Optional[float] = None
+# What a rank contributes as its clock. ``hooks.timers`` sets it to read its ``clock``
+# attribute (the name tests replace), so the core reads the hooks' clock without importing
+# the hooks' layer.
+_local_clock: List[Callable[[], float]] = [time.time]
+
+
+def agreed_time() -> Optional[float]:
+    """Rank 0's clock as the ranks of the running session last agreed on it, or ``None``."""
+    return _agreed_time
+
+
+def set_agreed_time(value: Optional[float]) -> None:
+    """Set what :func:`agreed_time` returns; the session core calls it, nothing else needs to."""
+    global _agreed_time
+    _agreed_time = value
+
+
+def local_clock() -> float:
+    """This rank's clock, as the agreement sends it (``hooks.timers.clock``)."""
+    return _local_clock[0]()
+
+
+def set_local_clock(read: Callable[[], float]) -> None:
+    """Make :func:`local_clock` call ``read`` (``hooks.timers`` does, once, at import)."""
+    _local_clock[0] = read
 
 
 def is_rank_zero() -> bool:

@@ -26,12 +26,32 @@ from typing import (
     Union,
 )
 
+import numpy as np
 import torch
 
 from lightning_finalops.sync_audit import note_sync
 from lightning_finalops.validation import describe
 
-__all__ = ["to_host"]
+__all__ = [
+    "accepted_keywords",
+    "check_fetches",
+    "check_str_feeds_accepted",
+    "evaluate",
+    "format_path",
+    "is_fetch_leaf",
+    "is_metric",
+    "is_scalar",
+    "LazyNamespace",
+    "leaves",
+    "map_structure",
+    "Namespace",
+    "path_keys",
+    "path_tag",
+    "shares_memory",
+    "split_feeds",
+    "TensorFeeds",
+    "to_host",
+]
 
 # A path is a linked tuple (parent, key) so building it per node is cheap; it is only turned
 # into text ("final_ops['acc'][1]") when an error is raised.
@@ -295,6 +315,8 @@ def check_str_feeds_accepted(str_feeds: Mapping[str, Any], *structures: Any) -> 
 def _snapshot_leaf(value: Any, path: Optional[Path] = None) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
+    if isinstance(value, np.ndarray):  # a view of a buffer the step keeps updating
+        return value.copy()
     return value
 
 
@@ -308,36 +330,6 @@ def snapshot(value: Any) -> Any:
     if isinstance(value, torch.Tensor):  # the usual step result, without a walk
         return _snapshot_leaf(value)
     return map_structure(_snapshot_leaf, value)
-
-
-def _step_leaf(value: Any, path: Optional[Path] = None) -> Any:
-    if isinstance(value, torch.Tensor):
-        # ``not is_leaf`` is ``grad_fn is not None`` read from a flag: reading ``grad_fn``
-        # would build a Python object for the autograd node of every fresh loss.
-        if not value.is_leaf and not value._is_view():
-            return value.detach()
-        return value.detach().clone()
-    return value
-
-
-def step_snapshot(value: Any) -> Any:
-    """:func:`snapshot` of what a step returned, handed back to the caller who ran it.
-
-    A tensor that autograd just computed in the step (it has a ``grad_fn`` and is not a
-    view) belongs to nobody but the caller, so it is only detached: the step's loss costs
-    no copy. Whatever reads it later by name (a hook's fetch, ``FinalOpsHook``) copies it.
-    """
-    if type(value) is dict:  # the usual step result, {name: loss}: a loop, no inner calls
-        snap = {}
-        for key, item in value.items():
-            if type(item) is torch.Tensor and not item.is_leaf and not item._is_view():
-                snap[key] = item.detach()  # as _step_leaf: autograd's fresh result
-            else:
-                snap[key] = step_snapshot(item)
-        return snap
-    if isinstance(value, torch.Tensor):
-        return _step_leaf(value)
-    return map_structure(_step_leaf, value)
 
 
 class LazyNamespace:

@@ -21,16 +21,16 @@ import torch.distributed as dist
 
 from lightning_finalops.checkpoints import atomic_write
 from lightning_finalops.distributed import RankAgreement
-from lightning_finalops.hooked_session import (
-    Engine,
-    HookedSession,
-    PendingRun,
+from lightning_finalops.engine import Engine
+from lightning_finalops.hook_state import (
     check_hooks,
     hook_state_dict,
     hook_state_keys,
     load_hook_state_dict,
 )
+from lightning_finalops.hooked_session import HookedSession
 from lightning_finalops.hooks.final_ops import FinalOpsExportHook, FinalOpsHook
+from lightning_finalops.run import PendingRun
 from lightning_finalops.session_run_hook import SessionRunHook
 from lightning_finalops.validation import check_bool, describe
 
@@ -49,15 +49,6 @@ _CALLBACK_BASES: Tuple[type, ...] = (pytorch_lightning.Callback,) + (
 
 TRAINING, EVALUATION, PREDICTION = "training", "evaluation", "prediction"
 
-# Callback hooks Lightning calls at every training step, only through its dispatcher
-# (``_call_callback_hooks``), which calls a callback's hook only when the attribute is callable.
-# HookCallback does nothing at them, so each instance sets them to None (unless its class
-# overrides one): Lightning then skips them instead of dispatching a no-op (a profiler action
-# named from state_key, and a call) four times per step.
-_UNUSED_STEP_HOOKS = (
-    "on_before_backward", "on_after_backward", "on_before_optimizer_step", "on_before_zero_grad",
-)
-
 
 class _LightningEngine(Engine):
     """The engine of a Lightning session: the hooks' raw session inside a ``Trainer``.
@@ -68,6 +59,7 @@ class _LightningEngine(Engine):
     """
 
     str_feeds_as_keywords = False  # HookCallback sets them on the batch
+    hook_attributes = ("trainer", "pl_module", "modules")
 
     def __init__(self, trainer: Any, pl_module: Any) -> None:
         self.trainer = trainer
@@ -157,11 +149,6 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
     exception no hook's ``end()`` runs (TF's rule). The hooks' state goes into Lightning
     checkpoints and is restored on ``fit(ckpt_path=...)`` before ``after_create_session``.
 
-    Per training step it acts at ``on_train_batch_start``/``on_train_batch_end`` only: its
-    ``on_before_backward``, ``on_after_backward``, ``on_before_optimizer_step`` and
-    ``on_before_zero_grad`` are ``None`` on the instance (unless a subclass defines them),
-    so Lightning, which calls only the hooks that are callable, does not dispatch them.
-
     Args:
         training_hooks: hooks of each ``fit`` (``EstimatorSpec.training_hooks``).
         evaluation_hooks: hooks of each validation and test run (``evaluation_hooks``).
@@ -225,10 +212,6 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             keys = hook_state_keys(self._all_hooks())
             described = keys or [type(h).__qualname__ for h in self._all_hooks()]
             self._state_key = "HookCallback{" + ",".join(described) + "}"
-        for hook_name in _UNUSED_STEP_HOOKS:
-            inherited = {getattr(base, hook_name) for base in _CALLBACK_BASES}
-            if getattr(type(self), hook_name) in inherited:  # a subclass's own is kept
-                setattr(self, hook_name, None)
 
     # -- identity and state ----------------------------------------------------------------
     def _all_hooks(self) -> List[SessionRunHook]:
@@ -357,7 +340,7 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
                 self._record_evaluation(latest)
             training = session if kind == TRAINING else self._sessions.get(TRAINING)
             if training is not None and training.created:
-                training.engine.refresh_checkpoint()
+                training.refresh_checkpoint()
 
     def _evaluation_final_ops(self) -> List[FinalOpsHook]:
         distinct: Dict[int, FinalOpsHook] = {}
@@ -486,17 +469,13 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """Training session: every hook's ``end()``, the model still on its device."""
-        session = self._sessions.get(TRAINING)
-        if session is not None and session.is_finished_job:
-            return  # no session ran: on_fit_end forgets it without end()
         self._close(TRAINING)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         """Ends the training session if Lightning skipped ``on_train_end``."""
         # on_train_end is skipped when a stop is set before training starts: end it here.
         session = self._sessions.get(TRAINING)
-        if session is not None and (session.is_finished_job or (
-                not session.created and self._finished_before_start(trainer))):
+        if session is not None and not session.created and self._finished_before_start(trainer):
             # fit(ckpt_path=...) of a finished job: Lightning trained nothing, and neither
             # does the training session (re-running a finished job is a no-op)
             self._sessions.pop(TRAINING).abandon()

@@ -17,8 +17,9 @@ from lightning_finalops.distributed import (
     is_rank_zero,
     world_size,
 )
-from lightning_finalops.fetches import check_fetches, evaluate, is_metric, step_snapshot
-from lightning_finalops.hooked_session import Engine, HookedSession
+from lightning_finalops.engine import Engine
+from lightning_finalops.fetches import check_fetches, evaluate, is_metric
+from lightning_finalops.hooked_session import HookedSession
 from lightning_finalops.session_run_hook import (
     Coordinator,
     RawSession,
@@ -68,6 +69,7 @@ class _PlainEngine(Engine):
     """
 
     ranks_may_differ_in_hooks = True  # MonitoredTrainingSession's chief-only hooks
+    hook_attributes = ("modules", "fabric")
 
     def __init__(self, modules: Any, optimizers: Any,
                  session_state: Callable[[], Dict[str, Any]],
@@ -94,17 +96,20 @@ class _PlainEngine(Engine):
         self._named_modules = _named(modules, "modules", torch.nn.Module)
         self._named_optimizers = _named(optimizers, "optimizers", torch.optim.Optimizer)
         self._session_state = session_state
-        # the global step is this plus the runs the core counted (restored with the state)
-        self._step_base = 0
+        self._global_step = 0
 
     @property
     def global_step(self) -> int:
         """Completed runs of the monitored session (restored with its state)."""
-        return self._step_base + self._runs
+        return self._global_step
+
+    def step_completed(self) -> None:
+        """A run completed: the global step counts it."""
+        self._global_step += 1
 
     def set_global_step(self, step: int) -> None:
         """Make the global step ``step`` now (a restored state's)."""
-        self._step_base = step - self._runs
+        self._global_step = step
 
     @property
     def modules(self) -> Any:
@@ -343,7 +348,7 @@ class MonitoredSession:
 
     def raw_session(self) -> RawSession:
         """The raw session hooks receive: runs on it trigger no hooks."""
-        return self._engine
+        return self._session.raw_session
 
     def should_stop(self) -> bool:
         """True once closed, after a hook requested a stop, or when the coordinator stopped."""
@@ -368,7 +373,9 @@ class MonitoredSession:
             options: :class:`RunOptions` for this run, merged with the hooks' requests.
 
         Returns:
-            ``fetches`` evaluated (tensors detached, on their own device).
+            ``fetches`` evaluated: a lone step callable's result as it returned it (not
+            copied, so a step costs what calling it costs); any other fetch structure by
+            the fetch rules (tensors detached copies, on their own device).
 
         Raises:
             RuntimeError: the session is closed, a hook requested a stop in an earlier run
@@ -397,8 +404,8 @@ class MonitoredSession:
     def _evaluate_fetches(self, fetches: Any, str_feeds: Mapping[str, Any]) -> Any:
         """The user's fetches evaluated; names resolve against the previous run's dict."""
         if not str_feeds and callable(fetches) and not is_metric(fetches):
-            return step_snapshot(fetches())  # the step's own results: handed back, no copy
-        return evaluate(fetches, self._engine.namespaces(), str_feeds)
+            return fetches()  # the step's own results: handed back as returned
+        return evaluate(fetches, self._session.raw_session.namespaces(), str_feeds)
 
     def run_step_fn(self, step_fn: Callable[[StepContext], Any]) -> Any:
         """Run ``step_fn(step_context)``: hooks fire only for ``step_context.run_with_hooks``.
@@ -425,7 +432,7 @@ class MonitoredSession:
                 "`step_context` arguments if it's an instance method. "
                 f"Got {names} instead."
             )
-        return step_fn(StepContext(self._engine, self.run))
+        return step_fn(StepContext(self._session.raw_session, self.run))
 
     def close(self) -> None:
         """Call every hook's ``end()`` and close the session.
@@ -441,15 +448,10 @@ class MonitoredSession:
 
     def _close_internal(self, exception_type: Optional[Type[BaseException]]) -> None:
         try:
-            if exception_type is None and not self._closed and self._session.is_finished_job:
-                # re-running a finished job is a no-op: no session ran, nothing is recorded
-                logger.info("The session was restored finished (global step %d): no step ran "
-                            "and no hook's end() runs.", self.global_step)
-                self._session.abandon()
-            elif exception_type is None:
+            if exception_type is None:
                 self._session.end(closed=self._closed)
                 if not self._closed:  # what the hooks' end() recorded goes into it too
-                    self._engine.refresh_checkpoint()
+                    self._session.refresh_checkpoint()
             elif not self._closed:
                 self._session.abandon()
         finally:

@@ -72,6 +72,18 @@ class SessionRunHook:
             run_values: ``results`` holds this hook's fetches, evaluated after the step.
         """
 
+    def job_finished(self, global_step: int) -> bool:
+        """Whether a job restored at ``global_step`` has nothing left to do for this hook.
+
+        Asked once per session, after ``begin`` and the restore, before any
+        ``after_create_session``. If any hook answers True the session is a finished job
+        run again, and it creates no session (``Estimator.train``'s rule): no hook's
+        ``after_create_session``, run or ``end`` happens, and one INFO line says so.
+        ``StopAtStepHook(last_step=N)`` answers ``global_step >= N``; an early-stopping
+        hook answers whether it was restored stopped. The base class answers False.
+        """
+        return False
+
     def end(self, session: Optional[RawSession]) -> None:
         """Called once at the end of a session that ended cleanly (not after an exception).
 

@@ -33,7 +33,12 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_finalops.session_run_hook import SessionRunHook
 
-__all__ = ["SyncAudit", "audit_syncs"]
+__all__ = [
+    "audit_syncs",
+    "host_values",
+    "note_sync",
+    "SyncAudit",
+]
 
 logger = logging.getLogger("lightning_finalops")
 

@@ -7,7 +7,7 @@ import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from lightning_finalops.distributed import is_rank_zero, world_size
-from lightning_finalops.hooked_session import check_hooks, has_state
+from lightning_finalops.hook_state import check_hooks, has_state
 from lightning_finalops.hooks.checkpoint import CheckpointSaverHook
 from lightning_finalops.hooks.stop import StopAtStepHook
 from lightning_finalops.hooks.summary import StepCounterHook, SummarySaverHook
@@ -38,10 +38,8 @@ def _on(value: Any) -> Any:
 class _ChiefHookState(SessionRunHook):
     """A worker's stand-in for a stateful chief-only hook: it holds the hook's key.
 
-    The chief's checkpoint has that hook's state under a key counted among the chief's
-    stateful hooks of the same ``state_key``; with the stand-in in the worker's list, the
-    worker's own hooks get the same keys as on the chief, and the chief-only state is
-    dropped, not handed to another hook.
+    The chief's checkpoint has that hook's state under its key; the stand-in takes it on a
+    worker and drops it, so a strict restore neither fails on it nor hands it elsewhere.
     """
 
     def __init__(self, state_key: str) -> None:

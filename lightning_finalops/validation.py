@@ -96,16 +96,21 @@ def check_number(value: Any, argument: str, *, allow_none: bool = False) -> Opti
     return value  # type: ignore[return-value]
 
 
-def check_seconds(value: Any, argument: str, *, allow_none: bool = False) -> Optional[float]:
-    """``value`` as a finite number of seconds > 0 (not a bool).
+def check_seconds(
+    value: Any, argument: str, *, allow_none: bool = False, allow_zero: bool = False
+) -> Optional[float]:
+    """``value`` as a finite number of seconds > 0 (>= 0 with ``allow_zero``; not a bool).
 
     Raises:
         TypeError: ``value`` is not a real number, or ``None`` when not allowed.
-        ValueError: ``value`` is not finite or not > 0.
+        ValueError: ``value`` is not finite, or below the minimum.
     """
     seconds = check_number(value, argument, allow_none=allow_none)
-    if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
-        raise ValueError(f"{argument} must be a finite number of seconds > 0, got {value!r}.")
+    if seconds is not None and not (
+        math.isfinite(seconds) and (seconds >= 0 if allow_zero else seconds > 0)
+    ):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{argument} must be a finite number of seconds {bound}, got {value!r}.")
     return seconds
 
 

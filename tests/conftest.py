@@ -23,11 +23,11 @@ def _seed() -> None:
 @pytest.fixture(autouse=True)
 def _own_clock():
     """Each test starts and ends with no agreed time (a session a test left open keeps one)."""
-    from lightning_finalops.hooks import timers
+    from lightning_finalops import distributed
 
-    timers.set_agreed_time(None)
+    distributed.set_agreed_time(None)
     yield
-    timers.set_agreed_time(None)
+    distributed.set_agreed_time(None)
 
 
 @pytest.fixture(autouse=True)
@@ -53,9 +53,14 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 class Counter(SessionRunHook):
     """A stateful hook: counts its runs, across restarts through its state."""
 
-    def __init__(self, runs: int = 0) -> None:
+    def __init__(self, runs: int = 0, name: str = "") -> None:
         self.runs = runs
+        self.name = name
         self.seen_at_creation: List[int] = []
+
+    @property
+    def state_key(self) -> str:
+        return f"Counter[{self.name}]" if self.name else "Counter"
 
     def after_create_session(self, session, coord) -> None:
         self.seen_at_creation.append(session.global_step)

@@ -20,9 +20,12 @@ from lightning_finalops import (
     RunOptions,
     SessionRunArgs,
     SessionRunHook,
+    distributed,
 )
 from lightning_finalops.distributed import RankAgreement
-from lightning_finalops.hooked_session import Engine, HookedSession, hook_state_dict
+from lightning_finalops.engine import Engine
+from lightning_finalops.hook_state import hook_state_dict
+from lightning_finalops.hooked_session import HookedSession
 from lightning_finalops.hooks import timers
 
 
@@ -155,7 +158,7 @@ def test_a_closed_session_ended_again_hands_the_hooks_none():
     session = HookedSession([End()], engine)
     session.end()
     session.end(closed=True)
-    assert seen == [engine, None]
+    assert seen == [session.raw_session, None]
 
 
 # -- requests ------------------------------------------------------------------------------------
@@ -568,7 +571,7 @@ def test_an_abandoned_session_drops_its_vote_without_waiting():
     one_run(session)
     session.abandon()
     assert agreement.abandoned and not agreement.closed
-    assert timers.agreed_time() is None
+    assert distributed.agreed_time() is None
 
 
 def test_an_exception_in_end_leaves_the_agreement_and_restores_the_clock():
@@ -581,7 +584,7 @@ def test_an_exception_in_end_leaves_the_agreement_and_restores_the_clock():
     one_run(session)
     with pytest.raises(OSError):
         session.end()
-    assert agreement.abandoned and timers.agreed_time() is None
+    assert agreement.abandoned and distributed.agreed_time() is None
 
 
 def test_a_session_inside_another_restores_the_outer_sessions_agreed_time():
@@ -591,7 +594,7 @@ def test_a_session_inside_another_restores_the_outer_sessions_agreed_time():
     inner.end()
     assert timers.now() == 100.0
     outer.end()
-    assert timers.agreed_time() is None
+    assert distributed.agreed_time() is None
 
 
 def test_an_idle_session_calls_no_hook_per_run_and_still_records_the_outputs():
@@ -612,18 +615,24 @@ def test_an_idle_session_calls_no_hook_per_run_and_still_records_the_outputs():
 # -- state ---------------------------------------------------------------------------------------
 
 
-def test_only_stateful_hooks_have_state_once_each_with_repeats_numbered():
-    first, second = Counter(runs=1), Counter(runs=2)
+def test_only_stateful_hooks_have_state_once_each():
+    first, second = Counter(runs=1), Counter(runs=2, name="second")
     hooks = [Recorder("a", []), first, Recorder("b", []), second, first]
     session = HookedSession(hooks[:4], StepEngine())
-    assert session.state_dict() == {"Counter": {"runs": 1}, "Counter#1": {"runs": 2}}
+    assert session.state_dict() == {"Counter": {"runs": 1}, "Counter[second]": {"runs": 2}}
     assert hook_state_dict(hooks) == session.state_dict()  # the same hook twice: one state
+
+
+def test_two_stateful_hooks_with_one_key_are_refused_when_the_session_is_built():
+    first, second = Counter(runs=1), Counter(runs=2)
+    with pytest.raises(ValueError, match=r"Two stateful hooks have the state key 'Counter'"):
+        HookedSession([first, Recorder("a", []), second], StepEngine())
 
 
 def test_state_with_no_hook_to_go_to_is_an_error_unless_not_strict():
     session = HookedSession([Counter()], StepEngine())
-    saved = {"Counter": {"runs": 3}, "Counter#1": {"runs": 4}}
-    with pytest.raises(ValueError, match=r"\['Counter#1'\] has no hook here"):
+    saved = {"Counter": {"runs": 3}, "Counter[other]": {"runs": 4}}
+    with pytest.raises(ValueError, match=r"\['Counter\[other\]'\] has no hook here"):
         session.load_state_dict(saved)
     session.load_state_dict(saved, strict=False)
     assert session.hooks[0].runs == 3

@@ -755,8 +755,8 @@ def test_a_session_restored_at_or_past_last_step_runs_no_step(caplog) -> None:
             with session_at(restored, [hook]) as sess:
                 assert sess.should_stop()  # before the first run: a finished job is a no-op
         assert sess.global_step == restored
-        assert (f"Skipping training since last_step=5 was already reached (global step "
-                f"{restored}).") in caplog.text
+        assert (f"The job is finished at global step {restored} (StopAtStepHook)"
+                in caplog.text)
     with session_at(4, [StopAtStepHook(last_step=5)]) as sess:
         assert not sess.should_stop()
         sess.run(lambda: None)

@@ -21,6 +21,7 @@ from lightning_finalops import (
 
 
 def train(hooks, steps: int, modules=None, step=lambda: None) -> int:
+    modules = nn.Identity() if modules is None else modules  # an evaluation needs modules
     with MonitoredSession([*hooks, StopAtStepHook(last_step=steps)], modules=modules) as sess:
         while not sess.should_stop():
             sess.run(step)
@@ -292,13 +293,49 @@ def test_the_history_is_checkpointed_and_restored(tmp_path) -> None:
                                         save_checkpoint_steps=1)
 
     evaluator = InMemoryEvaluatorHook(lambda b: {"x": torch.tensor(1.0)}, lambda: [0],
-                                      every_n_iter=2)
+                                      every_n_iter=2, modules=nn.Identity())
     with session([evaluator, StopAtStepHook(last_step=3)]) as sess:
         while not sess.should_stop():
             sess.run(lambda: None)
     resumed = InMemoryEvaluatorHook(lambda b: {"x": torch.tensor(1.0)}, lambda: [0],
-                                    every_n_iter=2)
+                                    every_n_iter=2, modules=nn.Identity())
     with session([resumed, StopAtStepHook(last_step=4)]) as sess:
         while not sess.should_stop():
             sess.run(lambda: None)
     assert [step for step, _ in resumed.evaluation_history] == [0, 2, 3, 3, 4]
+
+
+# -- the session rules (the core runs the evaluation) -------------------------------------------
+def test_an_evaluation_with_no_module_anywhere_is_refused_at_creation() -> None:
+    evaluator = InMemoryEvaluatorHook(lambda b: None, lambda: [0])
+    with pytest.raises(ValueError, match=r"pass modules="):
+        MonitoredSession([evaluator])
+    assert evaluator.evaluation_history == []
+
+
+def test_an_evaluation_in_a_session_given_modules_runs_them_in_eval_mode() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5), nn.BatchNorm1d(2))
+    stats = model[2].running_mean.clone()
+    seen = []
+
+    def eval_step(batch):
+        seen.append((model.training, model[1].training, torch.is_grad_enabled()))
+        model(torch.randn(4, 2))
+
+    evaluator = InMemoryEvaluatorHook(eval_step, lambda: [0, 1], every_n_iter=100)
+    train([evaluator], 2, modules=model)
+    assert seen and all(s == (False, False, False) for s in seen)
+    assert torch.equal(model[2].running_mean, stats)  # no statistics from evaluation data
+    assert model.training
+
+
+def test_a_tensor_the_eval_step_updates_in_place_is_averaged_by_value() -> None:
+    state = torch.zeros(())
+
+    def eval_step(batch):
+        state.add_(1.0)  # 1, 2, 3: the mean is 2, whatever the step does to it afterwards
+        return {"x": state}
+
+    evaluator = InMemoryEvaluatorHook(eval_step, lambda: [0, 1, 2], every_n_iter=100)
+    train([evaluator], 1)
+    assert history(evaluator)[0] == (0, {"x": 2.0})

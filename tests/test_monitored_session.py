@@ -90,10 +90,15 @@ class Recorder(SessionRunHook):
 class CountingHook(SessionRunHook):
     """Counts its ``after_run`` calls and keeps the count as state."""
 
-    def __init__(self):
+    def __init__(self, name=""):
         self.runs = 0
+        self.name = name
         self.runs_at_create = None
         self.step_at_create = None
+
+    @property
+    def state_key(self):
+        return f"CountingHook[{self.name}]" if self.name else "CountingHook"
 
     def after_create_session(self, session, coord):
         self.runs_at_create = self.runs
@@ -766,16 +771,18 @@ def test_feeds_of_several_hooks_are_all_applied():
     assert (x.item(), y.item()) == (1.0, 2.0)
 
 
-def test_a_run_whose_hook_fetch_fails_is_not_counted_and_names_nothing():
+def test_a_run_whose_hook_fetch_fails_still_counts_as_its_step_ran():
+    """The step changed the weights: the global step advances with them, run after run."""
     log = []
+    w = torch.zeros(())
     hook = Recorder("h", log, args=SessionRunArgs("missing"))
-    with pytest.raises(KeyError, match="missing"):
-        with MonitoredSession([hook]) as sess:
-            sess.run(lambda: {"loss": torch.tensor(1.0)})
-    assert sess.global_step == 0
-    with pytest.raises(KeyError, match="'loss'"):
-        sess.raw_session().run("loss")
-    assert ("h", "after_run") not in log
+    sess = MonitoredSession([hook])
+    for expected in (1, 2):
+        with pytest.raises(KeyError, match="missing"):
+            sess.run(lambda: {"loss": w.add_(1.0)})
+        assert sess.global_step == expected == int(w)
+    assert ("h", "after_run") not in log  # the exception skips every after_run (TF's rule)
+    assert float(sess.raw_session().run("loss")) == 2.0  # the step's outputs are named
 
 
 def test_run_cannot_be_called_from_inside_a_step_of_the_same_session():
@@ -1093,37 +1100,37 @@ def test_state_is_not_yet_restored_in_begin():
     assert hook.runs == 5
 
 
-def test_two_hooks_of_one_class_get_unique_state_keys_in_list_order():
-    first, second = CountingHook(), CountingHook()
+def test_two_stateful_hooks_of_one_key_are_refused_and_named_ones_keep_their_state():
+    with pytest.raises(ValueError, match=r"Two stateful hooks have the state key 'CountingHook'"):
+        MonitoredSession([CountingHook(), CountingHook()])
+    first, second = CountingHook(), CountingHook("b")
     sess = MonitoredSession([first, second])
     first.runs, second.runs = 1, 2
-    assert sess.state_dict()["hooks"] == {
-        "CountingHook": {"runs": 1},
-        "CountingHook#1": {"runs": 2},
-    }
-    a, b = CountingHook(), CountingHook()
+    assert sess.state_dict()["hooks"] == {"CountingHook": {"runs": 1},
+                                          "CountingHook[b]": {"runs": 2}}
+    a, b = CountingHook("b"), CountingHook()  # order changed: each finds its own by key
     MonitoredSession([a, b], state=sess.state_dict())
-    assert (a.runs, b.runs) == (1, 2)
+    assert (a.runs, b.runs) == (2, 1)
 
 
 def test_load_state_dict_that_would_drop_saved_state_raises_value_error_when_strict():
-    saved = MonitoredSession([CountingHook(), CountingHook()]).state_dict()
+    saved = MonitoredSession([CountingHook(), CountingHook("b")]).state_dict()
     sess = MonitoredSession([CountingHook()])
-    with pytest.raises(ValueError, match=r"does not match.*\['CountingHook#1'\] has no hook"):
+    with pytest.raises(ValueError, match=r"does not match.*\['CountingHook\[b\]'\] has no hook"):
         sess.load_state_dict(saved)
 
 
 def test_a_stateful_hook_added_since_the_save_starts_fresh():
     first = MonitoredSession([CountingHook()])
     first.run(noop)
-    old, added = CountingHook(), CountingHook()
+    old, added = CountingHook(), CountingHook("added")
     MonitoredSession([old, added], state=first.state_dict())
     assert (old.runs, added.runs) == (1, 0)
 
 
 def test_load_state_dict_not_strict_loads_the_keys_both_have():
     saved = {"global_step": 4, "hooks": {"CountingHook": {"runs": 4}, "Gone": {}}}
-    first, second = CountingHook(), CountingHook()
+    first, second = CountingHook(), CountingHook("b")
     sess = MonitoredSession([first, second])
     sess.load_state_dict(saved, strict=False)
     assert (first.runs, second.runs, sess.global_step) == (4, 0, 4)
@@ -1243,6 +1250,7 @@ def test_a_step_function_runs_as_any_other_callable_step(scenario):
     fast = _run_scenario(lambda step: step, scenario)
     general = _run_scenario(functools.partial, scenario)
     assert fast == general
-    assert all(not out["loss"][1] and not out["w"][1] for out in fast[3])  # detached
+    # the step's own result, handed back as it returned it (not copied or detached)
+    assert all(out["loss"][1] and out["w"][1] for out in fast[3])
     if scenario == "no requests":
         assert fast[2] == [None, 0, 0, 1, 1, 2]

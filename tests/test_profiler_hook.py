@@ -15,13 +15,14 @@ import torch
 from lightning_models import make_module_class, make_trainer
 
 from lightning_finalops import (
+    Engine,
     HookCallback,
+    HookedSession,
     MonitoredSession,
     RunOptions,
     SessionRunArgs,
     SessionRunHook,
 )
-from lightning_finalops.hooked_session import Engine, HookedSession
 from lightning_finalops.hooks import timers
 from lightning_finalops.hooks.profiler import ProfilerHook
 

@@ -21,13 +21,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_finalops import (
+    Engine,
     HookCallback,
+    HookedSession,
     MonitoredSession,
     SessionRunArgs,
     SessionRunHook,
     to_host,
 )
-from lightning_finalops.hooked_session import Engine, HookedSession
 from lightning_finalops.hooks import summary, timers
 from lightning_finalops.hooks.summary import StepCounterHook, SummarySaverHook
 

@@ -171,19 +171,19 @@ def test_an_empty_summary_dir_means_the_checkpoint_dir(tmp_path):
 def test_a_worker_restores_its_hooks_state_not_the_chiefs_only_hooks(tmp_path):
     with MonitoredTrainingSession(
         checkpoint_dir=tmp_path, save_checkpoint_steps=1,
-        chief_only_hooks=[Counter(runs=10)], hooks=[Counter()],
+        chief_only_hooks=[Counter(runs=10, name="chief")], hooks=[Counter()],
     ) as sess:
         sess.run(lambda: None)
         sess.run(lambda: None)
     # TF's order: chief_only_hooks, the saver, hooks: a checkpoint written in a run's
     # after_run has the chief-only hook's count of that run, not yet the user hook's ...
     mid = torch.load(tmp_path / "model.ckpt-1", weights_only=False)["session"]["hooks"]
-    assert mid["Counter"] == {"runs": 11} and mid["Counter#1"] == {"runs": 0}
+    assert mid["Counter[chief]"] == {"runs": 11} and mid["Counter"] == {"runs": 0}
     # ... but the last one is written again after every end(): all of it is in
     saved = torch.load(latest_checkpoint(str(tmp_path)), weights_only=False)["session"]["hooks"]
-    assert saved["Counter"] == {"runs": 12} and saved["Counter#1"] == {"runs": 2}
+    assert saved["Counter[chief]"] == {"runs": 12} and saved["Counter"] == {"runs": 2}
 
-    worker_chief_only, worker_mine = Counter(runs=7), Counter(runs=7)
+    worker_chief_only, worker_mine = Counter(runs=7, name="chief"), Counter(runs=7)
     with MonitoredTrainingSession(
         is_chief=False, checkpoint_dir=tmp_path,
         chief_only_hooks=[worker_chief_only], hooks=[worker_mine],

@@ -2,6 +2,7 @@
 
 from lightning_finalops.hooks.checkpoint import CheckpointSaverHook, CheckpointSaverListener
 from lightning_finalops.hooks.early_stopping import (
+    EarlyStoppingHook,
     make_early_stopping_hook,
     read_eval_metrics,
     stop_if_higher_hook,
@@ -19,13 +20,14 @@ from lightning_finalops.hooks.stop import (
     NanTensorHook,
     StopAtStepHook,
 )
-from lightning_finalops.hooks.summary import StepCounterHook, SummarySaverHook
+from lightning_finalops.hooks.summary import StepCounterHook, SummarySaverHook, SummaryWriterCache
 from lightning_finalops.hooks.tensor_logging import LoggingTensorHook
 from lightning_finalops.hooks.timers import NeverTriggerTimer, SecondOrStepTimer
 
 __all__ = [
     "CheckpointSaverHook",
     "CheckpointSaverListener",
+    "EarlyStoppingHook",
     "FeedFnHook",
     "FinalOpsHook",
     "GlobalStepWaiterHook",
@@ -39,6 +41,7 @@ __all__ = [
     "StepCounterHook",
     "StopAtStepHook",
     "SummarySaverHook",
+    "SummaryWriterCache",
     "make_early_stopping_hook",
     "read_eval_metrics",
     "stop_if_higher_hook",

@@ -32,7 +32,6 @@ from lightning_finalops.fetches import is_scalar, to_host
 from lightning_finalops.hooks.final_ops import FinalOpsHook
 from lightning_finalops.hooks.timers import SecondOrStepTimer
 from lightning_finalops.session_run_hook import (
-    Coordinator,
     RawSession,
     SessionRunContext,
     SessionRunHook,
@@ -41,6 +40,7 @@ from lightning_finalops.session_run_hook import (
 from lightning_finalops.validation import check_int, check_number, check_path, describe
 
 __all__ = [
+    "EarlyStoppingHook",
     "make_early_stopping_hook",
     "read_eval_metrics",
     "stop_if_higher_hook",
@@ -260,8 +260,11 @@ def _stop_if_no_metric_improvement(
 
 
 # -- the hook --------------------------------------------------------------------------------
-class _StopOnPredicateHook(SessionRunHook):
+class EarlyStoppingHook(SessionRunHook):
     """Calls ``should_stop_fn`` when its timer fires and stops the session when it is True.
+
+    What :func:`make_early_stopping_hook` and the ``stop_if_*_hook`` functions return (TF's
+    private ``_StopOnPredicateHook``); its :attr:`stopped` says whether it stopped training.
 
     The stop is the hook's state (TF's ``signal_early_stopping/STOP`` variable, which was
     checkpointed): a session restored from a checkpoint written after the stop stops at its
@@ -314,11 +317,9 @@ class _StopOnPredicateHook(SessionRunHook):
         self._stopped = False
         self._answer = None
 
-    def after_create_session(self, session: RawSession, coord: Coordinator) -> None:
-        """A session restored after the early stop stops before its first run."""
-        if self._stopped:
-            logger.info("Early stopping requested, suspending run.")
-            coord.request_stop()
+    def job_finished(self, global_step: int) -> bool:
+        """Whether it was restored stopped: the job stopped early and is finished."""
+        return self._stopped
 
     def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
         """Apply the ranks' answer to the previous check; check when the timer fires."""
@@ -369,7 +370,7 @@ def make_early_stopping_hook(
     should_stop_fn: Callable[[], bool],
     run_every_secs: Optional[float] = 60,
     run_every_steps: Optional[int] = None,
-) -> SessionRunHook:
+) -> EarlyStoppingHook:
     """A hook that stops training when ``should_stop_fn()`` returns True.
 
     TF's ``make_early_stopping_hook`` without its ``estimator`` argument. ``should_stop_fn``
@@ -394,7 +395,7 @@ def make_early_stopping_hook(
             provided."``), or a negative period.
     """
     name = getattr(should_stop_fn, "__qualname__", type(should_stop_fn).__qualname__)
-    return _StopOnPredicateHook(should_stop_fn, run_every_secs, run_every_steps, name)
+    return EarlyStoppingHook(should_stop_fn, run_every_secs, run_every_steps, name)
 
 
 def _check_threshold(threshold: Any) -> float:
@@ -408,13 +409,13 @@ def _predicate_hook(
     kind: str, eval_results: Any, metric_name: str, eval_dir: Optional[str],
     run_every_secs: Optional[float], run_every_steps: Optional[int],
     make: Callable[[Callable[[], Any]], Callable[[], bool]], arguments: str,
-) -> SessionRunHook:
+) -> EarlyStoppingHook:
     if not isinstance(metric_name, str):
         raise TypeError(f"metric_name must be a str, got {describe(metric_name)}.")
     if not metric_name:
         raise ValueError("metric_name must be a non-empty str, got ''.")
     read = _HostValues(_history_source(eval_results, eval_dir))
-    return _StopOnPredicateHook(make(read), run_every_secs, run_every_steps,
+    return EarlyStoppingHook(make(read), run_every_secs, run_every_steps,
                                 f"{kind}:{metric_name}:{arguments}")
 
 
@@ -426,7 +427,7 @@ def stop_if_higher_hook(
     min_steps: int = 0,
     run_every_secs: Optional[float] = 60,
     run_every_steps: Optional[int] = None,
-) -> SessionRunHook:
+) -> EarlyStoppingHook:
     """Stop once an evaluation's ``metric_name`` is strictly higher than ``threshold``.
 
     Args:
@@ -473,7 +474,7 @@ def stop_if_lower_hook(
     min_steps: int = 0,
     run_every_secs: Optional[float] = 60,
     run_every_steps: Optional[int] = None,
-) -> SessionRunHook:
+) -> EarlyStoppingHook:
     """Stop once an evaluation's ``metric_name`` is strictly lower than ``threshold``.
 
     Args:
@@ -520,7 +521,7 @@ def stop_if_no_increase_hook(
     min_steps: int = 0,
     run_every_secs: Optional[float] = 60,
     run_every_steps: Optional[int] = None,
-) -> SessionRunHook:
+) -> EarlyStoppingHook:
     """Stop once ``metric_name`` has not increased for ``max_steps_without_increase`` steps.
 
     The steps are evaluation global steps: at some evaluation, ``its step - the step of the
@@ -570,7 +571,7 @@ def stop_if_no_decrease_hook(
     min_steps: int = 0,
     run_every_secs: Optional[float] = 60,
     run_every_steps: Optional[int] = None,
-) -> SessionRunHook:
+) -> EarlyStoppingHook:
     """Stop once ``metric_name`` has not decreased for ``max_steps_without_decrease`` steps.
 
     As :func:`stop_if_no_increase_hook`, for a metric that should go down (a loss).

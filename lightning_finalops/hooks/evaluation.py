@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
-from torch import nn
 
+from lightning_finalops.engine import Engine
+from lightning_finalops.evaluation_loop import modules_of, run_evaluation
 from lightning_finalops.fetches import is_metric, is_scalar, leaves, to_host
-from lightning_finalops.hooked_session import Engine, HookedSession, check_hooks
+from lightning_finalops.hook_state import check_hooks
+from lightning_finalops.hooked_session import HookedSession
 from lightning_finalops.hooks.final_ops import FinalOpsHook
 from lightning_finalops.hooks.summary import SummaryWriterCache
 from lightning_finalops.hooks.timers import SecondOrStepTimer
@@ -32,6 +33,8 @@ logger = logging.getLogger("lightning_finalops")
 class _EvaluationEngine(Engine):
     """The engine of one evaluation: the training step fixed, the training modules."""
 
+    hook_attributes = ("modules",)
+
     def __init__(self, training: RawSession, global_step: int, modules: Any) -> None:
         self._training = training
         self._global_step = global_step
@@ -50,41 +53,6 @@ class _EvaluationEngine(Engine):
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """The training session's loggers."""
         self._training.log_metrics(metrics, step)
-
-
-def _modules_of(modules: Any, argument: str) -> List[nn.Module]:
-    """The modules of ``modules``: a module, a list/tuple of them or a dict of them.
-
-    Raises:
-        TypeError: ``modules`` is something else, or holds something else than modules.
-    """
-    if modules is None:
-        return []
-    if isinstance(modules, nn.Module):
-        return [modules]
-    items = list(modules.values()) if isinstance(modules, Mapping) else modules
-    if not isinstance(items, (list, tuple)) or not all(
-        isinstance(m, nn.Module) for m in items
-    ):
-        raise TypeError(
-            f"{argument} must be a torch.nn.Module, or a list, tuple or dict of them, got "
-            f"{describe(modules)}."
-        )
-    return list(items)
-
-
-@contextlib.contextmanager
-def _evaluating(modules: List[nn.Module]) -> Iterator[None]:
-    """Every module (and submodule) in eval mode under ``torch.no_grad()``; restored after."""
-    modes = [(m, m.training) for module in modules for m in module.modules()]
-    try:
-        for module in modules:
-            module.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 class InMemoryEvaluatorHook(SessionRunHook):
@@ -177,7 +145,7 @@ class InMemoryEvaluatorHook(SessionRunHook):
         if name == "":
             raise ValueError("name must be a non-empty str or None, got ''.")
         if modules is not None:
-            _modules_of(modules, "modules")
+            modules_of(modules, "modules")
         self._eval_step = eval_step
         self._input_fn = input_fn
         self._steps = None if steps is None else int(steps)
@@ -235,7 +203,19 @@ class InMemoryEvaluatorHook(SessionRunHook):
         self._iter_count = 0
 
     def after_create_session(self, session: RawSession, coord: Coordinator) -> None:
-        """Evaluate once, before training."""
+        """Evaluate once, before training.
+
+        Raises:
+            ValueError: no module to evaluate is known: neither ``modules=`` here nor the
+                training session's modules (an evaluation runs in eval mode, so it needs
+                them).
+        """
+        if not modules_of(self._modules_in(session), "the session's modules"):
+            raise ValueError(
+                f"{self.state_key} evaluates in eval mode under torch.no_grad(), and knows no "
+                "module to put in eval mode: pass modules= to it, or to the session "
+                "(MonitoredSession(modules=...))."
+            )
         self._evaluate(session)
 
     def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
@@ -250,18 +230,30 @@ class InMemoryEvaluatorHook(SessionRunHook):
             self._evaluate(session)
 
     # -- one evaluation ----------------------------------------------------------------------
+    def _modules_in(self, training: RawSession) -> Any:
+        """``modules=``, else the training session's modules."""
+        if self._modules is not None:
+            return self._modules
+        return getattr(training, "modules", None)
+
     def _evaluate(self, training: RawSession) -> None:
-        modules = self._modules
-        if modules is None:
-            modules = getattr(training, "modules", None)
-            if modules is None:
-                modules = getattr(training, "pl_module", None)
+        modules = self._modules_in(training)
         global_step = training.global_step
         engine = _EvaluationEngine(training, global_step, modules)
         self._reset_metrics()
-        with _evaluating(_modules_of(modules, "the session's modules")):
-            means = self._run_session(engine)
-        results: Dict[str, Any] = dict(means)
+        sums: Dict[str, Any] = {}
+        counts: Dict[str, int] = {}
+
+        def accumulate(outputs: Any) -> None:
+            if isinstance(outputs, Mapping):
+                _accumulate(sums, counts, outputs)
+
+        run_evaluation(
+            HookedSession(self._hooks, engine, "hooks"), self._eval_step, self._input_fn(),
+            modules_of(modules, "the session's modules"), max_batches=self._steps,
+            on_outputs=accumulate,
+        )
+        results: Dict[str, Any] = {name: total / counts[name] for name, total in sums.items()}
         for hook in self._hooks:
             if isinstance(hook, FinalOpsHook) and isinstance(hook.final_ops_values, Mapping):
                 results.update(hook.final_ops_values)
@@ -271,48 +263,6 @@ class InMemoryEvaluatorHook(SessionRunHook):
             logger.info("Saving dict for global step %d: %s", global_step, _describe(results))
         if self._eval_dir is not None and training.is_chief:
             self._write_summary(results, global_step)
-
-    def _run_session(self, engine: _EvaluationEngine) -> Dict[str, torch.Tensor]:
-        """Run the evaluation session; the mean of each scalar the step returned.
-
-        The end of the data ends the evaluation cleanly, also a ``StopIteration`` from
-        ``eval_step`` (TF's end of input): it never reaches the training loop.
-        """
-        session = HookedSession(self._hooks, engine, "hooks")
-        sums: Dict[str, Any] = {}
-        counts: Dict[str, int] = {}
-        session.begin()
-        session.create()
-        batches = 0
-        try:
-            iterator = iter(self._input_fn())
-            while not session.should_stop and (self._steps is None or batches < self._steps):
-                try:
-                    batch = next(iterator)
-                except StopIteration:
-                    break
-                pending = session.start_run(self._eval_step)
-                try:
-                    outputs = self._eval_step(batch, **pending.str_feeds)
-                except StopIteration:
-                    session.abort_run()
-                    break
-                except BaseException:
-                    session.abort_run()
-                    raise
-                session.finish_run(outputs)
-                batches += 1
-                if isinstance(outputs, Mapping):
-                    _accumulate(sums, counts, outputs)
-            session.end()
-        except StopIteration as e:  # from a hook: a training loop would take it for its end
-            session.abandon()
-            raise RuntimeError(f"StopIteration raised inside an evaluation: {e!r}") from e
-        except BaseException:
-            session.abandon()
-            raise
-        session.coord.raise_requested_exception()
-        return {name: total / counts[name] for name, total in sums.items()}
 
     def _reset_metrics(self) -> None:
         for hook in self._hooks:
@@ -336,7 +286,8 @@ def _accumulate(sums: Dict[str, Any], counts: Dict[str, int],
         if not is_scalar(value):
             continue
         if isinstance(value, torch.Tensor):
-            value = value.detach().float().reshape(())
+            # a copy: the step may update the tensor it returned in place at the next batch
+            value = value.detach().float().reshape(()).clone()
         key = str(name)
         sums[key] = sums[key] + value if key in sums else value
         counts[key] = counts.get(key, 0) + 1

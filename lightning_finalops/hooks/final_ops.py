@@ -15,6 +15,7 @@ from lightning_finalops.fetches import (
     format_path,
     is_fetch_leaf,
     is_metric,
+    is_scalar,
     leaves,
     map_structure,
     path_keys,
@@ -176,18 +177,24 @@ class FinalOpsHook(SessionRunHook):
         metric otherwise evaluates to its default, with a warning naming it; so does a
         metric whose updates pile up from one session to the next (never reset).
 
+        A name that resolves nowhere (no run of this session produced it: a resumed
+        Lightning run that ran no validation here has no ``val_loss``) never ends the
+        session with an error: its value is ``None`` in the entry, with a warning naming it.
+
         Raises:
             StopIteration: a final op read from exhausted input (logged with TF's warning).
         """
         if self._final_ops is None:
             return
         assert session is not None, "FinalOpsHook.end() needs the session it ran in."
+        fetches = self._fetches_now(session.global_step)
         try:
-            values = session.run(self._fetches_now(session.global_step),
-                                 feed_dict=self._final_ops_feed_dict)
+            values = session.run(fetches, feed_dict=self._final_ops_feed_dict)
         except StopIteration:
             logger.warning(_DEPENDS_ON_INPUT_WARNING)
             raise
+        except KeyError:  # a name no run of this session produced: the rest still counts
+            values = self._run_each_leaf(session, fetches)
         self._check_metrics(session.global_step)
         self._final_ops_values = values
         self._final_ops_history.append(
@@ -195,6 +202,27 @@ class FinalOpsHook(SessionRunHook):
         )
         if self._max_history is not None:
             del self._final_ops_history[: -self._max_history]
+
+    def _run_each_leaf(self, session: RawSession, fetches: Any) -> Any:
+        """``fetches`` evaluated leaf by leaf; a name that resolves nowhere gives ``None``.
+
+        A resumed Lightning run that ran no validation in this process, for example, has no
+        ``val_loss`` at the end of ``fit``: the end of the session goes on, with a warning.
+        """
+        def run(leaf: Any, path: Any) -> Any:
+            if not isinstance(leaf, str):
+                return session.run(leaf, feed_dict=self._final_ops_feed_dict)
+            try:
+                return session.run(leaf)
+            except KeyError as e:
+                logger.warning(
+                    "FinalOpsHook: %s: no run of this session produced the name %r, so the "
+                    "entry at global step %d holds None there (%s).",
+                    format_path(path), leaf, session.global_step, e.args[0] if e.args else e,
+                )
+                return None
+
+        return map_structure(run, fetches, ("final_ops",), is_fetch_leaf)
 
     def _fetches_now(self, global_step: int) -> Any:
         """``final_ops``, each empty metric recorded at this step replaced by its value then."""
@@ -299,8 +327,7 @@ class FinalOpsExportHook(SessionRunHook):
                 continue
             root = self._prefix if len(self._hooks) == 1 else f"{self._prefix}/{i}"
             for path, value in leaves(hook.final_ops_values, (root,)):
-                is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-                if is_number or (isinstance(value, torch.Tensor) and value.numel() == 1):
+                if is_scalar(value):  # a one-element tensor, a number, a numpy scalar
                     assert path is not None
                     tags.append(path_tag(path))
                     scalars.append(value)

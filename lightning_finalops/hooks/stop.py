@@ -79,23 +79,19 @@ class StopAtStepHook(SessionRunHook):
         """Forget a last step computed from ``num_steps`` in an earlier session."""
         self._last_step = self._given_last_step
 
-    def after_create_session(self, session: RawSession, coord: Coordinator) -> None:
-        """With ``num_steps``: the last step is the session's (restored) global step + N.
+    def job_finished(self, global_step: int) -> bool:
+        """Whether ``last_step`` was given and ``global_step`` reached it.
 
-        A session restored at or past ``last_step`` (a finished job run again) stops before
-        its first run: ``coord.request_stop()``, so ``MonitoredSession.should_stop()`` is
-        True at once (TF's ``MonitoredSession`` ran one more step; ``Estimator.train``
-        skipped training, as here).
+        Then the session is a finished job run again and creates no session
+        (``Estimator.train`` skipped training; TF's ``MonitoredSession`` ran one more step).
         """
+        return self._given_last_step is not None and global_step >= self._given_last_step
+
+    def after_create_session(self, session: RawSession, coord: Coordinator) -> None:
+        """With ``num_steps``: the last step is the session's (restored) global step + N."""
         if self._last_step is None:
             assert self._num_steps is not None
             self._last_step = session.global_step + self._num_steps
-        elif session.global_step >= self._last_step:
-            logger.info(
-                "Skipping training since last_step=%d was already reached (global step %d).",
-                self._last_step, session.global_step,
-            )
-            coord.request_stop()
 
     def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
         """Request a stop once the global step (this run included) reaches the last step."""

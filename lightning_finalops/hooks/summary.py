@@ -31,7 +31,11 @@ from lightning_finalops.session_run_hook import (
 from lightning_finalops.sync_audit import host_values
 from lightning_finalops.validation import check_path
 
-__all__ = ["StepCounterHook", "SummarySaverHook"]
+__all__ = [
+    "StepCounterHook",
+    "SummarySaverHook",
+    "SummaryWriterCache",
+]
 
 logger = logging.getLogger("lightning_finalops")
 

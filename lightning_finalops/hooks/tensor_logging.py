@@ -137,7 +137,7 @@ class LoggingTensorHook(SessionRunHook):
         every_n_iter = check_int(every_n_iter, "every_n_iter", allow_none=True)
         if every_n_iter is not None and every_n_iter <= 0:
             raise ValueError(f"invalid every_n_iter={every_n_iter}.")
-        check_seconds(every_n_secs, "every_n_secs", allow_none=True)
+        check_seconds(every_n_secs, "every_n_secs", allow_none=True, allow_zero=True)
         if formatter is not None and not callable(formatter):
             raise TypeError(
                 f"formatter must be a callable taking the dict of values, or None; got "

@@ -5,43 +5,33 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional, Tuple
 
+from lightning_finalops import distributed
 from lightning_finalops.validation import check_int, check_seconds
 
-__all__ = ["NeverTriggerTimer", "SecondOrStepTimer", "agreed_time", "now", "set_agreed_time"]
+__all__ = ["NeverTriggerTimer", "SecondOrStepTimer", "clock", "now"]
 
 # Hooks read the time through this name, so tests control time without sleeping
-# (``monkeypatch.setattr(lightning_finalops.hooks.timers, "clock", fake)``).
-clock: Callable[[], float] = time.time
+# (``monkeypatch.setattr(lightning_finalops.hooks.timers, "clock", fake)``). Monotonic: a
+# period or a duration never jumps with the wall clock (NTP, a daylight-saving change).
+clock: Callable[[], float] = time.monotonic
 
-# Rank 0's clock as the ranks of a session last agreed on it; None with one process.
-_agreed_time: Optional[float] = None
+# The agreement sends this rank's clock: this module's ``clock``, read at each call, so a
+# replaced clock is the one the ranks agree on.
+distributed.set_local_clock(lambda: clock())
 
 
 def now() -> float:
     """The time periodic hooks decide on: the same value on every rank of a session.
 
-    With one process it is ``clock()``. While a session of several ranks runs, it is rank 0's
-    ``clock()`` as the ranks last agreed on it (at session creation, then once per run, one
-    run behind), so a decision taken from the time (``every_n_secs``, ``save_secs``) comes
-    out the same on every rank at the same global step. :class:`SecondOrStepTimer` reads it;
+    With one process it is ``clock()`` (monotonic seconds). While a session of several
+    ranks runs, it is rank 0's ``clock()`` as the ranks last agreed on it (at session
+    creation, then once per run, one run behind), so a decision taken from the time
+    (``every_n_secs``, ``save_secs``) comes out the same on every rank at the same global
+    step. :class:`SecondOrStepTimer` reads it;
     a hook with a schedule of its own should too.
     """
-    agreed = _agreed_time
+    agreed = distributed.agreed_time()
     return clock() if agreed is None else agreed
-
-
-def agreed_time() -> Optional[float]:
-    """What the ranks of the running session last agreed :func:`now` is, or ``None``."""
-    return _agreed_time
-
-
-def set_agreed_time(value: Optional[float]) -> None:
-    """Set what :func:`now` returns (``None``: this process's ``clock()``).
-
-    The session core calls it; a hook never needs to.
-    """
-    global _agreed_time
-    _agreed_time = value
 
 
 class SecondOrStepTimer:
@@ -55,7 +45,7 @@ class SecondOrStepTimer:
     since it last triggered (``update_last_triggered_step`` records that).
 
     Args:
-        every_secs: seconds between triggers: a finite number > 0.
+        every_secs: seconds between triggers: a finite number >= 0 (0: every step).
         every_steps: steps between triggers: an int >= 1.
         secs_argument: the name ``every_secs`` has in error messages (a hook passes its
             own argument's name, such as ``"save_secs"``).
@@ -63,8 +53,8 @@ class SecondOrStepTimer:
 
     Raises:
         ValueError: ``"Either every_secs or every_steps should be provided."`` or
-            ``"Can not provide both every_secs and every_steps."`` (TF's messages), then a
-            period that is not > 0 (or not finite).
+            ``"Can not provide both every_secs and every_steps."`` (TF's messages), then
+            ``every_secs`` < 0 or not finite, or ``every_steps`` < 1.
         TypeError: a period is not a number (steps: not an int; bools are neither).
     """
 
@@ -76,7 +66,9 @@ class SecondOrStepTimer:
             raise ValueError("Either every_secs or every_steps should be provided.")
         if every_secs is not None and every_steps is not None:
             raise ValueError("Can not provide both every_secs and every_steps.")
-        self._every_secs = check_seconds(every_secs, secs_argument, allow_none=True)
+        # TF's rule: 0 seconds is a timer that triggers at every new step
+        self._every_secs = check_seconds(every_secs, secs_argument, allow_none=True,
+                                         allow_zero=True)
         self._every_steps = check_int(every_steps, steps_argument, minimum=1, allow_none=True)
 
     def reset(self) -> None:

@@ -1,0 +1,90 @@
+"""``Engine``: what the session core asks of a training loop; adapters implement it.
+
+Hooks never see an engine: they see a :class:`~lightning_finalops.RawSession` that the core
+builds over it. So an engine's verbs (writing checkpoints, agreeing across ranks) are the
+core's to call, and a hook reaches them only through the raw session's documented methods.
+
+An engine for another loop (Ignite, TorchTNT, a hand-written trainer) subclasses
+:class:`Engine`, implements :attr:`~Engine.global_step`, overrides the verbs whose defaults
+(one process, no named values, no loggers, no checkpoints) do not fit, and drives a
+:class:`~lightning_finalops.HookedSession` from its loop's events.
+"""
+
+from __future__ import annotations
+
+import abc
+import types
+from typing import Any, Mapping, Optional, Tuple
+
+from lightning_finalops.distributed import RankAgreement
+
+__all__ = [
+    "EMPTY",
+    "Engine",
+]
+
+EMPTY: Mapping[Any, Any] = types.MappingProxyType({})
+
+
+class Engine(abc.ABC):
+    """The verbs the session core asks of a training loop.
+
+    Attributes:
+        str_feeds_as_keywords: whether the engine passes str feeds as keyword arguments to
+            the callables of the run (each must then be accepted by one of them), rather
+            than by other means (Lightning sets them on the batch).
+        ranks_may_differ_in_hooks: whether the ranks of a session may run different hooks
+            (a plain loop's chief-only hooks): then the ranks vote at every run even when
+            this rank's hooks have no per-run method.
+        hook_attributes: names of the engine's attributes that hooks may read on their raw
+            session, beyond the contract (``("trainer", "pl_module")`` under Lightning,
+            ``("modules", "fabric")`` in a plain loop). Read live at each access.
+    """
+
+    str_feeds_as_keywords: bool = True
+    ranks_may_differ_in_hooks: bool = False
+    hook_attributes: Tuple[str, ...] = ()
+
+    @property
+    @abc.abstractmethod
+    def global_step(self) -> int:
+        """The number of completed training steps."""
+
+    @property
+    def is_chief(self) -> bool:
+        """Whether this process writes shared files (global rank 0). Default: True."""
+        return True
+
+    def named_values(self) -> Mapping[str, Any]:
+        """Values the engine names beyond the step's outputs (``callback_metrics``).
+
+        Read only when a name is not among the fresh step outputs. Default: none.
+        """
+        return EMPTY
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:  # noqa: B027
+        """Send scalars to the engine's loggers. Default: no loggers, nothing sent."""
+
+    def write_checkpoint(self, path: str) -> None:
+        """Write a checkpoint that resumes the whole run to ``path``, atomically.
+
+        Every rank calls it; what each writes is the engine's business.
+
+        Raises:
+            NotImplementedError: the engine cannot write checkpoints (the default).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot write checkpoints.")
+
+    def rank_agreement(self) -> Optional[RankAgreement]:
+        """How the ranks of a training session agree (stops, time); ``None``: one process.
+
+        Called once per session, at its creation, by every rank.
+        """
+        return None
+
+    def step_completed(self) -> None:  # noqa: B027
+        """A run's step and the hooks' fetches succeeded; its ``after_run`` s come next.
+
+        Optional: the core calls it only when an engine overrides it (an engine that counts
+        its global step by runs, as a plain loop does).
+        """

@@ -1,0 +1,141 @@
+"""The raw session hooks receive: the core's :class:`RawSession` over an engine.
+
+It is the hooks' one door to the engine: the contract's verbs (``run``, ``global_step``,
+``is_chief``, ``log_metrics``, ``save_checkpoint``), plus the engine attributes the engine
+lists in :attr:`Engine.hook_attributes` (``trainer`` and ``pl_module`` under Lightning,
+``modules`` and ``fabric`` in a plain loop). Everything else the engine does (agreeing
+across ranks, restoring) is the core's to ask, not a hook's.
+
+Names resolve in one order, in hook fetches and in :meth:`run` alike: the outputs of the
+step whose run is being finished (from the end of the step until the last ``after_run``),
+then the engine's named values, then the outputs of the latest finished step. So a hook's
+fetch ``"loss"`` is this step's loss, and a ``FinalOpsHook`` at the end of a Lightning
+validation reads that validation's aggregated ``callback_metrics`` before the last batch's
+outputs. The step's outputs are kept as the step returned them (nothing is copied per run);
+a name lookup returns a detached copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Tuple
+
+from lightning_finalops.engine import EMPTY, Engine
+from lightning_finalops.fetches import (
+    LazyNamespace,
+    Namespace,
+    TensorFeeds,
+    check_fetches,
+    check_str_feeds_accepted,
+    evaluate,
+    split_feeds,
+)
+from lightning_finalops.session_run_hook import RawSession
+
+__all__ = ["EngineRawSession"]
+
+
+class EngineRawSession(RawSession):
+    """The raw session of one session of hooks over ``engine``.
+
+    Args:
+        engine: the engine the session runs on.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        #: the latest step's outputs (a mapping, as the step returned it) and whether they
+        #: belong to the run being finished; set by the session core only
+        self.step_outputs: Mapping[str, Any] = EMPTY
+        self.step_outputs_fresh = False
+        # The latest checkpoint save_checkpoint wrote: (path, global step, runs then).
+        self._saved: Optional[Tuple[str, int, int]] = None
+        #: runs finished in this session (the core counts them)
+        self.runs = 0
+
+    @property
+    def engine(self) -> Engine:
+        """The engine (for the session core and adapters; hooks use the verbs here)."""
+        return self._engine
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names the class does not define: the engine's hook attributes.
+        engine = self.__dict__.get("_engine")
+        if engine is not None and name in engine.hook_attributes:
+            return getattr(engine, name)
+        raise AttributeError(
+            f"The raw session has no attribute {name!r}"
+            + (f" (on {type(engine).__name__}, hooks may read "
+               f"{list(engine.hook_attributes)} besides the RawSession contract)."
+               if engine is not None else ".")
+        )
+
+    @property
+    def global_step(self) -> int:
+        """The engine's global step."""
+        return self._engine.global_step
+
+    @property
+    def is_chief(self) -> bool:
+        """Whether this process is the chief (writes shared files)."""
+        return self._engine.is_chief
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Send scalars to the engine's loggers."""
+        self._engine.log_metrics(metrics, step)
+
+    def save_checkpoint(self, path: str) -> None:
+        """Write a checkpoint that resumes the whole run to ``path`` (every rank calls it).
+
+        Raises:
+            NotImplementedError: the engine cannot write checkpoints.
+        """
+        self._engine.write_checkpoint(path)
+        self._saved = (path, self._engine.global_step, self.runs)
+
+    def refresh_checkpoint(self) -> None:
+        """Write the checkpoint saved at the current global step again, if there is one.
+
+        Hooks may record more at a step after its checkpoint was written (a
+        ``FinalOpsHook`` at the end of the session, a validation that Lightning runs after
+        the batch that saved); writing it again puts that in, so a resume from it loses
+        nothing. Every rank calls it at the same point.
+        """
+        saved = self._saved
+        # the same step and no run since: a run that did not advance the global step
+        # (gradient accumulation) moved the loop on, and the old position must stay
+        if saved is not None and saved[1:] == (self._engine.global_step, self.runs):
+            self._engine.write_checkpoint(saved[0])
+
+    def namespaces(self) -> Tuple[Namespace, ...]:
+        """Where names resolve now, first match wins (see the module docstring)."""
+        named = LazyNamespace(self._engine.named_values)
+        if self.step_outputs_fresh:
+            return (self.step_outputs, named)
+        return (named, self.step_outputs)
+
+    def run(self, fetches: Any, feed_dict: Optional[Mapping[Any, Any]] = None) -> Any:
+        """Evaluate ``fetches`` now, without hooks, with ``feed_dict`` applied for this call.
+
+        Returns:
+            ``fetches`` evaluated: copies (tensors detached and cloned on their device).
+
+        Raises:
+            TypeError: an invalid fetch or feed key (the message names its position).
+            KeyError: a name is in none of the namespaces (the message lists the names).
+            ValueError: a str feed that no fetched callable accepts, or a tensor feed of
+                the wrong shape.
+        """
+        check_fetches(fetches, "fetches")
+        tensor_feeds, str_feeds = split_feeds(feed_dict, "feed_dict")
+        check_str_feeds_accepted(str_feeds, fetches)
+        feeds = TensorFeeds(tensor_feeds)
+        try:
+            feeds.apply()
+            return evaluate(fetches, self.namespaces(), str_feeds)
+        finally:
+            feeds.restore()
+
+    def forget_outputs(self) -> None:
+        """Drop the reference to the latest step's outputs (the session ended)."""
+        self.step_outputs = EMPTY
+        self.step_outputs_fresh = False
