@@ -39,11 +39,16 @@ class Engine(abc.ABC):
         hook_attributes: names of the engine's attributes that hooks may read on their raw
             session, beyond the contract (``("trainer", "pl_module")`` under Lightning,
             ``("modules", "fabric")`` in a plain loop). Read live at each access.
+        step_final_after_run: whether nothing more is recorded at a run's global step once
+            its ``after_run`` s ran (a plain loop), so a checkpoint asked for in the run is
+            written then; ``False`` (Lightning, whose validation may follow a batch at the
+            same step): it is written when the next run starts or the session ends.
     """
 
     str_feeds_as_keywords: bool = True
     ranks_may_differ_in_hooks: bool = False
     hook_attributes: Tuple[str, ...] = ()
+    step_final_after_run: bool = True
 
     @property
     @abc.abstractmethod

@@ -35,6 +35,7 @@ from lightning_finalops.hook_state import (
     hook_state_dict,
     hook_state_keys,
     load_hook_state_dict,
+    states_equal,
 )
 from lightning_finalops.raw_session import EngineRawSession
 from lightning_finalops.run import DEFAULT_OPTIONS, NO_RESULTS, PendingRun, new_tuple
@@ -176,8 +177,14 @@ class HookedSession:
                 # restored when the session ends: an enclosing session's agreed time
                 self._time_before = distributed.agreed_time()
                 distributed.set_agreed_time(self._agreement.start(distributed.local_clock()))
-        for hook in self.hooks:
-            hook.after_create_session(self.raw_session, self.coord)
+        raw = self.raw_session
+        raw.deferring = True
+        try:
+            for hook in self.hooks:
+                hook.after_create_session(raw, self.coord)
+        finally:
+            raw.deferring = False
+        raw.flush_checkpoint()  # a stop asked for by it is ignored here (TF's rule)
         self.finished_at_creation = self.coord.should_stop()
 
     def end(self, *, closed: bool = False) -> None:
@@ -191,13 +198,25 @@ class HookedSession:
         if self.is_finished_job:  # no session was created: nothing to end
             self.abandon()
             return
-        session = None if closed else self.raw_session
+        raw = self.raw_session
+        session = None if closed else raw
+        # The checkpoint of this step is on disk already (a plain loop whose data ran out
+        # after a saving run): it is written again if the ends record more at this step.
+        before = self.state_dict() if not closed and raw.wrote_current_step() else None
+        raw.deferring = True
         try:
             for hook in self.hooks:
                 hook.end(session)
         except BaseException:
             self.abandon()  # the other ranks' last vote is not waited for, the clock restored
             raise
+        finally:
+            raw.deferring = False
+        raw.flush_checkpoint()  # the last step's checkpoint, with what every end() recorded
+        if before is not None and raw.wrote_current_step() and not states_equal(
+            before, self.state_dict()
+        ):
+            raw.write_again()
         if self._agreement is not None:
             self._agreement.close()
             self._leave_agreement()
@@ -209,7 +228,15 @@ class HookedSession:
         return self.finished_at_creation and self.runs == 0
 
     def abandon(self) -> None:
-        """The session ends by an exception: leave the run and the agreement, no ``end()``."""
+        """The session ends by an exception: leave the run and the agreement, no ``end()``.
+
+        A checkpoint that waited for its step to be final is not written (writing may need
+        every rank, and the others may not get there): the previous one stays the latest.
+        """
+        dropped = self.raw_session.drop_checkpoint()
+        if dropped is not None:
+            logger.warning("The session ended by an exception before its step was final: the "
+                           "checkpoint %s was not written.", dropped)
         self.abort_run()
         if self._agreement is not None:
             self._agreement.abandon()
@@ -219,13 +246,6 @@ class HookedSession:
     def _leave_agreement(self) -> None:
         self._agreement = None
         distributed.set_agreed_time(self._time_before)
-
-    def refresh_checkpoint(self) -> None:
-        """Write again the checkpoint a hook saved at the current global step, if any.
-
-        See :meth:`EngineRawSession.refresh_checkpoint`; every rank calls it at one point.
-        """
-        self.raw_session.refresh_checkpoint()
 
     # -- one run ---------------------------------------------------------------------------
     @property
@@ -275,6 +295,10 @@ class HookedSession:
         context = SessionRunContext(
             new_tuple(SessionRunArgs, (fetches, feed_dict, None)), self.raw_session
         )
+        if self.raw_session._due is not None and self.raw_session.flush_checkpoint():
+            # the previous step's checkpoint, written now that it is final (an engine whose
+            # steps are final only at the next run): its listener's stop lands after this run
+            context._stop_requested = True
         # A run gets a PendingRun of its own once it has something to record (the user's
         # feeds or options, a hook's request); until then it is the session's plain run.
         pending = (
@@ -373,7 +397,13 @@ class HookedSession:
             agreed_stop = self._receive_agreement() if agreement is not None else False
             requested = consistent = False
             if context is not None:  # an idle run has no context and no after_run
-                self._call_after_runs(pending, context, results)
+                raw.deferring = True
+                try:
+                    self._call_after_runs(pending, context, results)
+                finally:
+                    raw.deferring = False
+                if raw._due is not None and self.engine.step_final_after_run:
+                    self._flush_after_run(context, agreed_stop)
                 requested = context._stop_requested
                 consistent = context._consistent_stop
             if agreement is None:
@@ -389,6 +419,19 @@ class HookedSession:
             if pending is self._plain_run:
                 pending.context = None  # the session keeps no run's fetches (the step)
         return self.should_stop
+
+    def _flush_after_run(self, context: SessionRunContext, agreed_stop: bool) -> None:
+        """Write the checkpoint the run asked for, unless the session ends after this run.
+
+        Then the session's ``end()`` s may record more at this step, and the checkpoint is
+        written after them. A truthy callback asks to stop after this run.
+        """
+        requested, consistent = context._stop_requested, context._consistent_stop
+        ends = self.should_stop or agreed_stop or (
+            requested and (self._agreement is None or consistent)
+        )
+        if not ends and self.raw_session.flush_checkpoint():
+            context._stop_requested = True
 
     def _call_after_runs(self, pending: PendingRun, context: SessionRunContext,
                          results: Optional[Dict[int, Any]]) -> None:

@@ -59,6 +59,9 @@ class _LightningEngine(Engine):
     """
 
     str_feeds_as_keywords = False  # HookCallback sets them on the batch
+    # A validation may follow a batch at its global step: a checkpoint asked for in the
+    # batch is written at the next batch, or at the end of training.
+    step_final_after_run = False
     hook_attributes = ("trainer", "pl_module", "modules")
 
     def __init__(self, trainer: Any, pl_module: Any) -> None:
@@ -327,9 +330,9 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
     def _close(self, kind: str) -> None:
         """End a session cleanly: every hook's ``end()`` in order.
 
-        A checkpoint the training session wrote at the current global step is written
-        again afterwards, so that what the hooks recorded since (at the end of ``fit``, or
-        in the validation Lightning runs right after the batch that saved) is in it.
+        The training session's checkpoints wait until their step is final (the next batch,
+        or the end of training), so what a validation right after the saving batch records
+        is in them.
         """
         session = self._sessions.pop(kind, None)
         if session is not None:
@@ -338,9 +341,6 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             session.end()
             if latest is not None:
                 self._record_evaluation(latest)
-            training = session if kind == TRAINING else self._sessions.get(TRAINING)
-            if training is not None and training.created:
-                training.refresh_checkpoint()
 
     def _evaluation_final_ops(self) -> List[FinalOpsHook]:
         distinct: Dict[int, FinalOpsHook] = {}

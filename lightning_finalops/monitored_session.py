@@ -450,8 +450,6 @@ class MonitoredSession:
         try:
             if exception_type is None:
                 self._session.end(closed=self._closed)
-                if not self._closed:  # what the hooks' end() recorded goes into it too
-                    self._session.refresh_checkpoint()
             elif not self._closed:
                 self._session.abandon()
         finally:

@@ -17,7 +17,7 @@ a name lookup returns a detached copy.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 from lightning_finalops.engine import EMPTY, Engine
 from lightning_finalops.fetches import (
@@ -47,8 +47,13 @@ class EngineRawSession(RawSession):
         #: belong to the run being finished; set by the session core only
         self.step_outputs: Mapping[str, Any] = EMPTY
         self.step_outputs_fresh = False
-        # The latest checkpoint save_checkpoint wrote: (path, global step, runs then).
-        self._saved: Optional[Tuple[str, int, int]] = None
+        # The checkpoint a hook asked for that waits until the step is final: (path,
+        # callback); and whether the core is running hooks (then saves wait).
+        self._due: Optional[Tuple[str, Optional[Callable[[], Optional[bool]]]]] = None
+        self.deferring = False
+        # The latest write: (path, global step, runs, callback), to write it again when the
+        # session's end() records more at that step.
+        self._last_written: Optional[Tuple[str, int, int, Any]] = None
         #: runs finished in this session (the core counts them)
         self.runs = 0
 
@@ -83,28 +88,58 @@ class EngineRawSession(RawSession):
         """Send scalars to the engine's loggers."""
         self._engine.log_metrics(metrics, step)
 
-    def save_checkpoint(self, path: str) -> None:
-        """Write a checkpoint that resumes the whole run to ``path`` (every rank calls it).
+    def save_checkpoint(
+        self, path: str, on_written: Optional[Callable[[], Optional[bool]]] = None
+    ) -> None:
+        """Write a checkpoint of this step to ``path``, once the step is final.
+
+        While the core runs hooks (``after_create_session``, ``after_run``, ``end``) the
+        write waits for the core's next :meth:`flush_checkpoint`; elsewhere it happens now.
+        A second request for the path that waits joins it: one write, both callbacks.
 
         Raises:
             NotImplementedError: the engine cannot write checkpoints.
         """
+        if not self.deferring:
+            self._write(path, on_written)
+            return
+        due = self._due
+        if due is not None and due[0] == path:
+            on_written = _chained(due[1], on_written)
+        elif due is not None:  # an older step's, not yet written: it goes first
+            self.flush_checkpoint()
+        self._due = (path, on_written)
+
+    @property
+    def checkpoint_due(self) -> bool:
+        """Whether a checkpoint waits for :meth:`flush_checkpoint`."""
+        return self._due is not None
+
+    def flush_checkpoint(self) -> bool:
+        """Write the checkpoint that waits, if any; return whether its callback asks to stop."""
+        due, self._due = self._due, None
+        return False if due is None else self._write(*due)
+
+    def drop_checkpoint(self) -> Optional[str]:
+        """Forget the checkpoint that waits (the session failed); return its path."""
+        due, self._due = self._due, None
+        return None if due is None else due[0]
+
+    def _write(self, path: str, on_written: Optional[Callable[[], Optional[bool]]]) -> bool:
         self._engine.write_checkpoint(path)
-        self._saved = (path, self._engine.global_step, self.runs)
+        self._last_written = (path, self._engine.global_step, self.runs, on_written)
+        return bool(on_written()) if on_written is not None else False
 
-    def refresh_checkpoint(self) -> None:
-        """Write the checkpoint saved at the current global step again, if there is one.
+    def wrote_current_step(self) -> bool:
+        """Whether the latest write was of this global step, with no run since."""
+        last = self._last_written
+        return last is not None and last[1:3] == (self._engine.global_step, self.runs)
 
-        Hooks may record more at a step after its checkpoint was written (a
-        ``FinalOpsHook`` at the end of the session, a validation that Lightning runs after
-        the batch that saved); writing it again puts that in, so a resume from it loses
-        nothing. Every rank calls it at the same point.
-        """
-        saved = self._saved
-        # the same step and no run since: a run that did not advance the global step
-        # (gradient accumulation) moved the loop on, and the old position must stay
-        if saved is not None and saved[1:] == (self._engine.global_step, self.runs):
-            self._engine.write_checkpoint(saved[0])
+    def write_again(self) -> None:
+        """Write the latest checkpoint again (its callback hears of it again)."""
+        assert self._last_written is not None
+        path, _, _, on_written = self._last_written
+        self._write(path, on_written)
 
     def namespaces(self) -> Tuple[Namespace, ...]:
         """Where names resolve now, first match wins (see the module docstring)."""
@@ -139,3 +174,17 @@ class EngineRawSession(RawSession):
         """Drop the reference to the latest step's outputs (the session ended)."""
         self.step_outputs = EMPTY
         self.step_outputs_fresh = False
+
+
+def _chained(first: Optional[Callable[[], Optional[bool]]],
+             then: Optional[Callable[[], Optional[bool]]]) -> Optional[Callable[[], bool]]:
+    """Both callbacks, in order, every one called; truthy if either is."""
+    if first is None or then is None:
+        return first or then  # type: ignore[return-value]
+
+    def both() -> bool:
+        a = first()
+        b = then()
+        return bool(a) or bool(b)
+
+    return both

@@ -19,7 +19,7 @@ import abc
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, List, Mapping, NamedTuple, Optional
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, NamedTuple, Optional
 
 __all__ = [
     "Coordinator",
@@ -410,10 +410,23 @@ class RawSession(abc.ABC):
         A plain loop has no loggers: the default does nothing.
         """
 
-    def save_checkpoint(self, path: str) -> None:
+    def save_checkpoint(
+        self, path: str, on_written: Optional[Callable[[], Optional[bool]]] = None
+    ) -> None:
         """Write a checkpoint that resumes the whole run to ``path``, atomically.
 
         Every rank calls it (a distributed engine may need all of them); the chief writes.
+        Asked for from a hook, it is written once the step is final: after every hook's
+        ``after_run`` of the run (in a plain loop), after the validation that may follow
+        the batch (under Lightning: at the next batch or the end of training), or after
+        every hook's ``end()`` at the session's last step. So the file holds everything
+        recorded at its step. Two requests for one path before it is written are one write.
+
+        Args:
+            path: the checkpoint's path.
+            on_written: called right after the write (so it sees the file on disk); a
+                truthy result asks the session to stop after the run it was written in
+                (ignored at the session's creation and end).
 
         Raises:
             NotImplementedError: the engine cannot write checkpoints.

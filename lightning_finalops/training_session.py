@@ -95,11 +95,8 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
     graph, no server); there are no summaries collected in a graph, so the
     :class:`SummarySaverHook` is added only when ``summary_op`` (``{tag: fetch}``) is given;
     ``modules``/``optimizers`` are what the checkpoints hold. TF's order puts the
-    :class:`CheckpointSaverHook` before ``hooks``, so a checkpoint written in a run's
-    ``after_run`` holds the state a stateful hook of ``hooks`` had before that run's
-    ``after_run``; where that matters, turn the default saver off
-    (``save_checkpoint_secs=None``) and put your own :class:`CheckpointSaverHook` last in
-    ``hooks``.
+    :class:`CheckpointSaverHook` before ``hooks``; its checkpoint of a run is written once
+    every ``after_run`` of the run ran, so it holds every hook's state of that run.
 
     Args:
         is_chief: whether this process runs the chief's hooks (summaries, checkpoints);

@@ -12,6 +12,7 @@ from torch import nn
 
 from lightning_finalops import (
     CheckpointSaverHook,
+    CheckpointSaverListener,
     FinalOpsHook,
     HookCallback,
     InMemoryEvaluatorHook,
@@ -77,6 +78,60 @@ def test_a_finished_lightning_job_run_again_creates_no_training_session(tmp_path
     trainer.fit(make_module_class()(n_train=4), ckpt_path=ckpt)
     assert spy.calls == ["after_create_session", "end"]
     assert again.calls == [] and trainer.global_step == 2
+
+
+class Shipper(CheckpointSaverListener):
+    """Uploads each checkpoint it hears of (reads its hook state), in after_save and end."""
+
+    def __init__(self, directory):
+        self.directory, self.shipped = str(directory), []
+
+    def _ship(self, step):
+        path = os.path.join(self.directory, f"model.ckpt-{step}")
+        self.shipped.append((path, _hook_state(path)))
+
+    def after_save(self, session, global_step_value):
+        self._ship(global_step_value)
+
+    def end(self, session, global_step_value):
+        self._ship(global_step_value)
+
+
+def _hook_state(path):
+    checkpoint = torch.load(path, weights_only=False)
+    if "session" in checkpoint:
+        return checkpoint["session"]["hooks"]
+    return next(v for k, v in checkpoint["callbacks"].items() if k.startswith("HookCallback"))
+
+
+@pytest.mark.parametrize("stop", [True, False], ids=["stopped", "data ran out"])
+def test_listeners_hear_of_the_file_that_ends_on_disk_in_a_plain_loop(tmp_path, stop):
+    """What a listener ships in after_save or end is the final file, end() values included."""
+    shipper = Shipper(tmp_path)
+    final = FinalOpsHook({"w": lambda: torch.ones(())}, name="w")
+    hooks = [CheckpointSaverHook(str(tmp_path), save_steps=2, listeners=[shipper]), final]
+    with MonitoredSession(hooks + ([StopAtStepHook(last_step=2)] if stop else []),
+                          modules=nn.Linear(1, 1)) as sess:
+        for _ in range(2):
+            sess.run(lambda: None)
+    last = shipper.shipped[-1]
+    assert last[0].endswith("model.ckpt-2") and last[1] == _hook_state(last[0])
+    assert last[1]["FinalOpsHook[w]"]["final_ops_history"][-1][0] == 2  # end()'s entry
+
+
+def test_a_lightning_checkpoint_waits_for_the_validation_after_its_batch(tmp_path):
+    """The saver asks at an epoch's last batch; the file holds that epoch's validation."""
+    shipper = Shipper(tmp_path)
+    callback = HookCallback([CheckpointSaverHook(str(tmp_path), save_steps=4,
+                                                 listeners=[shipper])],
+                            final_ops={"loss": "val_loss"})
+    trainer = make_trainer(max_epochs=2, callbacks=[callback])
+    trainer.fit(make_module_class()())  # 4 batches an epoch, a validation after each epoch
+    assert trainer.global_step == 8
+    mid = os.path.join(str(tmp_path), "model.ckpt-4")
+    saved = _hook_state(mid)
+    assert [step for step, _ in saved["evaluation_history"]] == [4]
+    assert all(state == _hook_state(path) for path, state in shipper.shipped)
 
 
 @pytest.mark.parametrize("name", ["val_loss"])

@@ -175,11 +175,11 @@ def test_a_worker_restores_its_hooks_state_not_the_chiefs_only_hooks(tmp_path):
     ) as sess:
         sess.run(lambda: None)
         sess.run(lambda: None)
-    # TF's order: chief_only_hooks, the saver, hooks: a checkpoint written in a run's
-    # after_run has the chief-only hook's count of that run, not yet the user hook's ...
+    # TF's order: chief_only_hooks, the saver, hooks; the checkpoint of a run is written
+    # once every after_run of it ran (TF's had the user hook's count of the run before) ...
     mid = torch.load(tmp_path / "model.ckpt-1", weights_only=False)["session"]["hooks"]
-    assert mid["Counter[chief]"] == {"runs": 11} and mid["Counter"] == {"runs": 0}
-    # ... but the last one is written again after every end(): all of it is in
+    assert mid["Counter[chief]"] == {"runs": 11} and mid["Counter"] == {"runs": 1}
+    # ... and the last one after every end(): all of it is in
     saved = torch.load(latest_checkpoint(str(tmp_path)), weights_only=False)["session"]["hooks"]
     assert saved["Counter[chief]"] == {"runs": 12} and saved["Counter"] == {"runs": 2}
 

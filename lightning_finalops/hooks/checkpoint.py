@@ -71,10 +71,13 @@ class CheckpointSaverHook(SessionRunHook):
     restores the latest); under ``HookCallback`` a Lightning checkpoint
     (``trainer.fit(ckpt_path=path)`` resumes from it). It fetches nothing per run.
 
-    A save inside ``after_run`` happens before the ``after_run`` of the hooks listed after
-    this one, so their saved state misses that run: list this hook last (as
-    ``MonitoredTrainingSession`` appended its saver, and as Lightning runs ``ModelCheckpoint``
-    after the other callbacks).
+    A checkpoint holds everything recorded at its step: asked for in ``after_run``, it is
+    written once the step is final (after every hook's ``after_run`` of the run in a plain
+    loop; under Lightning at the next batch, after the validation that may follow, or at
+    the end of training; at the session's last step after every hook's ``end()``), and the
+    listeners' ``after_save`` fire once it is on disk. TF wrote it inside ``after_run``, so
+    hooks listed after the saver missed that run. A stop a listener asks for lands after
+    the run the file was written in: under Lightning, the batch after the saving one.
 
     Every rank calls the save (Lightning's ``save_checkpoint`` is a collective; rank 0
     writes) and the listeners; only the chief (``session.is_chief``) deletes old
@@ -90,7 +93,8 @@ class CheckpointSaverHook(SessionRunHook):
         saver: ``None`` (the session writes: ``session.save_checkpoint(path)``) or a callable
             ``saver(session, path)`` called instead, with the same contract: every rank calls
             it, and it writes ``path`` atomically, never leaving a partial file under that
-            name (``checkpoints.atomic_write(path, write)`` does that).
+            name (``lightning_finalops.atomic_write(path, write)`` does that). It writes
+            when called, inside ``after_run`` (TF's timing), not once the step is final.
         checkpoint_basename: the files' base name.
         scaffold: kept for TF's signature; must be ``None`` (there is no ``Scaffold``).
         listeners: :class:`CheckpointSaverListener` s called around every save, in order.
@@ -157,6 +161,7 @@ class CheckpointSaverHook(SessionRunHook):
         self._save_graph_def = save_graph_def
         self._max_to_keep = max_to_keep
         self._written: List[str] = []  # paths this hook saved and kept, oldest first
+        self._written_step: Optional[int] = None  # the step of the latest file on disk
 
     @property
     def checkpoint_dir(self) -> str:
@@ -176,7 +181,7 @@ class CheckpointSaverHook(SessionRunHook):
         self._timer.update_last_triggered_step(global_step)
 
     def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
-        """Save if the timer is due at the global step; stop if a listener asks to."""
+        """Ask for a save if the timer is due at the global step; stop if a listener asks to."""
         global_step = run_context.session.global_step
         if self._timer.should_trigger_for_step(global_step):
             self._timer.update_last_triggered_step(global_step)
@@ -186,29 +191,57 @@ class CheckpointSaverHook(SessionRunHook):
     def end(self, session: Optional[RawSession]) -> None:
         """Save unless the last save was at the final global step; every listener's ``end()``.
 
-        Nothing happens when ``session`` is ``None`` (a closed ``MonitoredSession`` closed
-        again: the first close already saved).
+        A save here is written after every hook's ``end()``, and the listeners' ``end()``
+        follow it. Nothing happens when ``session`` is ``None`` (a closed
+        ``MonitoredSession`` closed again: the first close already saved).
         """
         if session is None:
             return
         last_step = session.global_step
-        if last_step != self._timer.last_triggered_step():
-            self._save(session, last_step)
-        for listener in self._listeners:
-            listener.end(session, last_step)
 
-    def _save(self, session: RawSession, step: int) -> bool:
-        """Write the checkpoint of ``step``; return whether a listener asked to stop."""
+        def listeners_end() -> None:
+            for listener in self._listeners:
+                listener.end(session, last_step)
+
+        if last_step != self._timer.last_triggered_step():
+            self._save(session, last_step, then=listeners_end)
+        elif self._written_step != last_step and self._saver is None:
+            # asked for in the last run and not written yet: join that one write
+            path = checkpoint_path(self._checkpoint_dir, self._basename, last_step)
+            session.save_checkpoint(path, listeners_end)
+        else:
+            listeners_end()
+
+    def _save(self, session: RawSession, step: int,
+              then: Optional[Callable[[], None]] = None) -> bool:
+        """Ask for the checkpoint of ``step``; return whether a listener asked to stop now.
+
+        The session writes it once the step is final and then calls :meth:`_after_write`
+        (and ``then``); a stop a listener asks for there reaches the session through it. A
+        ``saver`` of the user's writes at once, so its listeners' answer is returned here.
+        """
         for listener in self._listeners:
             listener.before_save(session, step)
         logger.info("Saving checkpoints for %d into %s.", step, self._save_path)
         path = checkpoint_path(self._checkpoint_dir, self._basename, step)
         if session.is_chief:  # what a save that crashed left behind, never the one to come
             remove_stray_temporaries(self._checkpoint_dir, self._basename, keep=path + ".tmp")
+
+        def written() -> bool:
+            stop = self._after_write(session, step, path)
+            if then is not None:
+                then()
+            return stop
+
         if self._saver is None:
-            session.save_checkpoint(path)
-        else:
-            self._saver(session, path)
+            session.save_checkpoint(path, written)
+            return False
+        self._saver(session, path)
+        return written()
+
+    def _after_write(self, session: RawSession, step: int, path: str) -> bool:
+        """The checkpoint of ``step`` is on disk: prune old ones, call every ``after_save``."""
+        self._written_step = step
         if self._max_to_keep:
             if path in self._written:
                 self._written.remove(path)
