@@ -38,7 +38,7 @@ _agreed_time: Optional[float] = None
 # What a rank contributes as its clock. ``hooks.timers`` sets it to read its ``clock``
 # attribute (the name tests replace), so the core reads the hooks' clock without importing
 # the hooks' layer.
-_local_clock: List[Callable[[], float]] = [time.time]
+_local_clock: List[Callable[[], float]] = [time.monotonic]
 
 
 def agreed_time() -> Optional[float]:
@@ -144,18 +144,19 @@ class RankAgreement:
             dtype=torch.float64,
         )
 
-    def start(self, now: float) -> float:
-        """Agree on rank 0's clock at session creation; a blocking collective, once.
+    def start(self, now: float, finished: bool = False) -> Tuple[bool, float]:
+        """Agree at session creation on rank 0's clock and on a finished job; blocking, once.
 
         Args:
             now: this rank's clock (only rank 0's is used).
+            finished: whether this rank's hooks find the job finished.
 
         Returns:
-            Rank 0's clock.
+            ``(any rank finds the job finished, rank 0's clock)``.
         """
-        vector = self._vector(False, now)
+        vector = self._vector(finished, now)
         dist.all_reduce(vector, op=dist.ReduceOp.MAX, group=self._group)
-        return float(vector[1])
+        return bool(vector[0] > 0), float(vector[1])
 
     def receive(self) -> Optional[Tuple[bool, float]]:
         """What the ranks agreed on at the previous run, or ``None`` before the first vote.
@@ -180,6 +181,12 @@ class RankAgreement:
         vector = self._vector(stop, now)
         work = dist.all_reduce(vector, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
         self._pending = (work, vector)
+
+    def any(self, flag: bool) -> bool:
+        """Whether any rank's ``flag`` is True; a blocking collective (at a session's end)."""
+        vector = self._vector(flag, 0.0)
+        dist.all_reduce(vector, op=dist.ReduceOp.MAX, group=self._group)
+        return bool(vector[0] > 0)
 
     def close(self) -> None:
         """Wait for the last vote (every rank sent it), at a clean end of the session."""

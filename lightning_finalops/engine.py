@@ -37,7 +37,7 @@ class Engine(abc.ABC):
             (a plain loop's chief-only hooks): then the ranks vote at every run even when
             this rank's hooks have no per-run method.
         hook_attributes: names of the engine's attributes that hooks may read on their raw
-            session, beyond the contract (``("trainer", "pl_module")`` under Lightning,
+            session, beyond the contract (``("trainer", "pl_module", "modules")`` under Lightning,
             ``("modules", "fabric")`` in a plain loop). Read live at each access.
         step_final_after_run: whether nothing more is recorded at a run's global step once
             its ``after_run`` s ran (a plain loop), so a checkpoint asked for in the run is
@@ -88,7 +88,7 @@ class Engine(abc.ABC):
         return None
 
     def step_completed(self) -> None:  # noqa: B027
-        """A run's step and the hooks' fetches succeeded; its ``after_run`` s come next.
+        """A run's step ran (its ``after_run`` s come next, unless a hook's fetch failed).
 
         Optional: the core calls it only when an engine overrides it (an engine that counts
         its global step by runs, as a plain loop does).

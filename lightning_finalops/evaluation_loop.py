@@ -69,12 +69,14 @@ def run_evaluation(
 ) -> int:
     """Run one evaluation session: ``begin``, ``create``, one run per batch, ``end``.
 
-    Each run is ``session.run_step(partial(step, batch))``, so ``step(batch)`` gets the
-    run's str feeds it accepts. The evaluation ends cleanly at the end of ``batches``, after
-    ``max_batches`` runs, when a hook stops it, and on a ``StopIteration`` from ``step``
-    (TF's end of input: it never reaches the loop around). Any other exception abandons
-    the session (no ``end()``, TF's rule) and propagates; a ``StopIteration`` raised by a
-    hook becomes a ``RuntimeError`` (a training loop would take it for its own end).
+    Each run is ``start_run``, ``step(batch)`` with the run's str feeds it accepts, then
+    ``finish_run`` (``abort_run`` if the step raised): ``run_step`` with the step's
+    ``StopIteration`` told apart from a hook's. The evaluation ends cleanly at the end of
+    ``batches``, after ``max_batches`` runs, when a hook stops it, and on a
+    ``StopIteration`` from ``step`` (TF's end of input: it never reaches the loop around).
+    Any other exception abandons the session (no ``end()``, TF's rule) and propagates; a
+    ``StopIteration`` raised by a hook becomes a ``RuntimeError`` (a training loop would
+    take it for its own end).
 
     Args:
         session: a session not yet begun.

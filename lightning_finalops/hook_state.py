@@ -132,6 +132,7 @@ def load_hook_state_dict(
             hook.load_state_dict(state[key])
 
 
+
 def states_equal(a: Any, b: Any) -> bool:
     """Whether two hook states hold the same values (tensors compared by value)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):

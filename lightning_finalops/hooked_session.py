@@ -23,6 +23,7 @@ recorded in the run's :class:`~lightning_finalops.run.PendingRun`.
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any, Callable, Dict, Mapping, Optional
 
@@ -125,8 +126,7 @@ class HookedSession:
         self.idle_per_run = not self._before and not self._after
         self.should_stop = False
         self.created = False
-        #: a hook stopped the session at its creation (``StopAtStepHook`` restored at or past
-        #: its last step: a finished job run again); with no run since, it is no session
+        #: a finished job run again (see :meth:`create`); with no run since, it is no session
         self.finished_at_creation = False
         self._run: Optional[PendingRun] = None
         # The record of every run that has nothing of its own to record (no feeds, options or
@@ -155,29 +155,43 @@ class HookedSession:
         """Call every hook's ``after_create_session(raw_session, coord)`` in order, once.
 
         A finished job run again (a hook's :meth:`~SessionRunHook.job_finished` is True at
-        the restored global step) creates no session: no ``after_create_session``, the
-        coordinator stops at once, :meth:`end` calls no hook unless runs were made anyway,
-        and one INFO line says so.
+        the restored global step, on any rank of a session whose ranks agree) creates no
+        session: no ``after_create_session``, the coordinator stops at once, :meth:`end`
+        calls no hook unless runs were made anyway, and one INFO line says so. An exception
+        abandons the session (:meth:`abandon`) and propagates.
         """
         if self.created:
             return
         self.created = True
-        global_step = self.raw_session.global_step
+        try:
+            self._create()
+        except BaseException:
+            self.abandon()
+            raise
+
+    def _create(self) -> None:
+        raw = self.raw_session
+        global_step = raw.global_step
         done = [type(h).__name__ for h in self.hooks if h.job_finished(global_step)]
-        if done:
-            logger.info("The job is finished at global step %d (%s): no session is created, "
-                        "no step runs and no hook's end() runs.", global_step, ", ".join(done))
-            self.finished_at_creation = True
-            self.coord.request_stop()  # runs made anyway (TF allowed them) see no creation
-            return
+        finished = bool(done)
         if self._agree:
             self._agreement = self.engine.rank_agreement()
-            self.raw_session.agrees_across_ranks = self._agreement is not None
+            raw.agrees_across_ranks = self._agreement is not None
             if self._agreement is not None:
-                # restored when the session ends: an enclosing session's agreed time
+                # restored when the session ends: an enclosing session's agreed time; a job
+                # one rank finds finished (a chief-only hook's state) is finished on all
                 self._time_before = distributed.agreed_time()
-                distributed.set_agreed_time(self._agreement.start(distributed.local_clock()))
-        raw = self.raw_session
+                finished, now = self._agreement.start(distributed.local_clock(), finished)
+                distributed.set_agreed_time(now)
+        if finished:
+            logger.info("The job is finished at global step %d (%s): no session is created, "
+                        "no step runs and no hook's end() runs.", global_step,
+                        ", ".join(done) or "another rank's hooks")
+            self.finished_at_creation = True
+            self.coord.request_stop()  # runs made anyway (TF allowed them) see no creation
+            if self._agreement is not None:
+                self._leave_agreement()  # nothing left to agree on
+            return
         raw.deferring = True
         try:
             for hook in self.hooks:
@@ -185,14 +199,14 @@ class HookedSession:
         finally:
             raw.deferring = False
         raw.flush_checkpoint()  # a stop asked for by it is ignored here (TF's rule)
-        self.finished_at_creation = self.coord.should_stop()
 
     def end(self, *, closed: bool = False) -> None:
         """Call every hook's ``end(raw_session)`` in order; an exception skips the later hooks.
 
         A session that was never created is created first (an engine that skipped its
         creation point). With ``closed`` (a closed session closed again, as TF) the hooks
-        get ``end(None)``.
+        get ``end(None)``. Checkpoints asked for in the ends are written after the last
+        one. An exception abandons the session (:meth:`abandon`) and propagates.
         """
         self.create()
         if self.is_finished_job:  # no session was created: nothing to end
@@ -200,27 +214,27 @@ class HookedSession:
             return
         raw = self.raw_session
         session = None if closed else raw
-        # The checkpoint of this step is on disk already (a plain loop whose data ran out
-        # after a saving run): it is written again if the ends record more at this step.
-        before = self.state_dict() if not closed and raw.wrote_current_step() else None
-        raw.deferring = True
+        # The file of this step is on disk already (a plain loop whose data ran out after a
+        # saving run): it is written again only if the ends change the hooks' state.
+        before = copy.deepcopy(self.state_dict()) if raw.wrote_current_step() else None
         try:
-            for hook in self.hooks:
-                hook.end(session)
+            raw.deferring = True
+            try:
+                for hook in self.hooks:
+                    hook.end(session)
+            finally:
+                raw.deferring = False
+            changed = before is not None and not states_equal(before, self.state_dict())
+            if self._agreement is not None:
+                self._agreement.close()
+                changed = self._agreement.any(changed)  # a rewrite may be a collective
+            raw.flush_checkpoint(changed)  # the last step's, with what every end() recorded
         except BaseException:
             self.abandon()  # the other ranks' last vote is not waited for, the clock restored
             raise
-        finally:
-            raw.deferring = False
-        raw.flush_checkpoint()  # the last step's checkpoint, with what every end() recorded
-        if before is not None and raw.wrote_current_step() and not states_equal(
-            before, self.state_dict()
-        ):
-            raw.write_again()
         if self._agreement is not None:
-            self._agreement.close()
             self._leave_agreement()
-        self.raw_session.forget_outputs()
+        raw.forget_outputs()
 
     @property
     def is_finished_job(self) -> bool:
@@ -234,9 +248,9 @@ class HookedSession:
         every rank, and the others may not get there): the previous one stays the latest.
         """
         dropped = self.raw_session.drop_checkpoint()
-        if dropped is not None:
-            logger.warning("The session ended by an exception before its step was final: the "
-                           "checkpoint %s was not written.", dropped)
+        if dropped:
+            logger.warning("The session ended by an exception before its step was final: "
+                           "checkpoint(s) %s not written.", dropped)
         self.abort_run()
         if self._agreement is not None:
             self._agreement.abandon()
@@ -295,7 +309,7 @@ class HookedSession:
         context = SessionRunContext(
             new_tuple(SessionRunArgs, (fetches, feed_dict, None)), self.raw_session
         )
-        if self.raw_session._due is not None and self.raw_session.flush_checkpoint():
+        if self.raw_session.checkpoint_due and self.raw_session.flush_checkpoint():
             # the previous step's checkpoint, written now that it is final (an engine whose
             # steps are final only at the next run): its listener's stop lands after this run
             context._stop_requested = True
@@ -402,7 +416,7 @@ class HookedSession:
                     self._call_after_runs(pending, context, results)
                 finally:
                     raw.deferring = False
-                if raw._due is not None and self.engine.step_final_after_run:
+                if raw.checkpoint_due and self.engine.step_final_after_run:
                     self._flush_after_run(context, agreed_stop)
                 requested = context._stop_requested
                 consistent = context._consistent_stop
@@ -427,9 +441,7 @@ class HookedSession:
         written after them. A truthy callback asks to stop after this run.
         """
         requested, consistent = context._stop_requested, context._consistent_stop
-        ends = self.should_stop or agreed_stop or (
-            requested and (self._agreement is None or consistent)
-        )
+        ends = agreed_stop or (requested and (self._agreement is None or consistent))
         if not ends and self.raw_session.flush_checkpoint():
             context._stop_requested = True
 

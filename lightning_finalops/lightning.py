@@ -55,7 +55,7 @@ class _LightningEngine(Engine):
 
     Its named values are ``trainer.callback_metrics`` (at the end of a validation: that
     validation's aggregated values), read only when a lookup reaches them (see
-    :class:`~lightning_finalops.hooked_session.Engine` for the order).
+    :mod:`lightning_finalops.raw_session` for the order).
     """
 
     str_feeds_as_keywords = False  # HookCallback sets them on the batch
@@ -209,10 +209,10 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         # Built from what identifies the callback (as Lightning's callbacks build theirs from
         # their arguments): its name, else its stateful hooks' keys, else its hooks' classes.
         # A resume whose key changed finds its state in on_load_checkpoint.
+        keys = hook_state_keys(self._all_hooks())  # two hooks of one key: refused here
         if name is not None:
             self._state_key = f"HookCallback[{name}]"
         else:
-            keys = hook_state_keys(self._all_hooks())
             described = keys or [type(h).__qualname__ for h in self._all_hooks()]
             self._state_key = "HookCallback{" + ",".join(described) + "}"
 

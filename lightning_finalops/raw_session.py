@@ -2,8 +2,8 @@
 
 It is the hooks' one door to the engine: the contract's verbs (``run``, ``global_step``,
 ``is_chief``, ``log_metrics``, ``save_checkpoint``), plus the engine attributes the engine
-lists in :attr:`Engine.hook_attributes` (``trainer`` and ``pl_module`` under Lightning,
-``modules`` and ``fabric`` in a plain loop). Everything else the engine does (agreeing
+lists in :attr:`Engine.hook_attributes` (``trainer``, ``pl_module`` and ``modules`` under
+Lightning, ``modules`` and ``fabric`` in a plain loop). Everything else the engine does (agreeing
 across ranks, restoring) is the core's to ask, not a hook's.
 
 Names resolve in one order, in hook fetches and in :meth:`run` alike: the outputs of the
@@ -17,7 +17,7 @@ a name lookup returns a detached copy.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from lightning_finalops.engine import EMPTY, Engine
 from lightning_finalops.fetches import (
@@ -47,20 +47,13 @@ class EngineRawSession(RawSession):
         #: belong to the run being finished; set by the session core only
         self.step_outputs: Mapping[str, Any] = EMPTY
         self.step_outputs_fresh = False
-        # The checkpoint a hook asked for that waits until the step is final: (path,
-        # callback); and whether the core is running hooks (then saves wait).
-        self._due: Optional[Tuple[str, Optional[Callable[[], Optional[bool]]]]] = None
+        # The checkpoints hooks asked for that wait until the step is final, {path:
+        # callback} in the order asked; and whether the core is running hooks (saves wait).
+        self._due: Dict[str, Tuple[Optional[Callable[[], Optional[bool]]], bool]] = {}
         self.deferring = False
-        # The latest write: (path, global step, runs, callback), to write it again when the
-        # session's end() records more at that step.
-        self._last_written: Optional[Tuple[str, int, int, Any]] = None
+        self._last_write: Optional[Tuple[int, int]] = None  # (global step, runs) then
         #: runs finished in this session (the core counts them)
         self.runs = 0
-
-    @property
-    def engine(self) -> Engine:
-        """The engine (for the session core and adapters; hooks use the verbs here)."""
-        return self._engine
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for names the class does not define: the engine's hook attributes.
@@ -89,57 +82,69 @@ class EngineRawSession(RawSession):
         self._engine.log_metrics(metrics, step)
 
     def save_checkpoint(
-        self, path: str, on_written: Optional[Callable[[], Optional[bool]]] = None
+        self,
+        path: str,
+        on_written: Optional[Callable[[], Optional[bool]]] = None,
+        *,
+        only_if_changed: bool = False,
     ) -> None:
         """Write a checkpoint of this step to ``path``, once the step is final.
 
         While the core runs hooks (``after_create_session``, ``after_run``, ``end``) the
         write waits for the core's next :meth:`flush_checkpoint`; elsewhere it happens now.
-        A second request for the path that waits joins it: one write, both callbacks.
+        A second request for a path that waits joins it: one write, both callbacks.
+
+        Args:
+            path: the checkpoint's path.
+            on_written: called right after the write.
+            only_if_changed: asked for in ``end()`` for the file of this step, already
+                written with no run since: write it again only if the hooks' ``end()``
+                changed their state (on any rank of a session whose ranks agree).
 
         Raises:
             NotImplementedError: the engine cannot write checkpoints.
         """
         if not self.deferring:
             self._write(path, on_written)
-            return
-        due = self._due
-        if due is not None and due[0] == path:
-            on_written = _chained(due[1], on_written)
-        elif due is not None:  # an older step's, not yet written: it goes first
-            self.flush_checkpoint()
-        self._due = (path, on_written)
+        elif path in self._due:
+            callback, conditional = self._due[path]
+            self._due[path] = (_chained(callback, on_written), conditional and only_if_changed)
+        else:
+            self._due[path] = (on_written, only_if_changed)
 
     @property
     def checkpoint_due(self) -> bool:
         """Whether a checkpoint waits for :meth:`flush_checkpoint`."""
-        return self._due is not None
+        return bool(self._due)
 
-    def flush_checkpoint(self) -> bool:
-        """Write the checkpoint that waits, if any; return whether its callback asks to stop."""
-        due, self._due = self._due, None
-        return False if due is None else self._write(*due)
+    def flush_checkpoint(self, changed: bool = True) -> bool:
+        """Write the checkpoints that wait, in the order asked; whether a callback asks to stop.
 
-    def drop_checkpoint(self) -> Optional[str]:
-        """Forget the checkpoint that waits (the session failed); return its path."""
-        due, self._due = self._due, None
-        return None if due is None else due[0]
+        Args:
+            changed: whether the hooks' state changed since the current step's file was
+                written: a request ``only_if_changed`` is dropped when it did not.
+        """
+        stop = False
+        while self._due:
+            path = next(iter(self._due))
+            callback, only_if_changed = self._due.pop(path)
+            if changed or not only_if_changed:
+                stop = self._write(path, callback) or stop
+        return stop
+
+    def drop_checkpoint(self) -> List[str]:
+        """Forget the checkpoints that wait (the session failed); return their paths."""
+        dropped, self._due = list(self._due), {}
+        return dropped
+
+    def wrote_current_step(self) -> bool:
+        """Whether the latest write was of the current global step, with no run since."""
+        return self._last_write == (self._engine.global_step, self.runs)
 
     def _write(self, path: str, on_written: Optional[Callable[[], Optional[bool]]]) -> bool:
         self._engine.write_checkpoint(path)
-        self._last_written = (path, self._engine.global_step, self.runs, on_written)
+        self._last_write = (self._engine.global_step, self.runs)
         return bool(on_written()) if on_written is not None else False
-
-    def wrote_current_step(self) -> bool:
-        """Whether the latest write was of this global step, with no run since."""
-        last = self._last_written
-        return last is not None and last[1:3] == (self._engine.global_step, self.runs)
-
-    def write_again(self) -> None:
-        """Write the latest checkpoint again (its callback hears of it again)."""
-        assert self._last_written is not None
-        path, _, _, on_written = self._last_written
-        self._write(path, on_written)
 
     def namespaces(self) -> Tuple[Namespace, ...]:
         """Where names resolve now, first match wins (see the module docstring)."""

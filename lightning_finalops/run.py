@@ -8,11 +8,11 @@ leaves before the first ``after_run``.
 
 from __future__ import annotations
 
-import types
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from lightning_finalops.engine import EMPTY
 from lightning_finalops.fetches import (
     TensorFeeds,
     check_fetches,
@@ -37,7 +37,6 @@ __all__ = [
     "trace_run",
 ]
 
-EMPTY: Mapping[Any, Any] = types.MappingProxyType({})
 DEFAULT_OPTIONS = RunOptions()
 # Builds a NamedTuple (SessionRunArgs, SessionRunValues) without its Python-level __new__:
 # ``new_tuple(SessionRunValues, (a, b, c))`` is ``SessionRunValues(a, b, c)``, one frame

@@ -95,7 +95,8 @@ class SessionRunHook:
     def state_key(self) -> str:
         """The key of this hook's state in a checkpoint (unique among the session's hooks).
 
-        Two hooks with the same key in one session get ``#1``, ``#2``... appended in list order.
+        Two distinct stateful hooks with one key in one session are a ``ValueError`` when
+        the session is built: override it (from the hook's configuration) to tell them apart.
         """
         return type(self).__qualname__
 
@@ -411,7 +412,11 @@ class RawSession(abc.ABC):
         """
 
     def save_checkpoint(
-        self, path: str, on_written: Optional[Callable[[], Optional[bool]]] = None
+        self,
+        path: str,
+        on_written: Optional[Callable[[], Optional[bool]]] = None,
+        *,
+        only_if_changed: bool = False,
     ) -> None:
         """Write a checkpoint that resumes the whole run to ``path``, atomically.
 
@@ -427,6 +432,9 @@ class RawSession(abc.ABC):
             on_written: called right after the write (so it sees the file on disk); a
                 truthy result asks the session to stop after the run it was written in
                 (ignored at the session's creation and end).
+            only_if_changed: asked for in ``end()`` for this step's file, already written
+                with no run since: write it again only if the hooks' ``end()`` changed
+                their state (a plain loop whose data ran out after a saving run).
 
         Raises:
             NotImplementedError: the engine cannot write checkpoints.

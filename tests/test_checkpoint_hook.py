@@ -527,7 +527,7 @@ class StubSession(RawSession):
     def is_chief(self) -> bool:
         return self._is_chief
 
-    def save_checkpoint(self, path: str, on_written=None) -> None:
+    def save_checkpoint(self, path: str, on_written=None, *, only_if_changed=False) -> None:
         pathlib.Path(path).write_bytes(b"x")
         if on_written is not None:
             on_written()

@@ -60,8 +60,8 @@ class OtherRank(RankAgreement):
         self.closed = self.abandoned = False
         self._last: Optional[tuple] = None
 
-    def start(self, now: float) -> float:
-        return self.other_clock
+    def start(self, now: float, finished: bool = False):
+        return finished, self.other_clock
 
     def receive(self):
         last, self._last = self._last, None
@@ -75,6 +75,9 @@ class OtherRank(RankAgreement):
 
     def close(self) -> None:
         self.closed = True
+
+    def any(self, flag: bool) -> bool:
+        return flag
 
     def abandon(self) -> None:
         self.abandoned = True
@@ -660,3 +663,82 @@ def test_the_session_keeps_no_reference_to_a_finished_runs_fetches() -> None:
         del step
         gc.collect()
         assert ref() is None
+
+
+# -- session rules across ranks and on failure --------------------------------------------------
+
+
+class FinishedElsewhere(OtherRank):
+    """The other rank's hooks find the job finished (a chief-only hook restored stopped)."""
+
+    def start(self, now: float, finished: bool = False):
+        return True, self.other_clock
+
+
+def test_a_job_another_rank_finds_finished_is_finished_on_every_rank():
+    log: List[Any] = []
+    session = agreeing_session([Recorder("a", log)], FinishedElsewhere())
+    assert session.is_finished_job and session.coord.should_stop()
+    assert log == [("a", "begin")]  # no after_create_session here either
+    session.end()
+    assert log == [("a", "begin")] and distributed.agreed_time() is None
+
+
+def test_an_exception_in_after_create_session_leaves_the_agreement_and_restores_the_clock():
+    class Failing(SessionRunHook):
+        def after_create_session(self, session, coord):
+            raise OSError("no disk")
+
+    agreement = OtherRank()
+    session = HookedSession([Recorder("a", []), Failing()], AgreeingEngine(agreement),
+                            agree_across_ranks=True)
+    with pytest.raises(OSError):
+        session.create()
+    assert agreement.abandoned and distributed.agreed_time() is None
+
+
+def test_a_hook_stopping_at_creation_still_gets_every_end_as_in_tf():
+    log: List[Any] = []
+
+    class StopNow(SessionRunHook):
+        def after_create_session(self, session, coord):
+            coord.request_stop()
+
+    session = HookedSession([StopNow(), Recorder("a", log)], StepEngine())
+    session.begin()
+    session.create()
+    assert session.coord.should_stop() and not session.is_finished_job
+    session.end()
+    assert log[-1] == ("a", "end")
+
+
+class SavingEngine(StepEngine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: List[str] = []
+
+    def write_checkpoint(self, path: str) -> None:
+        self.written.append(path)
+
+
+def test_checkpoints_asked_for_in_a_run_are_written_after_its_last_after_run_in_order():
+    seen: List[Any] = []
+
+    class Saver(SessionRunHook):
+        def __init__(self, path):
+            self.path = path
+
+        def after_run(self, run_context, run_values):
+            run_context.session.save_checkpoint(self.path, lambda: seen.append(self.path))
+
+    class Last(SessionRunHook):
+        def after_run(self, run_context, run_values):
+            seen.append(("last", list(engine.written)))
+
+    engine = SavingEngine()
+    session = HookedSession([Saver("a"), Saver("b"), Saver("a"), Last()], engine)
+    session.begin()
+    session.create()
+    one_run(session)
+    assert seen == [("last", []), "a", "a", "b"]  # "a" asked twice: one write, both told
+    assert engine.written == ["a", "b"]

@@ -143,3 +143,17 @@ def test_the_end_of_a_session_never_crashes_on_a_name_no_run_produced(name, capl
     step, values = hook.final_ops_history[-1]
     assert step == 1 and values["loss"] is None and float(values["one"]) == 1.0
     assert any(name in r.getMessage() for r in caplog.records)
+
+
+def test_a_missing_name_never_makes_another_final_op_run_twice(caplog):
+    calls = []
+    hook = FinalOpsHook({"a": lambda: calls.append(1) or torch.ones(()), "loss": "val_loss"})
+    with MonitoredSession([hook, StopAtStepHook(last_step=1)]) as sess:
+        sess.run(lambda: None)
+    assert calls == [1] and hook.final_ops_values["loss"] is None
+
+
+def test_a_named_hook_callback_refuses_two_hooks_of_one_state_key_when_built():
+    with pytest.raises(ValueError, match="Two stateful hooks have the state key"):
+        HookCallback(training_hooks=[FinalOpsHook({"x": "loss"})],
+                     evaluation_hooks=[FinalOpsHook({"x": "loss"})], name="main")

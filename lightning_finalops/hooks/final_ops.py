@@ -144,6 +144,9 @@ class FinalOpsHook(SessionRunHook):
             (path, leaf) for path, leaf in leaves(final_ops, ("final_ops",), is_fetch_leaf)
             if is_metric(leaf) and hasattr(leaf, "update_count")
         ]
+        self._has_names = any(
+            isinstance(leaf, str) for _, leaf in leaves(final_ops, ("final_ops",), is_fetch_leaf)
+        )
         self._updates_at_end: Dict[int, int] = {}
         self._warned: set = set()
 
@@ -187,14 +190,12 @@ class FinalOpsHook(SessionRunHook):
         if self._final_ops is None:
             return
         assert session is not None, "FinalOpsHook.end() needs the session it ran in."
-        fetches = self._fetches_now(session.global_step)
+        fetches = self._resolve_names(session, self._fetches_now(session.global_step))
         try:
             values = session.run(fetches, feed_dict=self._final_ops_feed_dict)
         except StopIteration:
             logger.warning(_DEPENDS_ON_INPUT_WARNING)
             raise
-        except KeyError:  # a name no run of this session produced: the rest still counts
-            values = self._run_each_leaf(session, fetches)
         self._check_metrics(session.global_step)
         self._final_ops_values = values
         self._final_ops_history.append(
@@ -203,26 +204,32 @@ class FinalOpsHook(SessionRunHook):
         if self._max_history is not None:
             del self._final_ops_history[: -self._max_history]
 
-    def _run_each_leaf(self, session: RawSession, fetches: Any) -> Any:
-        """``fetches`` evaluated leaf by leaf; a name that resolves nowhere gives ``None``.
+    def _resolve_names(self, session: RawSession, fetches: Any) -> Any:
+        """``fetches`` with each name replaced by its value; one that resolves nowhere: ``None``.
 
-        A resumed Lightning run that ran no validation in this process, for example, has no
-        ``val_loss`` at the end of ``fit``: the end of the session goes on, with a warning.
+        Each name is looked up once, before anything else is evaluated, so a missing one
+        never makes another final op run twice. A resumed Lightning run that ran no
+        validation in this process, for example, has no ``val_loss`` at the end of ``fit``:
+        the end of the session goes on, with a warning.
         """
-        def run(leaf: Any, path: Any) -> Any:
+        if not self._has_names:
+            return fetches
+
+        def resolve(leaf: Any, path: Any) -> Any:
             if not isinstance(leaf, str):
-                return session.run(leaf, feed_dict=self._final_ops_feed_dict)
+                return leaf
             try:
-                return session.run(leaf)
+                value = session.run(leaf)
             except KeyError as e:
                 logger.warning(
                     "FinalOpsHook: %s: no run of this session produced the name %r, so the "
                     "entry at global step %d holds None there (%s).",
                     format_path(path), leaf, session.global_step, e.args[0] if e.args else e,
                 )
-                return None
+                value = None
+            return lambda: value
 
-        return map_structure(run, fetches, ("final_ops",), is_fetch_leaf)
+        return map_structure(resolve, fetches, ("final_ops",), is_fetch_leaf)
 
     def _fetches_now(self, global_step: int) -> Any:
         """``final_ops``, each empty metric recorded at this step replaced by its value then."""
