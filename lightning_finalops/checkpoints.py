@@ -21,6 +21,7 @@ import torch
 from lightning_finalops.validation import check_path
 
 __all__ = [
+    "check_basename",
     "atomic_torch_save",
     "atomic_write",
     "check_checkpoint_dir",
@@ -50,6 +51,22 @@ def list_checkpoints(checkpoint_dir: str, basename: str = "model.ckpt") -> List[
         if match:
             found.append((int(match.group(1)), os.path.join(checkpoint_dir, name)))
     return sorted(found)
+
+
+def check_basename(value: Any, argument: str = "checkpoint_basename") -> str:
+    """``value`` as a checkpoint base name: a non-empty file name without a directory.
+
+    Raises:
+        TypeError: ``value`` is not a str.
+        ValueError: it is empty or holds a path separator.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"{argument} must be a str, got {type(value).__name__}.")
+    if not value or os.sep in value or (os.altsep and os.altsep in value):
+        raise ValueError(
+            f"{argument} must be a non-empty file name without a directory, got {value!r}."
+        )
+    return value
 
 
 def check_checkpoint_dir(value: Any, argument: str = "checkpoint_dir") -> str:

@@ -6,11 +6,16 @@ import inspect
 import logging
 import os
 import types
-from typing import Any, Callable, Dict, Mapping, Optional, Type
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type
 
 import torch
 
-from lightning_finalops.checkpoints import atomic_torch_save, check_checkpoint_dir, load_latest
+from lightning_finalops.checkpoints import (
+    atomic_torch_save,
+    check_basename,
+    check_checkpoint_dir,
+    load_latest,
+)
 from lightning_finalops.distributed import (
     RankAgreement,
     broadcast_from_rank_zero,
@@ -19,6 +24,7 @@ from lightning_finalops.distributed import (
 )
 from lightning_finalops.engine import Engine
 from lightning_finalops.fetches import check_fetches, evaluate, is_metric
+from lightning_finalops.hook_state import hook_state_keys
 from lightning_finalops.hooked_session import HookedSession
 from lightning_finalops.session_run_hook import (
     Coordinator,
@@ -28,7 +34,7 @@ from lightning_finalops.session_run_hook import (
 )
 from lightning_finalops.validation import check_bool
 
-__all__ = ["MonitoredSession", "StepContext"]
+__all__ = ["MonitoredSession", "StepContext", "check_fabric"]
 
 logger = logging.getLogger("lightning_finalops")
 
@@ -59,6 +65,22 @@ def _named(objects: Any, argument: str, kind: type) -> Dict[str, Any]:
     return items
 
 
+def check_fabric(fabric: Any) -> Any:
+    """``fabric`` if it is ``None`` or a launched Lightning ``Fabric``.
+
+    Raises:
+        TypeError: it is something else (named).
+    """
+    if fabric is not None and not all(
+        hasattr(fabric, name) for name in ("save", "load", "barrier", "is_global_zero")
+    ):
+        raise TypeError(
+            "fabric must be a launched lightning.fabric.Fabric or None, got "
+            f"{type(fabric).__name__}."
+        )
+    return fabric
+
+
 class _PlainEngine(Engine):
     """The engine of a :class:`MonitoredSession`: the hooks' raw session in a plain loop.
 
@@ -83,13 +105,7 @@ class _PlainEngine(Engine):
                 "across_ranks=True needs torch.distributed initialized with several ranks "
                 "before the session is built."
             )
-        if fabric is not None and not all(
-            hasattr(fabric, name) for name in ("save", "load", "barrier", "is_global_zero")
-        ):
-            raise TypeError(
-                "fabric must be a launched lightning.fabric.Fabric or None, got "
-                f"{type(fabric).__name__}."
-            )
+        check_fabric(fabric)
         #: the Lightning Fabric the loop runs on, or ``None``
         self.fabric = fabric
         self._modules = modules
@@ -169,11 +185,19 @@ class _PlainEngine(Engine):
         state.update({f"optimizer.{k}": o for k, o in self._named_optimizers.items()})
         return state
 
-    def restore_latest(self, checkpoint_dir: str, basename: str) -> Optional[Dict[str, Any]]:
+    def restore_latest(self, checkpoint_dir: str, basename: str,
+                       strict: bool = True) -> Optional[Tuple[str, Dict[str, Any], List[str]]]:
         """Restore the newest checkpoint of ``checkpoint_dir`` that loads (older ones if not).
 
+        Args:
+            checkpoint_dir: where the checkpoints are.
+            basename: their base name.
+            strict: every saved module and optimizer must have one here; else those
+                without one are skipped.
+
         Returns:
-            The saved session state, or ``None`` when there is no checkpoint.
+            ``(path, saved session state, what was skipped)``, or ``None`` when there is
+            no checkpoint.
         """
         def load(path: str) -> Any:
             return torch.load(path, map_location="cpu", weights_only=False)
@@ -199,32 +223,37 @@ class _PlainEngine(Engine):
             return None
         if self.fabric is not None:
             state = self._fabric_state()
-            self.fabric.load(path, state)  # modules and optimizers restored in place
-            logger.info("Restoring parameters from %s (global step %s).", path,
-                        state["global_step"])
-            return state["session"]
+            # modules and optimizers restored in place; not strict: the saved optimizers a
+            # session given none has no place for stay in the file
+            self.fabric.load(path, state, strict=strict)
+            return path, state["session"], []
         checkpoint = found[1] if found is not None else load(path)
-        logger.info("Restoring parameters from %s (global step %s).", path,
-                    checkpoint.get("global_step"))
-        return self._apply(checkpoint, path)
+        return path, checkpoint["session"], self._apply(checkpoint, path, strict)
 
-    def _apply(self, checkpoint: Mapping[str, Any], path: str) -> Dict[str, Any]:
-        """Load modules and optimizers from ``checkpoint``; return the saved session state.
+    def _apply(self, checkpoint: Mapping[str, Any], path: str, strict: bool) -> List[str]:
+        """Load modules and optimizers from ``checkpoint``; return what had no place here.
 
         Raises:
-            ValueError: the checkpoint's modules or optimizers are not the session's.
+            ValueError: a module or optimizer of the session is not in the checkpoint, or
+                (with ``strict``) a saved one has none here.
         """
+        skipped = []
         for kind, named in (("modules", self._named_modules),
                             ("optimizers", self._named_optimizers)):
             saved = checkpoint.get(kind, {})
-            if sorted(saved) != sorted(named):
+            missing = sorted(set(named) - set(saved))
+            extra = sorted(set(saved) - set(named))
+            if missing or (extra and strict):
                 raise ValueError(
                     f"Checkpoint {path} holds {kind} {sorted(saved)}, but the session was given "
-                    f"{sorted(named)}: pass the same {kind} to MonitoredSession."
+                    f"{sorted(named)}: pass the same {kind} to MonitoredSession"
+                    + (", or strict=False to restore what it was given." if not missing
+                       else ".")
                 )
+            skipped += [f"{kind}[{name!r}]" for name in extra]
             for name, obj in named.items():
                 obj.load_state_dict(saved[name])
-        return checkpoint["session"]
+        return skipped
 
 
 class StepContext:
@@ -292,6 +321,12 @@ class MonitoredSession:
             means yes when it is initialized with several ranks. Then every rank must build
             the session; pass ``False`` for a session of this process alone (an evaluation
             loop on rank 0 after training).
+        strict: whether every module, optimizer and hook state in the restored checkpoint
+            (or ``state``) must have its place in this session. ``None``: strict, unless
+            the session was given no optimizers (it evaluates or predicts): then it restores
+            the modules and the global step of a training checkpoint and skips its
+            optimizers and the state of hooks it does not have, naming them in one INFO
+            line. A module of the session missing from the checkpoint is an error either way.
 
     Raises:
         TypeError: an item of ``hooks`` is not a :class:`SessionRunHook`, or ``modules`` /
@@ -311,25 +346,44 @@ class MonitoredSession:
         is_chief: Optional[bool] = None,
         fabric: Any = None,
         across_ranks: Optional[bool] = None,
+        strict: Optional[bool] = None,
     ) -> None:
+        check_bool(strict, "strict", allow_none=True)
+        if strict is None:  # a session given no optimizers evaluates or predicts
+            strict = optimizers is not None
         self._engine = _PlainEngine(modules, optimizers, self.state_dict, is_chief, fabric,
                                     across_ranks)
         self._session = HookedSession(hooks, self._engine, "hooks", agree_across_ranks=True)
         self._closed = False
         if checkpoint_dir is not None:
             checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
+        check_basename(checkpoint_basename)
         self._session.begin()
+        skipped: List[str] = []
         if checkpoint_dir is not None:
-            restored = self._engine.restore_latest(checkpoint_dir, checkpoint_basename)
+            restored = self._engine.restore_latest(checkpoint_dir, checkpoint_basename, strict)
             if restored is not None and state is not None:
                 raise ValueError(
                     "Pass either state or a checkpoint_dir to restore from, not both "
                     f"({checkpoint_dir} holds a checkpoint)."
                 )
-            state = restored if restored is not None else state
+            if restored is not None:
+                path, state, skipped = restored
+                skipped += self._unplaced_hook_state(state) if not strict else []
+                logger.info("Restoring parameters from %s (global step %s)%s.", path,
+                            state.get("global_step"),
+                            f"; not restored, as the session was not given them: {skipped}"
+                            if skipped else "")
         if state is not None:
-            self.load_state_dict(state)
+            self.load_state_dict(state, strict=strict)
         self._session.create()
+
+    def _unplaced_hook_state(self, state: Mapping[str, Any]) -> List[str]:
+        """The saved hook states that no hook of this session takes."""
+        saved = state.get("hooks", {}) if isinstance(state, Mapping) else {}
+        mine = set(hook_state_keys(self._session.hooks))
+        return [f"hook state {key!r}" for key, value in saved.items()
+                if key not in mine and value]
 
     @property
     def hooks(self) -> tuple[SessionRunHook, ...]:

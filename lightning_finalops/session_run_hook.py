@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Dict, List, Mapping, NamedTuple, Optional
 
+from lightning_finalops.validation import is_int
+
 __all__ = [
     "Coordinator",
     "RawSession",
@@ -235,7 +237,7 @@ class RunOptions:
     with_stack: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.trace_level, bool) or self.trace_level not in (0, 1, 2, 3):
+        if not is_int(self.trace_level) or self.trace_level not in (0, 1, 2, 3):
             raise ValueError(
                 "RunOptions trace_level must be one of NO_TRACE (0), SOFTWARE_TRACE (1), "
                 f"HARDWARE_TRACE (2) or FULL_TRACE (3), got {self.trace_level!r}."

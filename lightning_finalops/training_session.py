@@ -11,7 +11,7 @@ from lightning_finalops.hook_state import check_hooks, has_state
 from lightning_finalops.hooks.checkpoint import CheckpointSaverHook
 from lightning_finalops.hooks.stop import StopAtStepHook
 from lightning_finalops.hooks.summary import StepCounterHook, SummarySaverHook
-from lightning_finalops.monitored_session import MonitoredSession
+from lightning_finalops.monitored_session import MonitoredSession, check_fabric
 from lightning_finalops.session_run_hook import SessionRunHook
 from lightning_finalops.validation import check_bool, check_int, check_number, check_path
 
@@ -189,6 +189,7 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
         _on(save_checkpoint_secs),
     )
     check_bool(is_chief, "is_chief", allow_none=True)
+    check_fabric(fabric)
     if is_chief is None:
         is_chief = bool(fabric.is_global_zero) if fabric is not None else is_rank_zero()
     saver: List[SessionRunHook] = []

@@ -157,3 +157,78 @@ def test_a_named_hook_callback_refuses_two_hooks_of_one_state_key_when_built():
     with pytest.raises(ValueError, match="Two stateful hooks have the state key"):
         HookCallback(training_hooks=[FinalOpsHook({"x": "loss"})],
                      evaluation_hooks=[FinalOpsHook({"x": "loss"})], name="main")
+
+
+def _train_and_save(tmp_path):
+    from lightning_finalops import MonitoredTrainingSession
+
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    final = FinalOpsHook({"w": lambda: model.weight.norm()}, name="w")
+
+    def step():
+        optimizer.zero_grad()
+        loss = model(torch.ones(4, 2)).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+
+    with MonitoredTrainingSession(checkpoint_dir=str(tmp_path), modules=model,
+                                  optimizers=optimizer, hooks=[final, StopAtStepHook(3)],
+                                  save_checkpoint_steps=1) as sess:
+        while not sess.should_stop():
+            sess.run(step)
+    return model
+
+
+def test_a_session_given_only_the_model_restores_weights_and_step_from_training(tmp_path,
+                                                                                caplog):
+    trained = _train_and_save(tmp_path)
+    model = nn.Linear(2, 1)
+    with caplog.at_level(logging.INFO, logger="lightning_finalops"):
+        with MonitoredSession(modules=model, checkpoint_dir=str(tmp_path)) as sess:
+            assert sess.global_step == 3
+    assert torch.equal(model.weight, trained.weight) and torch.equal(model.bias, trained.bias)
+    (line,) = [r.getMessage() for r in caplog.records if "Restoring parameters" in r.getMessage()]
+    assert "optimizers['optimizer']" in line and "hook state 'FinalOpsHook[w]'" in line
+
+
+def test_strict_restores_refuse_what_has_no_place_and_say_how_to_skip_it(tmp_path):
+    _train_and_save(tmp_path)
+    with pytest.raises(ValueError, match=r"strict=False"):
+        MonitoredSession(modules=nn.Linear(2, 1), checkpoint_dir=str(tmp_path), strict=True)
+    optimizer = torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"pass strict=False"):  # the hook state
+        MonitoredSession(modules=nn.Linear(2, 1), optimizers=optimizer,
+                         checkpoint_dir=str(tmp_path))
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with MonitoredSession(modules=model, optimizers=optimizer, checkpoint_dir=str(tmp_path),
+                          strict=False) as sess:
+        assert sess.global_step == 3 and optimizer.state_dict()["state"]  # momentum restored
+    with pytest.raises(TypeError, match="strict"):
+        MonitoredSession(strict="yes")
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: MonitoredSession(checkpoint_basename=""), "checkpoint_basename"),
+    (lambda: MonitoredSession(checkpoint_basename="a/b"), "checkpoint_basename"),
+    (lambda: MonitoredSession(checkpoint_basename=42), "checkpoint_basename"),
+    (lambda: CheckpointSaverHook("ckpt", save_steps=1, save_graph_def="yes"), "save_graph_def"),
+])
+def test_constructor_misuse_found_by_fuzzing_names_the_argument(build, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        build()
+
+
+def test_run_options_take_an_int_trace_level_only():
+    from lightning_finalops import RunOptions
+
+    with pytest.raises(ValueError, match="trace_level"):
+        RunOptions(trace_level=1.0)
+
+
+def test_monitored_training_session_names_a_fabric_that_is_not_one():
+    from lightning_finalops import MonitoredTrainingSession
+
+    with pytest.raises(TypeError, match="fabric must be a launched"):
+        MonitoredTrainingSession(fabric=42)

@@ -7,6 +7,7 @@ import os
 from typing import Any, Callable, List, Optional, Sequence, Union
 
 from lightning_finalops.checkpoints import (
+    check_basename,
     check_checkpoint_dir,
     checkpoint_path,
     list_checkpoints,
@@ -20,7 +21,7 @@ from lightning_finalops.session_run_hook import (
     SessionRunHook,
     SessionRunValues,
 )
-from lightning_finalops.validation import check_int, check_sequence_of
+from lightning_finalops.validation import check_bool, check_int, check_sequence_of
 
 __all__ = ["CheckpointSaverHook", "CheckpointSaverListener"]
 
@@ -130,15 +131,7 @@ class CheckpointSaverHook(SessionRunHook):
         if saver is not None and scaffold is not None:
             raise ValueError("You cannot provide both saver and scaffold.")
         self._checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
-        if not isinstance(checkpoint_basename, str):
-            raise TypeError(
-                f"checkpoint_basename must be a str, got {type(checkpoint_basename).__name__}."
-            )
-        if not checkpoint_basename or os.sep in checkpoint_basename:
-            raise ValueError(
-                "checkpoint_basename must be a non-empty file name without a directory, got "
-                f"{checkpoint_basename!r}."
-            )
+        check_basename(checkpoint_basename)
         self._timer = SecondOrStepTimer(
             every_secs=save_secs, every_steps=save_steps, secs_argument="save_secs",
             steps_argument="save_steps",
@@ -158,7 +151,7 @@ class CheckpointSaverHook(SessionRunHook):
         self._saver = saver
         self._basename = checkpoint_basename
         self._save_path = os.path.join(self._checkpoint_dir, checkpoint_basename)
-        self._save_graph_def = save_graph_def
+        self._save_graph_def = check_bool(save_graph_def, "save_graph_def")
         self._max_to_keep = max_to_keep
         self._written: List[str] = []  # paths this hook saved and kept, oldest first
         self._written_step: Optional[int] = None  # the step of the latest file on disk
