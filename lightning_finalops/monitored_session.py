@@ -323,7 +323,8 @@ class MonitoredSession:
             loop on rank 0 after training).
         strict: whether every module, optimizer and hook state in the restored checkpoint
             (or ``state``) must have its place in this session. ``None``: strict, unless
-            the session was given no optimizers (it evaluates or predicts): then it restores
+            it restores a checkpoint and was given no optimizers (it evaluates or predicts):
+            then it restores
             the modules and the global step of a training checkpoint and skips its
             optimizers and the state of hooks it does not have, naming them in one INFO
             line. A module of the session missing from the checkpoint is an error either way.
@@ -349,8 +350,8 @@ class MonitoredSession:
         strict: Optional[bool] = None,
     ) -> None:
         check_bool(strict, "strict", allow_none=True)
-        if strict is None:  # a session given no optimizers evaluates or predicts
-            strict = optimizers is not None
+        # restoring a checkpoint, a session given no optimizers evaluates or predicts
+        restore_strict = optimizers is not None if strict is None else strict
         self._engine = _PlainEngine(modules, optimizers, self.state_dict, is_chief, fabric,
                                     across_ranks)
         self._session = HookedSession(hooks, self._engine, "hooks", agree_across_ranks=True)
@@ -361,7 +362,8 @@ class MonitoredSession:
         self._session.begin()
         skipped: List[str] = []
         if checkpoint_dir is not None:
-            restored = self._engine.restore_latest(checkpoint_dir, checkpoint_basename, strict)
+            restored = self._engine.restore_latest(checkpoint_dir, checkpoint_basename,
+                                                   restore_strict)
             if restored is not None and state is not None:
                 raise ValueError(
                     "Pass either state or a checkpoint_dir to restore from, not both "
@@ -369,13 +371,14 @@ class MonitoredSession:
                 )
             if restored is not None:
                 path, state, skipped = restored
+                strict = restore_strict
                 skipped += self._unplaced_hook_state(state) if not strict else []
                 logger.info("Restoring parameters from %s (global step %s)%s.", path,
                             state.get("global_step"),
                             f"; not restored, as the session was not given them: {skipped}"
                             if skipped else "")
         if state is not None:
-            self.load_state_dict(state, strict=strict)
+            self.load_state_dict(state, strict=strict is not False)
         self._session.create()
 
     def _unplaced_hook_state(self, state: Mapping[str, Any]) -> List[str]:
