@@ -27,8 +27,12 @@ import copy
 import logging
 from typing import Any, Callable, Dict, Mapping, Optional
 
-from lightning_finalops import distributed
-from lightning_finalops.distributed import RankAgreement
+from lightning_finalops.distributed import (
+    RankAgreement,
+    agreed_time,
+    local_clock,
+    set_agreed_time,
+)
 from lightning_finalops.engine import EMPTY, Engine
 from lightning_finalops.fetches import accepted_keywords, evaluate
 from lightning_finalops.hook_state import (
@@ -180,9 +184,9 @@ class HookedSession:
             if self._agreement is not None:
                 # restored when the session ends: an enclosing session's agreed time; a job
                 # one rank finds finished (a chief-only hook's state) is finished on all
-                self._time_before = distributed.agreed_time()
-                finished, now = self._agreement.start(distributed.local_clock(), finished)
-                distributed.set_agreed_time(now)
+                self._time_before = agreed_time()
+                finished, now = self._agreement.start(local_clock(), finished)
+                set_agreed_time(now)
         if finished:
             logger.info("The job is finished at global step %d (%s): no session is created, "
                         "no step runs and no hook's end() runs.", global_step,
@@ -259,7 +263,7 @@ class HookedSession:
 
     def _leave_agreement(self) -> None:
         self._agreement = None
-        distributed.set_agreed_time(self._time_before)
+        set_agreed_time(self._time_before)
 
     # -- one run ---------------------------------------------------------------------------
     @property
@@ -425,7 +429,7 @@ class HookedSession:
             else:
                 # A request made in this run reaches the other ranks with this vote and
                 # stops every rank after the next run; a rank-consistent one applies now.
-                agreement.send(requested and not consistent, distributed.local_clock())
+                agreement.send(requested and not consistent, local_clock())
                 self.should_stop = self.should_stop or agreed_stop or consistent
         finally:
             raw.step_outputs_fresh = False
@@ -470,7 +474,7 @@ class HookedSession:
         if agreed is None:
             return False
         agreed_stop, agreed_time = agreed
-        distributed.set_agreed_time(agreed_time)
+        set_agreed_time(agreed_time)
         return agreed_stop
 
     def abort_run(self) -> None:

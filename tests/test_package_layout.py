@@ -71,6 +71,17 @@ def test_no_module_takes_a_private_name_from_another():
     assert not private
 
 
+def test_no_module_imports_from_the_package_itself():
+    """``from lightning_finalops import x`` inside the package goes through ``__init__``,
+    which imports every layer: a loop, whatever ``x`` is."""
+    through_package = [
+        name for name, tree in _modules().items() if name != "__init__"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "lightning_finalops"
+    ]
+    assert not through_package
+
+
 def test_every_import_points_down_the_layers_and_none_forms_a_cycle():
     upward = [
         f"{importer} -> {source}"

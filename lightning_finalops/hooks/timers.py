@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional, Tuple
 
-from lightning_finalops import distributed
+from lightning_finalops.distributed import agreed_time, set_local_clock
 from lightning_finalops.validation import check_int, check_seconds
 
 __all__ = ["NeverTriggerTimer", "SecondOrStepTimer", "clock", "now"]
@@ -17,7 +17,7 @@ clock: Callable[[], float] = time.monotonic
 
 # The agreement sends this rank's clock: this module's ``clock``, read at each call, so a
 # replaced clock is the one the ranks agree on.
-distributed.set_local_clock(lambda: clock())
+set_local_clock(lambda: clock())
 
 
 def now() -> float:
@@ -30,7 +30,7 @@ def now() -> float:
     step. :class:`SecondOrStepTimer` reads it;
     a hook with a schedule of its own should too.
     """
-    agreed = distributed.agreed_time()
+    agreed = agreed_time()
     return clock() if agreed is None else agreed
 
 
