@@ -40,9 +40,11 @@ class Engine(abc.ABC):
             session, beyond the contract (``("trainer", "pl_module", "modules")`` under Lightning,
             ``("modules", "fabric")`` in a plain loop). Read live at each access.
         step_final_after_run: whether nothing more is recorded at a run's global step once
-            its ``after_run`` s ran (a plain loop), so a checkpoint asked for in the run is
-            written then; ``False`` (Lightning, whose validation may follow a batch at the
-            same step): it is written when the next run starts or the session ends.
+            its ``after_run`` s ran, so a checkpoint asked for in the run is written then
+            (read at that point; a plain loop: always). ``False``: the engine calls
+            :meth:`HookedSession.flush_checkpoint` where the step becomes final (Lightning:
+            at the end of the validation that follows the batch); the next run's start and
+            the session's end write it at the latest.
     """
 
     str_feeds_as_keywords: bool = True
@@ -79,6 +81,15 @@ class Engine(abc.ABC):
             NotImplementedError: the engine cannot write checkpoints (the default).
         """
         raise NotImplementedError(f"{type(self).__name__} cannot write checkpoints.")
+
+    def checkpointed_state(self) -> Any:
+        """The state a checkpoint written now holds beyond modules and optimizers, or ``None``.
+
+        The core compares it before and after a session's ``end()`` s to tell whether the
+        last step's file, written before them, must be written again. Default ``None``: the
+        session's hooks' state.
+        """
+        return None
 
     def rank_agreement(self) -> Optional[RankAgreement]:
         """How the ranks of a training session agree (stops, time); ``None``: one process.

@@ -8,9 +8,10 @@ resume can never hand one hook's state to another.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import pickle
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
-
-import torch
 
 from lightning_finalops.session_run_hook import SessionRunHook
 from lightning_finalops.validation import check_sequence_of
@@ -21,7 +22,7 @@ __all__ = [
     "hook_state_dict",
     "hook_state_keys",
     "load_hook_state_dict",
-    "states_equal",
+    "state_digest",
 ]
 
 
@@ -133,20 +134,13 @@ def load_hook_state_dict(
 
 
 
-def states_equal(a: Any, b: Any) -> bool:
-    """Whether two hook states hold the same values (tensors compared by value)."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (
-            isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
-            and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
-            and bool(torch.equal(a, b))
-        )
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        return a.keys() == b.keys() and all(states_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return (type(a) is type(b) and len(a) == len(b)
-                and all(states_equal(x, y) for x, y in zip(a, b)))
+
+def state_digest(state: Any) -> bytes:
+    """A digest of ``state``'s values (tensors by value): equal digests, equal states.
+
+    A state that cannot be pickled has a digest of its own each time (never "unchanged").
+    """
     try:
-        return bool(a == b)
-    except Exception:  # noqa: BLE001 - a value without a plain equality: not known equal
-        return False
+        return hashlib.sha256(pickle.dumps(state, protocol=4)).digest()
+    except Exception:  # noqa: BLE001 - not picklable: count it as changed
+        return os.urandom(32)

@@ -23,7 +23,6 @@ recorded in the run's :class:`~lightning_finalops.run.PendingRun`.
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Any, Callable, Dict, Mapping, Optional
 
@@ -40,7 +39,7 @@ from lightning_finalops.hook_state import (
     hook_state_dict,
     hook_state_keys,
     load_hook_state_dict,
-    states_equal,
+    state_digest,
 )
 from lightning_finalops.raw_session import EngineRawSession
 from lightning_finalops.run import DEFAULT_OPTIONS, NO_RESULTS, PendingRun, new_tuple
@@ -111,6 +110,7 @@ class HookedSession:
             raise TypeError(f"engine must be an Engine, got {type(engine).__name__}.")
         self.engine = engine
         self.raw_session = EngineRawSession(engine)
+        self.raw_session.state_digest = self._checkpointed_digest
         self.coord = Coordinator()
         # Bound methods, looked up once, of the hooks that override them: these loops run
         # at every step, and skipping the base class's empty methods is invisible to hooks.
@@ -218,9 +218,6 @@ class HookedSession:
             return
         raw = self.raw_session
         session = None if closed else raw
-        # The file of this step is on disk already (a plain loop whose data ran out after a
-        # saving run): it is written again only if the ends change the hooks' state.
-        before = copy.deepcopy(self.state_dict()) if raw.wrote_current_step() else None
         try:
             raw.deferring = True
             try:
@@ -228,7 +225,9 @@ class HookedSession:
                     hook.end(session)
             finally:
                 raw.deferring = False
-            changed = before is not None and not states_equal(before, self.state_dict())
+            # This step's file may be on disk already (a session that ends with no stop after
+            # a saving run): written again only if the state it holds changed since.
+            changed = bool(raw.changed_since_current_step_written())
             if self._agreement is not None:
                 self._agreement.close()
                 changed = self._agreement.any(changed)  # a rewrite may be a collective
@@ -260,6 +259,21 @@ class HookedSession:
             self._agreement.abandon()
             self._leave_agreement()
         self.raw_session.forget_outputs()
+
+    def _checkpointed_digest(self) -> bytes:
+        state = self.engine.checkpointed_state()
+        return state_digest(self.state_dict() if state is None else state)
+
+    def flush_checkpoint(self) -> bool:
+        """Write the checkpoints hooks asked for that wait for their step to be final.
+
+        For an engine whose step becomes final at a point of its own (Lightning: the end of
+        the validation that follows the saving batch). Every rank calls it at that point.
+
+        Returns:
+            Whether a callback (a listener's ``after_save``) asks to stop.
+        """
+        return self.raw_session.flush_checkpoint()
 
     def _leave_agreement(self) -> None:
         self._agreement = None

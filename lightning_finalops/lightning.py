@@ -59,9 +59,6 @@ class _LightningEngine(Engine):
     """
 
     str_feeds_as_keywords = False  # HookCallback sets them on the batch
-    # A validation may follow a batch at its global step: a checkpoint asked for in the
-    # batch is written at the next batch, or at the end of training.
-    step_final_after_run = False
     hook_attributes = ("trainer", "pl_module", "modules")
 
     def __init__(self, trainer: Any, pl_module: Any) -> None:
@@ -97,6 +94,27 @@ class _LightningEngine(Engine):
         if self._world_size > 1 and dist.is_available() and dist.is_initialized():
             return RankAgreement()
         return None
+
+    def checkpointed_state(self) -> Any:
+        """Every callback's state (a Lightning checkpoint holds each, not only this one's)."""
+        return [callback.state_dict() for callback in self.trainer.callbacks]
+
+    @property
+    def step_final_after_run(self) -> bool:
+        """Whether no validation follows the batch that just ended (asked at its end).
+
+        Then a checkpoint asked for in the batch is written at its end, where Lightning's
+        own checkpoints are (a resumable data loader resumes exactly from there); else
+        after that validation, at ``on_validation_end``, so it holds what the validation
+        recorded. Lightning has no public API for this: the fit loop's own test is asked,
+        and without it (another Lightning) the checkpoint is written at the batch end.
+        """
+        fit_loop = self.trainer.fit_loop
+        try:
+            follows = fit_loop.epoch_loop._should_check_val_fx(fit_loop._data_fetcher)
+        except Exception:  # noqa: BLE001 - internals of another Lightning version
+            return True
+        return not follows
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Send scalars to every logger of the trainer, on global rank 0 only."""
@@ -328,12 +346,7 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         return session
 
     def _close(self, kind: str) -> None:
-        """End a session cleanly: every hook's ``end()`` in order.
-
-        The training session's checkpoints wait until their step is final (the next batch,
-        or the end of training), so what a validation right after the saving batch records
-        is in them.
-        """
+        """End a session cleanly: every hook's ``end()`` in order."""
         session = self._sessions.pop(kind, None)
         if session is not None:
             session.abort_run()  # a run Lightning never finished (no batch end)
@@ -514,8 +527,16 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         self._after_run(EVALUATION, outputs)  # a stop ends the run at the next batch start
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        """Evaluation session: every hook's ``end()``, then the values to the loggers."""
+        """Evaluation session: every hook's ``end()``, then the values to the loggers.
+
+        A checkpoint the training session asked for at the batch this validation follows
+        is written now, with what the validation recorded (Lightning's own restart point
+        here resumes exactly); a stop its listeners ask for stops ``fit``.
+        """
         self._close(EVALUATION)
+        training = self._sessions.get(TRAINING)
+        if training is not None and training.created and training.flush_checkpoint():
+            trainer.should_stop = True
 
     def on_test_start(self, trainer: Any, pl_module: Any) -> None:
         """Evaluation session: ``begin()`` and ``after_create_session``."""

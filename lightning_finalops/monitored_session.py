@@ -123,6 +123,10 @@ class _PlainEngine(Engine):
         """A run completed: the global step counts it."""
         self._global_step += 1
 
+    def checkpointed_state(self) -> Any:
+        """The session state its checkpoints hold (global step and hook state)."""
+        return self._session_state()
+
     def set_global_step(self, step: int) -> None:
         """Make the global step ``step`` now (a restored state's)."""
         self._global_step = step

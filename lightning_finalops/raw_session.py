@@ -52,6 +52,10 @@ class EngineRawSession(RawSession):
         self._due: Dict[str, Tuple[Optional[Callable[[], Optional[bool]]], bool]] = {}
         self.deferring = False
         self._last_write: Optional[Tuple[int, int]] = None  # (global step, runs) then
+        #: what the core gives to tell later whether the checkpointed state changed since
+        #: the latest write (a digest of it); set by the core
+        self.state_digest: Optional[Callable[[], bytes]] = None
+        self._written_digest: Optional[bytes] = None
         #: runs finished in this session (the core counts them)
         self.runs = 0
 
@@ -137,13 +141,21 @@ class EngineRawSession(RawSession):
         dropped, self._due = list(self._due), {}
         return dropped
 
-    def wrote_current_step(self) -> bool:
-        """Whether the latest write was of the current global step, with no run since."""
-        return self._last_write == (self._engine.global_step, self.runs)
+    def changed_since_current_step_written(self) -> Optional[bool]:
+        """Whether the checkpointed state changed since this step's file was written.
+
+        ``None`` when the latest write was not of the current global step with no run
+        since (nothing to write again).
+        """
+        if self._last_write != (self._engine.global_step, self.runs):
+            return None
+        return self.state_digest is None or self.state_digest() != self._written_digest
 
     def _write(self, path: str, on_written: Optional[Callable[[], Optional[bool]]]) -> bool:
         self._engine.write_checkpoint(path)
         self._last_write = (self._engine.global_step, self.runs)
+        if self.state_digest is not None:
+            self._written_digest = self.state_digest()
         return bool(on_written()) if on_written is not None else False
 
     def namespaces(self) -> Tuple[Namespace, ...]:

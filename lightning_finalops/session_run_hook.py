@@ -424,9 +424,9 @@ class RawSession(abc.ABC):
 
         Every rank calls it (a distributed engine may need all of them); the chief writes.
         Asked for from a hook, it is written once the step is final: after every hook's
-        ``after_run`` of the run (in a plain loop), after the validation that may follow
-        the batch (under Lightning: at the next batch or the end of training), or after
-        every hook's ``end()`` at the session's last step. So the file holds everything
+        ``after_run`` of the run, after the validation that follows the batch (under
+        Lightning, when one does), or after every hook's ``end()`` at the session's last
+        step. So the file holds everything
         recorded at its step. Two requests for one path before it is written are one write.
 
         Args:

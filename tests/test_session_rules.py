@@ -131,7 +131,9 @@ def test_a_lightning_checkpoint_waits_for_the_validation_after_its_batch(tmp_pat
     mid = os.path.join(str(tmp_path), "model.ckpt-4")
     saved = _hook_state(mid)
     assert [step for step, _ in saved["evaluation_history"]] == [4]
-    assert all(state == _hook_state(path) for path, state in shipper.shipped)
+    last_heard = dict(shipper.shipped)  # per file, what the listener heard of last
+    assert all(state == _hook_state(path) for path, state in last_heard.items())
+    assert [p for p, _ in shipper.shipped].count(mid) == 1  # written once, after validation
 
 
 @pytest.mark.parametrize("name", ["val_loss"])
@@ -232,3 +234,58 @@ def test_monitored_training_session_names_a_fabric_that_is_not_one():
 
     with pytest.raises(TypeError, match="fabric must be a launched"):
         MonitoredTrainingSession(fabric=42)
+
+
+class _Resumable:
+    """A batch iterable Lightning can resume mid-epoch: its state is its position."""
+
+    def __init__(self, n=16, batch_size=2):
+        from lightning_models import dataset
+
+        x, y = dataset(n, 0).tensors
+        self.batches = [(x[i:i + batch_size], y[i:i + batch_size])
+                        for i in range(0, n, batch_size)]
+        self.start = self.pos = 0
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        self.pos, self.start = self.start, 0
+        while self.pos < len(self.batches):
+            self.pos += 1
+            yield self.batches[self.pos - 1]
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.start = state["pos"]
+
+
+@pytest.mark.parametrize("val_check_interval", [None, 3, 4])
+def test_a_lightning_resume_from_a_mid_epoch_checkpoint_equals_the_uninterrupted_run(
+    tmp_path, val_check_interval
+):
+    """With a resumable loader, a checkpoint written with or without a validation after its
+    batch restarts at the next batch: the weights end where an uninterrupted run's do."""
+    class Module(make_module_class()):
+        def train_dataloader(self):
+            return _Resumable()
+
+    def run(max_steps, directory, ckpt_path=None):
+        torch.manual_seed(0)
+        extra = ({"val_check_interval": val_check_interval} if val_check_interval
+                 else {"limit_val_batches": 0})
+        saver = CheckpointSaverHook(str(directory), save_steps=3)
+        trainer = make_trainer(max_steps=max_steps, max_epochs=-1, **extra,
+                               callbacks=[HookCallback([saver])])
+        module = Module()
+        trainer.fit(module, ckpt_path=ckpt_path)
+        return module
+
+    uninterrupted = run(10, tmp_path / "a")
+    run(5, tmp_path / "b")  # step 3's checkpoint written mid-run, not at the end
+    resumed = run(10, tmp_path / "c", ckpt_path=str(tmp_path / "b" / "model.ckpt-3"))
+    for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -73,12 +73,12 @@ class CheckpointSaverHook(SessionRunHook):
     (``trainer.fit(ckpt_path=path)`` resumes from it). It fetches nothing per run.
 
     A checkpoint holds everything recorded at its step: asked for in ``after_run``, it is
-    written once the step is final (after every hook's ``after_run`` of the run in a plain
-    loop; under Lightning at the next batch, after the validation that may follow, or at
-    the end of training; at the session's last step after every hook's ``end()``), and the
-    listeners' ``after_save`` fire once it is on disk. TF wrote it inside ``after_run``, so
-    hooks listed after the saver missed that run. A stop a listener asks for lands after
-    the run the file was written in: under Lightning, the batch after the saving one.
+    written once the step is final (after every hook's ``after_run`` of the run; under
+    Lightning, when a validation follows the batch, at that validation's end; at the
+    session's last step after every hook's ``end()``), and the listeners' ``after_save``
+    fire once it is on disk. TF wrote it inside ``after_run``, so hooks listed after the
+    saver missed that run. A stop a listener asks for lands after the run the file was
+    written in.
 
     Every rank calls the save (Lightning's ``save_checkpoint`` is a collective; rank 0
     writes) and the listeners; only the chief (``session.is_chief``) deletes old
