@@ -109,8 +109,7 @@ class HookedSession:
         if not isinstance(engine, Engine):
             raise TypeError(f"engine must be an Engine, got {type(engine).__name__}.")
         self.engine = engine
-        self.raw_session = EngineRawSession(engine)
-        self.raw_session.state_digest = self._checkpointed_digest
+        self.raw_session = EngineRawSession(engine, self._checkpointed_digest)
         self.coord = Coordinator()
         # Bound methods, looked up once, of the hooks that override them: these loops run
         # at every step, and skipping the base class's empty methods is invisible to hooks.
@@ -196,12 +195,9 @@ class HookedSession:
             if self._agreement is not None:
                 self._leave_agreement()  # nothing left to agree on
             return
-        raw.deferring = True
-        try:
+        with raw.saves_wait:
             for hook in self.hooks:
                 hook.after_create_session(raw, self.coord)
-        finally:
-            raw.deferring = False
         raw.flush_checkpoint()  # a stop asked for by it is ignored here (TF's rule)
 
     def end(self, *, closed: bool = False) -> None:
@@ -219,15 +215,12 @@ class HookedSession:
         raw = self.raw_session
         session = None if closed else raw
         try:
-            raw.deferring = True
-            try:
+            with raw.saves_wait:
                 for hook in self.hooks:
                     hook.end(session)
-            finally:
-                raw.deferring = False
             # This step's file may be on disk already (a session that ends with no stop after
             # a saving run): written again only if the state it holds changed since.
-            changed = bool(raw.changed_since_current_step_written())
+            changed = raw.changed_since_current_step_written()
             if self._agreement is not None:
                 self._agreement.close()
                 changed = self._agreement.any(changed)  # a rewrite may be a collective
@@ -429,6 +422,7 @@ class HookedSession:
             agreed_stop = self._receive_agreement() if agreement is not None else False
             requested = consistent = False
             if context is not None:  # an idle run has no context and no after_run
+                # raw.saves_wait inline: a with-block costs ~0.23 us more per run here
                 raw.deferring = True
                 try:
                     self._call_after_runs(pending, context, results)

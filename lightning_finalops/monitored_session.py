@@ -354,8 +354,6 @@ class MonitoredSession:
         strict: Optional[bool] = None,
     ) -> None:
         check_bool(strict, "strict", allow_none=True)
-        # restoring a checkpoint, a session given no optimizers evaluates or predicts
-        restore_strict = optimizers is not None if strict is None else strict
         self._engine = _PlainEngine(modules, optimizers, self.state_dict, is_chief, fabric,
                                     across_ranks)
         self._session = HookedSession(hooks, self._engine, "hooks", agree_across_ranks=True)
@@ -364,7 +362,10 @@ class MonitoredSession:
             checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
         check_basename(checkpoint_basename)
         self._session.begin()
-        skipped: List[str] = []
+        # state= is restored strictly unless told otherwise; a checkpoint restored into a
+        # session given no optimizers (it evaluates or predicts) skips what has no place here
+        restore_strict = optimizers is not None if strict is None else strict
+        strict = True if strict is None else strict
         if checkpoint_dir is not None:
             restored = self._engine.restore_latest(checkpoint_dir, checkpoint_basename,
                                                    restore_strict)
@@ -376,13 +377,13 @@ class MonitoredSession:
             if restored is not None:
                 path, state, skipped = restored
                 strict = restore_strict
-                skipped += self._unplaced_hook_state(state) if not strict else []
+                skipped += [] if strict else self._unplaced_hook_state(state)
                 logger.info("Restoring parameters from %s (global step %s)%s.", path,
                             state.get("global_step"),
                             f"; not restored, as the session was not given them: {skipped}"
                             if skipped else "")
         if state is not None:
-            self.load_state_dict(state, strict=strict is not False)
+            self.load_state_dict(state, strict=strict)
         self._session.create()
 
     def _unplaced_hook_state(self, state: Mapping[str, Any]) -> List[str]:

@@ -39,23 +39,28 @@ class EngineRawSession(RawSession):
 
     Args:
         engine: the engine the session runs on.
+        state_digest: a digest of what a checkpoint written now holds beyond modules and
+            optimizers, taken at each write, to tell later whether it changed since.
+
+    Attributes:
+        saves_wait: ``with raw.saves_wait:`` while the core runs hooks: a checkpoint asked
+            for meanwhile waits for :meth:`flush_checkpoint`.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, state_digest: Callable[[], bytes]) -> None:
         self._engine = engine
         #: the latest step's outputs (a mapping, as the step returned it) and whether they
         #: belong to the run being finished; set by the session core only
         self.step_outputs: Mapping[str, Any] = EMPTY
         self.step_outputs_fresh = False
         # The checkpoints hooks asked for that wait until the step is final, {path:
-        # callback} in the order asked; and whether the core is running hooks (saves wait).
+        # (callback, only if changed)} in the order asked; whether the core runs hooks.
         self._due: Dict[str, Tuple[Optional[Callable[[], Optional[bool]]], bool]] = {}
         self.deferring = False
-        self._last_write: Optional[Tuple[int, int]] = None  # (global step, runs) then
-        #: what the core gives to tell later whether the checkpointed state changed since
-        #: the latest write (a digest of it); set by the core
-        self.state_digest: Optional[Callable[[], bytes]] = None
-        self._written_digest: Optional[bytes] = None
+        self.saves_wait = _Deferring(self)
+        self._state_digest = state_digest
+        # (global step, runs, state digest) at the latest write
+        self._last_write: Optional[Tuple[int, int, bytes]] = None
         #: runs finished in this session (the core counts them)
         self.runs = 0
 
@@ -101,9 +106,9 @@ class EngineRawSession(RawSession):
         Args:
             path: the checkpoint's path.
             on_written: called right after the write.
-            only_if_changed: asked for in ``end()`` for the file of this step, already
-                written with no run since: write it again only if the hooks' ``end()``
-                changed their state (on any rank of a session whose ranks agree).
+            only_if_changed: asked for in ``end()`` for the file of this step: write it
+                again only if it was written with no run since and what it holds changed
+                since (on any rank of a session whose ranks agree).
 
         Raises:
             NotImplementedError: the engine cannot write checkpoints.
@@ -125,8 +130,8 @@ class EngineRawSession(RawSession):
         """Write the checkpoints that wait, in the order asked; whether a callback asks to stop.
 
         Args:
-            changed: whether the hooks' state changed since the current step's file was
-                written: a request ``only_if_changed`` is dropped when it did not.
+            changed: :meth:`changed_since_current_step_written`, agreed across ranks: a
+                request ``only_if_changed`` is dropped when it is False.
         """
         stop = False
         while self._due:
@@ -141,21 +146,19 @@ class EngineRawSession(RawSession):
         dropped, self._due = list(self._due), {}
         return dropped
 
-    def changed_since_current_step_written(self) -> Optional[bool]:
-        """Whether the checkpointed state changed since this step's file was written.
+    def changed_since_current_step_written(self) -> bool:
+        """Whether this step's file, written with no run since, no longer holds the state.
 
-        ``None`` when the latest write was not of the current global step with no run
-        since (nothing to write again).
+        False also when the latest write was of another step, or runs came since (the
+        loop moved on: the file keeps the position it was written at).
         """
-        if self._last_write != (self._engine.global_step, self.runs):
-            return None
-        return self.state_digest is None or self.state_digest() != self._written_digest
+        last = self._last_write
+        return (last is not None and last[:2] == (self._engine.global_step, self.runs)
+                and last[2] != self._state_digest())
 
     def _write(self, path: str, on_written: Optional[Callable[[], Optional[bool]]]) -> bool:
         self._engine.write_checkpoint(path)
-        self._last_write = (self._engine.global_step, self.runs)
-        if self.state_digest is not None:
-            self._written_digest = self.state_digest()
+        self._last_write = (self._engine.global_step, self.runs, self._state_digest())
         return bool(on_written()) if on_written is not None else False
 
     def namespaces(self) -> Tuple[Namespace, ...]:
@@ -191,6 +194,21 @@ class EngineRawSession(RawSession):
         """Drop the reference to the latest step's outputs (the session ended)."""
         self.step_outputs = EMPTY
         self.step_outputs_fresh = False
+
+
+class _Deferring:
+    """``with raw.saves_wait:``: checkpoints asked for inside wait for the step to be final."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: EngineRawSession) -> None:
+        self._raw = raw
+
+    def __enter__(self) -> None:
+        self._raw.deferring = True
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._raw.deferring = False
 
 
 def _chained(first: Optional[Callable[[], Optional[bool]]],

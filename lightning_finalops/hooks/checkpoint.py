@@ -155,7 +155,6 @@ class CheckpointSaverHook(SessionRunHook):
         self._max_to_keep = max_to_keep
         self._written: List[str] = []  # paths this hook saved and kept, oldest first
         self._written_step: Optional[int] = None  # the step of the latest file on disk
-        self._runs_since_write = 0
 
     @property
     def checkpoint_dir(self) -> str:
@@ -164,7 +163,7 @@ class CheckpointSaverHook(SessionRunHook):
 
     def begin(self) -> None:
         """Create ``checkpoint_dir`` if missing; every listener's ``begin()``."""
-        self._written_step, self._runs_since_write = None, 0
+        self._written_step = None
         os.makedirs(self._checkpoint_dir, exist_ok=True)
         for listener in self._listeners:
             listener.begin()
@@ -177,7 +176,6 @@ class CheckpointSaverHook(SessionRunHook):
 
     def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
         """Ask for a save if the timer is due at the global step; stop if a listener asks to."""
-        self._runs_since_write += 1
         global_step = run_context.session.global_step
         if self._timer.should_trigger_for_step(global_step):
             self._timer.update_last_triggered_step(global_step)
@@ -192,9 +190,9 @@ class CheckpointSaverHook(SessionRunHook):
 
         - not asked for yet: it is saved (TF's rule);
         - asked for in the last run and still waiting: that one write;
-        - written already with no run since (a plain loop whose data ran out after a
-          saving run): written again if the hooks' ``end()`` changed their state, and the
-          listeners' ``after_save`` then hear of it again, after their ``end()``;
+        - written already with no run since (a session that ended with no stop after a
+          saving run): written again if what it holds changed since, and the listeners'
+          ``after_save`` then hear of it again, after their ``end()``;
         - written before runs that left the global step where it was (gradient
           accumulation): kept as written (it holds the loop's position at its step).
 
@@ -212,17 +210,17 @@ class CheckpointSaverHook(SessionRunHook):
         path = checkpoint_path(self._checkpoint_dir, self._basename, last_step)
         if last_step != self._timer.last_triggered_step():
             self._save(session, last_step, then=listeners_end)
-        elif self._saver is not None or (self._written_step == last_step
-                                         and self._runs_since_write):
+        elif self._saver is not None:
             listeners_end()
         elif self._written_step == last_step:
             listeners_end()
-            # written again if the hooks' end() recorded more: the listeners hear of it again
+            # written again only if what it holds changed since, with no run since (the
+            # session decides): the listeners then hear of it again
             session.save_checkpoint(
                 path, lambda: self._after_write(session, last_step, path), only_if_changed=True
             )
         else:  # asked for in the last run and still waiting: that one write
-            session.save_checkpoint(path, lambda: listeners_end())
+            session.save_checkpoint(path, listeners_end)
 
     def _save(self, session: RawSession, step: int,
               then: Optional[Callable[[], None]] = None) -> bool:
@@ -254,7 +252,6 @@ class CheckpointSaverHook(SessionRunHook):
     def _after_write(self, session: RawSession, step: int, path: str) -> bool:
         """The checkpoint of ``step`` is on disk: prune old ones, call every ``after_save``."""
         self._written_step = step
-        self._runs_since_write = 0
         if self._max_to_keep:
             if path in self._written:
                 self._written.remove(path)
