@@ -3,6 +3,7 @@
 from typing import TYPE_CHECKING
 
 from lightning_finalops.checkpoints import atomic_write, latest_checkpoint
+from lightning_finalops.distributed import AgreementError, AgreementTimeoutError, RankFailedError
 from lightning_finalops.engine import Engine
 from lightning_finalops.fetches import to_host
 from lightning_finalops.hooked_session import HookedSession
@@ -33,6 +34,8 @@ from lightning_finalops.hooks import (
 )
 from lightning_finalops.monitored_session import MonitoredSession, StepContext
 from lightning_finalops.session_run_hook import (
+    AgreedValue,
+    Agreement,
     Coordinator,
     RawSession,
     RunMetadata,
@@ -51,6 +54,10 @@ if TYPE_CHECKING:  # imported lazily at run time (below): plain loops never impo
 __version__ = "0.1.0"
 
 __all__ = [
+    "AgreedValue",
+    "Agreement",
+    "AgreementError",
+    "AgreementTimeoutError",
     "CheckpointSaverHook",
     "CheckpointSaverListener",
     "Coordinator",
@@ -69,6 +76,7 @@ __all__ = [
     "NanTensorHook",
     "NeverTriggerTimer",
     "ProfilerHook",
+    "RankFailedError",
     "RawSession",
     "RunMetadata",
     "RunOptions",

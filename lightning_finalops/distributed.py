@@ -1,26 +1,39 @@
 """Agreement across ranks: one small non-blocking all-reduce per run, never a GPU sync.
 
-Every decision that must be the same on every rank of a session (a stop, a time trigger)
-goes through :class:`RankAgreement`: at the end of each run every rank contributes its stop
-vote and rank 0 its clock to one all-reduce of a two-element CPU float64 tensor over a gloo
-group, issued without waiting (``async_op=True``) and read at the end of the next run, when
-it has long completed. So every rank applies the same decision at the same global step, one
-run after the request, and no rank waits for another on a step where nothing was decided.
+Every decision that must be the same on every rank of a session (a stop, a time trigger, a
+value a hook declared, a rank leaving or failing) goes through :class:`RankAgreement`: at
+the end of each run every rank contributes one small CPU float64 vector to one all-reduce
+on the library's own gloo group, issued without waiting (``async_op=True``) and read at the
+end of the next run, when it has long completed. So every rank applies the same decision at
+the same global step, one run after the request, and no rank waits for another on a step
+where nothing was decided. A session whose hooks declare nothing to agree on issues no
+collective at all.
 """
 
 from __future__ import annotations
 
-import math
+import atexit
+import datetime
+import itertools
 import time
-from typing import Any, Callable, List, Optional, Tuple
+import weakref
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 __all__ = [
+    "DEPARTURES",
+    "EXITED",
+    "FAILED",
+    "LEFT",
+    "RUNNING",
+    "AgreementError",
+    "AgreementTimeoutError",
     "RankAgreement",
+    "RankFailedError",
+    "Vote",
     "agreed_time",
-    "any_rank_async",
     "broadcast_from_rank_zero",
     "is_rank_zero",
     "local_clock",
@@ -100,101 +113,261 @@ def broadcast_from_rank_zero(value: Any) -> Any:
     return box[0]
 
 
-def any_rank_async(flag: bool) -> Callable[[], bool]:
-    """Start asking whether any rank's ``flag`` is True, without waiting for the answer.
+# -- the agreement of a session's ranks ------------------------------------------------------
+#: What a rank's status slot says: still running, or why it left the session.
+RUNNING, LEFT, FAILED, EXITED = 0, 1, 2, 3
+#: Why a rank left, as the other ranks' warning says it.
+DEPARTURES = {
+    LEFT: "ended its session (its data ran out, a stop of its own, a break or close())",
+    FAILED: "failed",
+    EXITED: "exited without closing its session",
+}
+# The vote's first slots: any rank's stop request, rank 0's clock (summed with the others'
+# zeros), a flag summed over ranks (a finished job at creation, a changed state at the end),
+# any rank preempted; then one status slot per rank; then the hooks' declared values.
+_STOP, _CLOCK, _FLAG, _PREEMPTED, _HEADER = 0, 1, 2, 3, 4
+# (default group, timeout) -> the library's own gloo group for agreements
+_AGREEMENT_GROUPS: Dict[Tuple[int, float], Any] = {}
+_sessions = itertools.count()
+# Agreements still open, so that an interpreter exit leaves them with a message.
+_OPEN: weakref.WeakSet[RankAgreement] = weakref.WeakSet()
 
-    One all-reduce of a one-element CPU tensor over the ranks' CPU group, issued with
-    ``async_op=True``; every rank must call it at the same point.
 
-    Returns:
-        A function that waits for the answer (call it a run later: it has long arrived).
+class AgreementError(RuntimeError):
+    """The ranks of a session could not agree: a rank did not answer in time, or failed."""
+
+
+class AgreementTimeoutError(AgreementError, TimeoutError):
+    """Ranks of a session did not answer its agreement within ``agreement_timeout``.
+
+    Attributes:
+        ranks: the ranks that did not answer (empty when the store could not tell).
+        global_step: this rank's global step when it gave up waiting.
     """
-    vector = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)
-    work = dist.all_reduce(vector, op=dist.ReduceOp.MAX, group=_cpu_group(), async_op=True)
 
-    def answer() -> bool:
-        work.wait()
-        return bool(vector[0] > 0)
+    def __init__(self, message: str, ranks: List[int], global_step: int) -> None:
+        super().__init__(message)
+        self.ranks = ranks
+        self.global_step = global_step
 
-    return answer
+
+class RankFailedError(AgreementError):
+    """Another rank of the session failed: this rank stops at the agreed run and raises this.
+
+    Attributes:
+        failures: ``{rank: "ExceptionType: message"}`` of every rank that failed.
+        global_step: this rank's global step when the failure was agreed.
+    """
+
+    def __init__(self, message: str, failures: Dict[int, str], global_step: int) -> None:
+        super().__init__(message)
+        self.failures = failures
+        self.global_step = global_step
+
+
+class Vote(NamedTuple):
+    """What the ranks of a session agreed in one vote."""
+
+    stop: bool  # a rank asked to stop
+    clock: float  # rank 0's clock
+    flags: int  # ranks that set the vote's flag
+    preempted: bool  # a rank received SIGTERM
+    departed: Dict[int, int]  # rank -> LEFT / FAILED / EXITED
+    failures: Dict[int, str]  # rank -> "ExceptionType: message" of a failed rank
+    values: Tuple[float, ...]  # the declared values, summed over ranks
+
+
+def _agreement_group(timeout: float) -> Any:
+    """The library's own gloo group (never the user's, never paired with their collectives).
+
+    Created by every rank at the same point (a session's creation), once per default group
+    and timeout; its collectives fail after ``timeout`` seconds instead of gloo's 30 minutes.
+    """
+    key = (id(dist.group.WORLD), timeout)
+    group = _AGREEMENT_GROUPS.get(key)
+    if group is None:
+        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
+        _AGREEMENT_GROUPS[key] = group
+    return group
+
+
+def _describe(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= 2000 else text[:2000] + "..."
 
 
 class RankAgreement:
-    """The ranks of one session agreeing, run after run, on stops and on rank 0's clock.
+    """The ranks of one session agreeing, run after run, with no blocking wait per run.
 
-    Every rank must make the same calls in the same order: :meth:`start` at session
-    creation, :meth:`receive` then :meth:`send` at the end of every run, :meth:`close` at a
-    clean end. The
-    tensors are CPU tensors, so reading a result never synchronises the host with a GPU.
+    Every rank makes the same calls in the same order: :meth:`start` at session creation,
+    :meth:`receive` then :meth:`send` at the end of every run, :meth:`leave` when it leaves
+    the session (a clean end, an exception). A vote is one small CPU float64 vector summed
+    with one all-reduce on the library's own gloo group, issued without waiting and read a
+    run later. A rank that leaves says so in its next vote instead of going silent, so the
+    others stop at the run that reads it; a rank that failed sends its exception's text
+    after that vote. After such a vote no rank issues another collective on the group.
+    Every wait is bounded by ``timeout`` and fails with an :class:`AgreementTimeoutError`
+    naming the session, the step and the ranks that did not answer.
 
     Args:
-        group: the process group of the session's ranks; ``None``: every rank of
-            ``torch.distributed`` (through a gloo group when the default backend is not gloo).
+        values: how many values the session's hooks declared (summed over ranks).
+        timeout: seconds any wait of the agreement may last.
+        name: the session, as errors name it.
     """
 
-    def __init__(self, group: Any = None) -> None:
-        self._group = _cpu_group() if group is None else group
-        self._is_rank_zero = dist.get_rank() == 0
+    def __init__(self, values: int = 0, *, timeout: float = 300.0,
+                 name: str = "the session") -> None:
+        self._group = _agreement_group(timeout)
+        self._timeout = datetime.timedelta(seconds=timeout)
+        self._seconds = timeout
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.name = name
+        self._values = values
+        self._template = [0.0] * (_HEADER + self.world + values)
         self._pending: Optional[Tuple[Any, torch.Tensor]] = None
+        self._votes = 0  # votes sent: numbers the store keys of a timeout
+        self._id = next(_sessions)  # the same on every rank: sessions are made in one order
+        #: no further collective: a rank left or failed, or a wait failed
+        self.done = False
+        _OPEN.add(self)
 
-    def _vector(self, stop: bool, now: float) -> torch.Tensor:
-        # element 0: any rank's stop vote; element 1: rank 0's clock (the others give -inf)
-        return torch.tensor(
-            [1.0 if stop else 0.0, now if self._is_rank_zero else -math.inf],
-            dtype=torch.float64,
-        )
+    # -- one vote --------------------------------------------------------------------------
+    def _issue(self, stop: bool, now: float, flag: bool = False, status: int = RUNNING,
+               preempted: bool = False, values: Sequence[float] = ()) -> Tuple[Any, torch.Tensor]:
+        row = self._template.copy()
+        if stop:
+            row[_STOP] = 1.0
+        if self.rank == 0:
+            row[_CLOCK] = now
+        if flag:
+            row[_FLAG] = 1.0
+        if preempted:
+            row[_PREEMPTED] = 1.0
+        if status:
+            row[_HEADER + self.rank] = float(status)
+        if values:
+            row[_HEADER + self.world:] = values
+        vector = torch.tensor(row, dtype=torch.float64)
+        self._votes += 1
+        return dist.all_reduce(vector, group=self._group, async_op=True), vector
 
-    def start(self, now: float, finished: bool = False) -> Tuple[bool, float]:
-        """Agree at session creation on rank 0's clock and on a finished job; blocking, once.
+    def _wait(self, work: Any, vector: torch.Tensor, step: int,
+              message: Optional[str] = None) -> Vote:
+        try:
+            work.wait(timeout=self._timeout)
+        except RuntimeError as e:  # a timeout, or a peer gone (killed: connection closed)
+            self._close()
+            missing = self._unanswered()
+            raise AgreementTimeoutError(
+                f"lightning_finalops: {self.name} on rank {self.rank}, at global step {step}: "
+                + (f"rank(s) {missing} did not answer" if missing else "the other ranks did "
+                   "not all answer") + " its agreement: killed, hung or far behind "
+                f"(agreement_timeout={self._seconds:g} s; {e})",
+                missing, step,
+            ) from e
+        return self._read(vector, step, message)
 
-        Args:
-            now: this rank's clock (only rank 0's is used).
-            finished: whether this rank's hooks find the job finished.
+    def _read(self, vector: torch.Tensor, step: int, message: Optional[str]) -> Vote:
+        row = vector.tolist()
+        statuses = row[_HEADER:_HEADER + self.world]
+        departed = {r: int(s) for r, s in enumerate(statuses) if s}
+        failures: Dict[int, str] = {}
+        if departed:
+            self._close()
+            # every rank knows the failed ranks now: each sends its exception's text
+            for rank in sorted(r for r, s in departed.items() if s == FAILED):
+                box = [message if rank == self.rank else None]
+                try:
+                    dist.broadcast_object_list(box, src=rank, group=self._group)
+                except RuntimeError as e:
+                    box = [f"(its message did not arrive: {e})"]
+                failures[rank] = str(box[0])
+        return Vote(row[_STOP] > 0, row[_CLOCK], int(round(row[_FLAG])), row[_PREEMPTED] > 0,
+                    departed, failures, tuple(row[_HEADER + self.world:]))
+
+    def _unanswered(self) -> List[int]:
+        """Ranks that did not reach this vote: each rank that gave up says so in the store."""
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            prefix = f"lightning_finalops/agreement/{self._id}/{self._votes}/"
+            store.set(prefix + str(self.rank), "1")
+            deadline = time.monotonic() + min(10.0, self._seconds)
+            missing = [r for r in range(self.world) if r != self.rank]
+            while missing and time.monotonic() < deadline:
+                missing = [r for r in missing if not store.check([prefix + str(r)])]
+                time.sleep(0.1)
+            return missing
+        except Exception:  # noqa: BLE001 - best effort: the error says what it knows
+            return []
+
+    def close(self) -> None:
+        """Stop agreeing without a collective: every rank closes at the same point."""
+        self._close()
+
+    def _close(self) -> None:
+        self.done = True
+        self._pending = None
+        _OPEN.discard(self)
+
+    # -- the protocol ------------------------------------------------------------------------
+    def start(self, step: int, now: float, finished: bool = False) -> Vote:
+        """The first vote, at session creation, waited for: the clock and a finished job.
 
         Returns:
-            ``(any rank finds the job finished, rank 0's clock)``.
+            The vote: ``flags`` counts the ranks that find the job finished.
         """
-        vector = self._vector(finished, now)
-        dist.all_reduce(vector, op=dist.ReduceOp.MAX, group=self._group)
-        return bool(vector[0] > 0), float(vector[1])
+        work, vector = self._issue(False, now, flag=finished)
+        return self._wait(work, vector, step)
 
-    def receive(self) -> Optional[Tuple[bool, float]]:
-        """What the ranks agreed on at the previous run, or ``None`` before the first vote.
+    def receive(self, step: int) -> Optional[Vote]:
+        """The previous run's vote (issued a run ago), or ``None`` when none is pending.
 
-        Returns:
-            ``(any rank asked to stop, rank 0's clock)``.
+        Raises:
+            AgreementTimeoutError: a rank did not send it within the timeout.
         """
         if self._pending is None:
             return None
         work, vector = self._pending
         self._pending = None
-        work.wait()  # issued a whole run ago: already complete unless a rank lags behind
-        return bool(vector[0] > 0), float(vector[1])
+        return self._wait(work, vector, step)
 
-    def send(self, stop: bool, now: float) -> None:
-        """Send this run's vote without waiting; :meth:`receive` reads it at the next run.
+    def send(self, stop: bool, now: float, preempted: bool = False,
+             values: Sequence[float] = ()) -> None:
+        """Issue this run's vote without waiting; :meth:`receive` reads it at the next run."""
+        self._pending = self._issue(stop, now, preempted=preempted, values=values)
+
+    def leave(self, step: int, why: int, *, flag: bool = False,
+              error: Optional[BaseException] = None) -> Optional[Vote]:
+        """Leave the session with a message in the next vote, and wait for that vote.
+
+        The vote pending from the last run is read first: if it already says a rank left,
+        nothing more is sent (no rank sends after such a vote).
 
         Args:
-            stop: whether a hook of this rank asked to stop in this run.
-            now: this rank's clock (only rank 0's is used).
+            step: this rank's global step.
+            why: :data:`LEFT`, :data:`FAILED` or :data:`EXITED`.
+            flag: this rank's flag for the vote (a checkpoint to rewrite).
+            error: the exception this rank fails with (its text goes to the others).
+
+        Returns:
+            The last vote read: the pending one when it ended the agreement, else the
+            departure vote; ``None`` when the agreement was already done.
         """
-        vector = self._vector(stop, now)
-        work = dist.all_reduce(vector, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
-        self._pending = (work, vector)
+        if self.done:
+            return None
+        last = self.receive(step)
+        if self.done:
+            return last
+        work, vector = self._issue(False, 0.0, flag=flag, status=why)
+        return self._wait(work, vector, step, None if error is None else _describe(error))
 
-    def any(self, flag: bool) -> bool:
-        """Whether any rank's ``flag`` is True; a blocking collective (at a session's end)."""
-        vector = self._vector(flag, 0.0)
-        dist.all_reduce(vector, op=dist.ReduceOp.MAX, group=self._group)
-        return bool(vector[0] > 0)
 
-    def close(self) -> None:
-        """Wait for the last vote (every rank sent it), at a clean end of the session."""
-        if self._pending is not None:
-            work, _ = self._pending
-            self._pending = None
-            work.wait()
-
-    def abandon(self) -> None:
-        """Forget the last vote without waiting (the session ended by an exception)."""
-        self._pending = None
+@atexit.register
+def _leave_at_exit() -> None:
+    """An interpreter exit with a session still open tells the other ranks (no hang)."""
+    for agreement in list(_OPEN):
+        try:
+            if dist.is_initialized():
+                agreement.leave(-1, EXITED)
+        except Exception:  # noqa: BLE001 - exiting anyway; the others time out at worst
+            pass

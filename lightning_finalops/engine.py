@@ -33,9 +33,6 @@ class Engine(abc.ABC):
         str_feeds_as_keywords: whether the engine passes str feeds as keyword arguments to
             the callables of the run (each must then be accepted by one of them), rather
             than by other means (Lightning sets them on the batch).
-        ranks_may_differ_in_hooks: whether the ranks of a session may run different hooks
-            (a plain loop's chief-only hooks): then the ranks vote at every run even when
-            this rank's hooks have no per-run method.
         hook_attributes: names of the engine's attributes that hooks may read on their raw
             session, beyond the contract (``("trainer", "pl_module", "modules")`` under Lightning,
             ``("modules", "fabric")`` in a plain loop). Read live at each access.
@@ -48,7 +45,6 @@ class Engine(abc.ABC):
     """
 
     str_feeds_as_keywords: bool = True
-    ranks_may_differ_in_hooks: bool = False
     hook_attributes: Tuple[str, ...] = ()
     step_final_after_run: bool = True
 
@@ -91,10 +87,18 @@ class Engine(abc.ABC):
         """
         return None
 
-    def rank_agreement(self) -> Optional[RankAgreement]:
-        """How the ranks of a training session agree (stops, time); ``None``: one process.
+    def rank_agreement(self, values: int, timeout: float,
+                       name: str) -> Optional[RankAgreement]:
+        """How the ranks of a training session agree; ``None``: one process (the default).
 
-        Called once per session, at its creation, by every rank.
+        Called once per session, at its creation, by every rank, when its hooks declare
+        something to agree on. A distributed engine returns
+        ``RankAgreement(values, timeout=timeout, name=name)``.
+
+        Args:
+            values: how many values the hooks declared.
+            timeout: seconds any wait of the agreement may last.
+            name: the session, as the agreement's errors name it.
         """
         return None
 

@@ -24,10 +24,18 @@ recorded in the run's :class:`~lightning_finalops.run.PendingRun`.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Mapping, Optional
+import signal
+import threading
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from lightning_finalops.distributed import (
+    DEPARTURES,
+    FAILED,
+    LEFT,
+    AgreementError,
     RankAgreement,
+    RankFailedError,
+    Vote,
     agreed_time,
     local_clock,
     set_agreed_time,
@@ -44,6 +52,8 @@ from lightning_finalops.hook_state import (
 from lightning_finalops.raw_session import EngineRawSession
 from lightning_finalops.run import DEFAULT_OPTIONS, NO_RESULTS, PendingRun, new_tuple
 from lightning_finalops.session_run_hook import (
+    AgreedValue,
+    Agreement,
     Coordinator,
     RunOptions,
     SessionRunArgs,
@@ -51,6 +61,7 @@ from lightning_finalops.session_run_hook import (
     SessionRunHook,
     SessionRunValues,
 )
+from lightning_finalops.validation import check_bool, check_seconds
 
 __all__ = ["HookedSession", "STOP_REQUESTED_MESSAGE"]
 
@@ -58,6 +69,7 @@ logger = logging.getLogger("lightning_finalops")
 
 STOP_REQUESTED_MESSAGE = "Run called even after should_stop requested."
 _IN_FLIGHT_MESSAGE = "start_run() called while a run is in flight; finish or abort it."
+_NOT_INSTALLED = object()  # the session installed no SIGTERM handler
 # The run of a session whose hooks have no per-run methods, when the user asks for nothing
 # either: no hook sees it, so one shared, empty record serves every such run.
 _IDLE_RUN = PendingRun(None, DEFAULT_OPTIONS)
@@ -65,6 +77,14 @@ _IDLE_RUN = PendingRun(None, DEFAULT_OPTIONS)
 
 def _overrides(hook: SessionRunHook, method: str) -> bool:
     return getattr(type(hook), method) is not getattr(SessionRunHook, method)
+
+
+def _declared(hook: SessionRunHook) -> Agreement:
+    agreement = hook.agreement()
+    if not isinstance(agreement, Agreement):
+        raise TypeError(f"{type(hook).__name__}.agreement() must return an Agreement, got "
+                        f"{type(agreement).__name__}.")
+    return agreement
 
 
 class HookedSession:
@@ -77,11 +97,21 @@ class HookedSession:
         hooks: the session's hooks, called in this order at every point.
         engine: the engine the session runs on.
         argument: the argument name the hooks came from, for error messages.
-        agree_across_ranks: agree on stops and time through ``engine.rank_agreement()``
-            (training sessions, whose ranks all run the same steps). Evaluation and
-            prediction sessions, whose ranks may see different numbers of batches, agree on
-            nothing. A session whose hooks have no per-run method sends no vote at all
-            (unless its engine's ranks may differ in hooks).
+        agree_across_ranks: agree through ``engine.rank_agreement()`` on what the hooks
+            declare (:meth:`SessionRunHook.agreement`: stops, time, values), and on ranks
+            that leave or fail (training sessions, whose ranks all run the same steps).
+            Evaluation and prediction sessions, whose ranks may see different numbers of
+            batches, agree on nothing. A session whose hooks declare nothing sends no vote.
+        agreement_timeout: seconds any wait of the agreement may last before it fails
+            with an :class:`~lightning_finalops.AgreementTimeoutError` naming the ranks that
+            did not answer.
+        name: the session, as the agreement's errors name it.
+        stop_on_sigterm: while the session is open, a SIGTERM stops it (after the run in
+            flight; with ranks that agree, at one step on every rank) so that every hook's
+            ``end()`` runs, then the previous handler is restored and called (the default
+            one ends the process, as the signal asked). ``None``: when a hook asks for it
+            (:attr:`Agreement.sigterm`, as ``CheckpointSaverHook`` does). Only in the main
+            thread (Python delivers signals there).
 
     Attributes:
         hooks: the hooks, in call order.
@@ -91,9 +121,12 @@ class HookedSession:
         should_stop: a hook stopped the session (agreed across ranks).
 
     Raises:
-        TypeError: an item of ``hooks`` is not a :class:`SessionRunHook`, or a stateful
-            hook's ``state_key`` is not a non-empty str.
-        ValueError: one hook is listed twice, or two stateful hooks share a state key.
+        TypeError: an item of ``hooks`` is not a :class:`SessionRunHook`, a stateful
+            hook's ``state_key`` is not a non-empty str, a hook's ``agreement()`` returned
+            something else than an :class:`~lightning_finalops.Agreement`, or
+            ``agreement_timeout`` is not a number.
+        ValueError: one hook is listed twice, two stateful hooks share a state key, or
+            ``agreement_timeout`` is not a finite number of seconds > 0.
     """
 
     def __init__(
@@ -103,6 +136,9 @@ class HookedSession:
         argument: str = "hooks",
         *,
         agree_across_ranks: bool = False,
+        agreement_timeout: float = 300.0,
+        name: Optional[str] = None,
+        stop_on_sigterm: Optional[bool] = None,
     ) -> None:
         self.hooks = check_hooks(hooks, argument)
         hook_state_keys(self.hooks)  # a bad or shared state_key fails here, not at a save
@@ -135,11 +171,22 @@ class HookedSession:
         # The record of every run that has nothing of its own to record (no feeds, options or
         # requests: most runs), reused: start_run gives it each run's context.
         self._plain_run = PendingRun(None, DEFAULT_OPTIONS)
-        # A session whose hooks act only at its start and end can neither stop nor trigger
-        # on time: it needs no agreement, so no collective at all.
-        self._agree = agree_across_ranks and (
-            not self.idle_per_run or engine.ranks_may_differ_in_hooks
+        # Only what the hooks declare is agreed: a session whose hooks declare nothing
+        # issues no collective at all.
+        declared = [_declared(hook) for hook in self.hooks]
+        self._values: Tuple[AgreedValue, ...] = tuple(
+            dict.fromkeys(value for agreement in declared for value in agreement.values)
         )
+        check_bool(stop_on_sigterm, "stop_on_sigterm", allow_none=True)
+        self._stop_on_sigterm = (any(a.sigterm for a in declared) if stop_on_sigterm is None
+                                 else stop_on_sigterm)
+        self._agree = agree_across_ranks and (any(declared) or self._stop_on_sigterm)
+        self._previous_handler: Any = _NOT_INSTALLED
+        #: a SIGTERM arrived while the session was open
+        self.received_sigterm = False
+        self._heard_of_sigterm = False
+        self._agreement_timeout = check_seconds(agreement_timeout, "agreement_timeout")
+        self.name = name or f"the session of {argument}"
         self._agreement: Optional[RankAgreement] = None
         self._time_before: Optional[float] = None
 
@@ -168,8 +215,8 @@ class HookedSession:
         self.created = True
         try:
             self._create()
-        except BaseException:
-            self.abandon()
+        except BaseException as e:
+            self.abandon(e)
             raise
 
     def _create(self) -> None:
@@ -178,14 +225,19 @@ class HookedSession:
         done = [type(h).__name__ for h in self.hooks if h.job_finished(global_step)]
         finished = bool(done)
         if self._agree:
-            self._agreement = self.engine.rank_agreement()
+            self._agreement = self.engine.rank_agreement(
+                len(self._values), self._agreement_timeout, self.name
+            )
             raw.agrees_across_ranks = self._agreement is not None
             if self._agreement is not None:
                 # restored when the session ends: an enclosing session's agreed time; a job
                 # one rank finds finished (a chief-only hook's state) is finished on all
                 self._time_before = agreed_time()
-                finished, now = self._agreement.start(local_clock(), finished)
-                set_agreed_time(now)
+                for value in self._values:
+                    value._set(None)
+                vote = self._agreement.start(global_step, local_clock(), finished)
+                set_agreed_time(vote.clock)
+                finished = vote.flags > 0
         if finished:
             logger.info("The job is finished at global step %d (%s): no session is created, "
                         "no step runs and no hook's end() runs.", global_step,
@@ -193,8 +245,11 @@ class HookedSession:
             self.finished_at_creation = True
             self.coord.request_stop()  # runs made anyway (TF allowed them) see no creation
             if self._agreement is not None:
-                self._leave_agreement()  # nothing left to agree on
+                self._agreement.close()  # every rank saw the same vote: nothing to agree on
+                self._leave_agreement()
             return
+        if self._stop_on_sigterm:
+            self._install_sigterm_handler()
         with raw.saves_wait:
             for hook in self.hooks:
                 hook.after_create_session(raw, self.coord)
@@ -214,44 +269,58 @@ class HookedSession:
             return
         raw = self.raw_session
         session = None if closed else raw
+        agreement = self._agreement
         try:
+            if agreement is not None:
+                # the last run's vote, so every end() sees what the ranks agreed in it
+                vote = agreement.receive(raw.global_step)
+                if vote is not None:
+                    self._apply_vote(vote)
             with raw.saves_wait:
                 for hook in self.hooks:
                     hook.end(session)
             # This step's file may be on disk already (a session that ends with no stop after
             # a saving run): written again only if the state it holds changed since.
             changed = raw.changed_since_current_step_written()
-            if self._agreement is not None:
-                self._agreement.close()
-                changed = self._agreement.any(changed)  # a rewrite may be a collective
+            if agreement is not None:
+                # this rank leaves with a message; ranks ending together also agree whether
+                # to rewrite the file (a rewrite may be a collective)
+                vote = agreement.leave(raw.global_step, LEFT, flag=changed)
+                if vote is not None:
+                    if vote.failures:
+                        self._apply_vote(vote)  # raises
+                    changed = vote.flags > 0
             raw.flush_checkpoint(changed)  # the last step's, with what every end() recorded
-        except BaseException:
-            self.abandon()  # the other ranks' last vote is not waited for, the clock restored
+        except BaseException as e:
+            self.abandon(e)  # the clock restored; the others told, if this rank failed
             raise
         if self._agreement is not None:
             self._leave_agreement()
         raw.forget_outputs()
+        self._release_sigterm_handler()
 
     @property
     def is_finished_job(self) -> bool:
         """Stopped at its creation and ran nothing: a finished job restored and run again."""
         return self.finished_at_creation and self.runs == 0
 
-    def abandon(self) -> None:
+    def abandon(self, error: Optional[BaseException] = None) -> None:
         """The session ends by an exception: leave the run and the agreement, no ``end()``.
 
         A checkpoint that waited for its step to be final is not written (writing may need
         every rank, and the others may not get there): the previous one stays the latest.
+        With ranks that agree, this rank's failure (``error``'s type and text) goes to the
+        others in its next vote before the exception propagates here, so they stop at the
+        run that reads it and raise :class:`~lightning_finalops.RankFailedError`.
         """
         dropped = self.raw_session.drop_checkpoint()
         if dropped:
             logger.warning("The session ended by an exception before its step was final: "
                            "checkpoint(s) %s not written.", dropped)
         self.abort_run()
-        if self._agreement is not None:
-            self._agreement.abandon()
-            self._leave_agreement()
+        self.fail(error if error is not None else RuntimeError("the session was abandoned"))
         self.raw_session.forget_outputs()
+        self._release_sigterm_handler()
 
     def _checkpointed_digest(self) -> bytes:
         state = self.engine.checkpointed_state()
@@ -267,6 +336,58 @@ class HookedSession:
             Whether a callback (a listener's ``after_save``) asks to stop.
         """
         return self.raw_session.flush_checkpoint()
+
+    def fail(self, error: BaseException) -> None:
+        """This rank failed (its step or a hook raised): tell the ranks that agree, now.
+
+        Called before the exception propagates here (the adapters' run paths call it): the
+        failure goes in this rank's next vote, with ``error``'s type and text, so every
+        other rank stops at the run that reads it and raises
+        :class:`~lightning_finalops.RankFailedError`. This rank's agreement ends with it;
+        the session itself follows TF's rules (the exception propagates, no ``end()``).
+        Nothing happens when the session does not agree across ranks, nor for a step's
+        ``StopIteration`` (the end of its data: the session ends cleanly and the rank
+        leaves with :meth:`end`).
+        """
+        agreement = self._agreement
+        if agreement is None or type(error) is StopIteration:
+            return
+        if not agreement.done:
+            try:
+                agreement.leave(self.raw_session.global_step, FAILED, error=error)
+            except AgreementError as e:  # the exception that ends this rank stays the one raised
+                logger.warning("%s", e)
+        self._leave_agreement()
+
+    def _install_sigterm_handler(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            logger.debug("%s is not in the main thread: SIGTERM is not handled.", self.name)
+            return
+        self._previous_handler = signal.getsignal(signal.SIGTERM)
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            if not self.received_sigterm:
+                logger.warning("lightning_finalops: SIGTERM received: %s stops %s; every "
+                               "hook's end() runs, then the signal's previous handler.",
+                               self.name, "on every rank one run later" if self._agreement
+                               else "after the run in flight")
+            self.received_sigterm = True
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    def _release_sigterm_handler(self) -> None:
+        """Restore the previous SIGTERM handler; call it if the signal came meanwhile."""
+        previous, self._previous_handler = self._previous_handler, _NOT_INSTALLED
+        if previous is _NOT_INSTALLED:
+            return
+        restored = signal.SIG_DFL if previous is None else previous
+        signal.signal(signal.SIGTERM, restored)
+        if not self.received_sigterm:
+            return
+        if callable(restored):
+            restored(signal.SIGTERM, None)
+        elif restored == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGTERM)  # the process ends, as the signal asked
 
     def _leave_agreement(self) -> None:
         self._agreement = None
@@ -317,6 +438,15 @@ class HookedSession:
         if self.idle_per_run and feed_dict is None and options is None:
             self._run = _IDLE_RUN
             return _IDLE_RUN
+        try:
+            self._run = self._start_run(fetches, feed_dict, options)
+        except BaseException as e:
+            self.fail(e)
+            raise
+        return self._run
+
+    def _start_run(self, fetches: Any, feed_dict: Optional[Mapping[Any, Any]],
+                   options: Optional[RunOptions]) -> PendingRun:
         context = SessionRunContext(
             new_tuple(SessionRunArgs, (fetches, feed_dict, None)), self.raw_session
         )
@@ -343,7 +473,6 @@ class HookedSession:
             pending.merge_feeds(fetches, feed_dict, self.engine.str_feeds_as_keywords)
             if pending.tensor_feeds or pending.options.trace_level:
                 pending.enter()
-        self._run = pending
         return pending
 
     def run_step(self, step: Callable[..., Any]) -> Any:
@@ -369,8 +498,9 @@ class HookedSession:
                 outputs = step(**{k: feeds[k] for k in accepted_keywords(step, list(feeds))})
             else:
                 outputs = step()
-        except BaseException:
+        except BaseException as e:
             self.abort_run()
+            self.fail(e)
             raise
         self.finish_run(outputs)
         return outputs
@@ -397,6 +527,13 @@ class HookedSession:
             if missing_ok:
                 return False
             raise RuntimeError("finish_run() called without a run in flight.")
+        try:
+            return self._finish_run(pending, outputs)
+        except BaseException as e:
+            self.fail(e)
+            raise
+
+    def _finish_run(self, pending: PendingRun, outputs: Any) -> bool:
         raw = self.raw_session
         raw.step_outputs = (
             outputs if type(outputs) is dict or isinstance(outputs, Mapping) else EMPTY
@@ -419,7 +556,11 @@ class HookedSession:
                 if self._step_completed is not None:
                     self._step_completed()
             agreement = self._agreement
-            agreed_stop = self._receive_agreement() if agreement is not None else False
+            agreed_stop = False
+            if agreement is not None:
+                vote = agreement.receive(raw.global_step)
+                if vote is not None:
+                    agreed_stop = self._apply_vote(vote)
             requested = consistent = False
             if context is not None:  # an idle run has no context and no after_run
                 # raw.saves_wait inline: a with-block costs ~0.23 us more per run here
@@ -433,11 +574,15 @@ class HookedSession:
                 requested = context._stop_requested
                 consistent = context._consistent_stop
             if agreement is None:
-                self.should_stop = self.should_stop or requested
+                self.should_stop = self.should_stop or requested or self.received_sigterm
             else:
                 # A request made in this run reaches the other ranks with this vote and
                 # stops every rank after the next run; a rank-consistent one applies now.
-                agreement.send(requested and not consistent, local_clock())
+                # After a vote that said a rank left, no rank sends another.
+                if not agreement.done:
+                    agreement.send(requested and not consistent, local_clock(),
+                                   preempted=self.received_sigterm,
+                                   values=[value.posted for value in self._values])
                 self.should_stop = self.should_stop or agreed_stop or consistent
         finally:
             raw.step_outputs_fresh = False
@@ -475,15 +620,40 @@ class HookedSession:
             else:
                 after_run(context, no_results)
 
-    def _receive_agreement(self) -> bool:
-        """Read what the ranks agreed at the previous run; return whether any asked to stop."""
-        assert self._agreement is not None
-        agreed = self._agreement.receive()
-        if agreed is None:
-            return False
-        agreed_stop, agreed_time = agreed
-        set_agreed_time(agreed_time)
-        return agreed_stop
+    def _apply_vote(self, vote: Vote) -> bool:
+        """Apply what the ranks agreed; return whether the session stops after this run.
+
+        Raises:
+            RankFailedError: a rank failed (its exception's type and text in the message).
+        """
+        set_agreed_time(vote.clock)
+        for value, total in zip(self._values, vote.values):
+            value._set(total)
+        if vote.preempted and not self.received_sigterm and not self._heard_of_sigterm:
+            self._heard_of_sigterm = True
+            logger.warning("lightning_finalops: another rank received SIGTERM: %s stops on "
+                           "this rank after global step %d.", self.name,
+                           self.raw_session.global_step)
+        if not vote.departed:
+            return vote.stop or vote.preempted
+        step = self.raw_session.global_step
+        if vote.failures:
+            failed = "; ".join(f"rank {r} failed with {text}" for r, text in vote.failures.items())
+            raise RankFailedError(
+                f"lightning_finalops: {failed}. {self.name} stops on this rank too, at global "
+                f"step {step} (no hook's end() runs, as after an exception here).",
+                dict(vote.failures), step,
+            )
+        agreement = self._agreement
+        me = agreement.rank if agreement is not None else -1
+        others = {r: why for r, why in vote.departed.items() if r != me}
+        if others:
+            logger.warning(
+                "lightning_finalops: %s; %s stops on this rank after global step %d.",
+                "; ".join(f"rank {r} {DEPARTURES[why]}" for r, why in sorted(others.items())),
+                self.name, step,
+            )
+        return True
 
     def abort_run(self) -> None:
         """The step raised (or never finished): leave the run without any ``after_run``."""

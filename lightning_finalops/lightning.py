@@ -32,7 +32,7 @@ from lightning_finalops.hooked_session import HookedSession
 from lightning_finalops.hooks.final_ops import FinalOpsExportHook, FinalOpsHook
 from lightning_finalops.run import PendingRun
 from lightning_finalops.session_run_hook import SessionRunHook
-from lightning_finalops.validation import check_bool, describe
+from lightning_finalops.validation import check_bool, check_seconds, describe
 
 try:  # the unified package is optional; its Callback is a distinct class
     import lightning.pytorch as _lightning_pytorch
@@ -85,14 +85,15 @@ class _LightningEngine(Engine):
         """``trainer.callback_metrics``."""
         return self.trainer.callback_metrics
 
-    def rank_agreement(self) -> Optional[RankAgreement]:
+    def rank_agreement(self, values: int, timeout: float,
+                       name: str) -> Optional[RankAgreement]:
         """Over every rank of the trainer (a gloo group), when there are several.
 
         ``None`` also when ``torch.distributed`` is not initialized (a strategy whose ranks
         do not form a ``torch.distributed`` group, such as XLA's): nothing to agree over.
         """
         if self._world_size > 1 and dist.is_available() and dist.is_initialized():
-            return RankAgreement()
+            return RankAgreement(values, timeout=timeout, name=name)
         return None
 
     def checkpointed_state(self) -> Any:
@@ -185,6 +186,10 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             the trainer's global step (as ``Estimator.evaluate`` wrote its summary).
         name: distinguishes two ``HookCallback`` s in one trainer (it becomes part of
             :attr:`state_key`, which Lightning requires to be unique).
+        agreement_timeout: under DDP, the seconds any wait of the training session's
+            agreement may last before it fails with an
+            :class:`~lightning_finalops.AgreementTimeoutError` naming the ranks that did
+            not answer.
 
     Raises:
         TypeError: a hook list holds something else than :class:`SessionRunHook`, or
@@ -201,6 +206,7 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         include_sanity_check: bool = False,
         log_final_ops: bool = True,
         name: Optional[str] = None,
+        agreement_timeout: float = 300.0,
     ) -> None:
         training = list(check_hooks(training_hooks, "training_hooks"))
         evaluation = list(check_hooks(evaluation_hooks, "evaluation_hooks"))
@@ -220,6 +226,7 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         self.include_sanity_check = check_bool(include_sanity_check, "include_sanity_check")
         self.log_final_ops = check_bool(log_final_ops, "log_final_ops")
         self.name = name
+        self.agreement_timeout = check_seconds(agreement_timeout, "agreement_timeout")
         self._sessions: Dict[str, HookedSession] = {}
         self._warned_continue = False
         # (global step, values) of every evaluation session's FinalOpsHooks (its state)
@@ -339,7 +346,10 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         _refuse_spawn_launcher(trainer, hooks)
         session = HookedSession(
             [*hooks, *extra], _LightningEngine(trainer, pl_module), f"{kind}_hooks",
-            agree_across_ranks=kind == TRAINING,
+            agree_across_ranks=kind == TRAINING, agreement_timeout=self.agreement_timeout,
+            name=f"HookCallback's {kind} session",
+            # Lightning handles SIGTERM itself (its signal connector stops fit)
+            stop_on_sigterm=False,
         )
         self._sessions[kind] = session
         session.begin()
@@ -590,7 +600,7 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         # flight and forget the sessions; never raise here (it would skip Lightning's cleanup).
         for session in self._sessions.values():
             try:
-                session.abandon()
+                session.abandon(exception)
             except Exception as e:  # pragma: no cover - defensive
                 warnings.warn(f"HookCallback could not end the step: {e!r}", stacklevel=2)
         self._sessions.clear()

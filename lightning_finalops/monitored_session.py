@@ -90,7 +90,6 @@ class _PlainEngine(Engine):
     and every rank restores the checkpoint rank 0 chose.
     """
 
-    ranks_may_differ_in_hooks = True  # MonitoredTrainingSession's chief-only hooks
     hook_attributes = ("modules", "fabric")
 
     def __init__(self, modules: Any, optimizers: Any,
@@ -148,9 +147,12 @@ class _PlainEngine(Engine):
             return bool(self.fabric.is_global_zero)
         return is_rank_zero()
 
-    def rank_agreement(self) -> Optional[RankAgreement]:
+    def rank_agreement(self, values: int, timeout: float,
+                       name: str) -> Optional[RankAgreement]:
         """Over every rank of ``torch.distributed`` (``torchrun``), when there are several."""
-        return RankAgreement() if self._across_ranks else None
+        if not self._across_ranks:
+            return None
+        return RankAgreement(values, timeout=timeout, name=name)
 
     def write_checkpoint(self, path: str) -> None:
         """Write modules, optimizers, global step and hook state to ``path``, atomically.
@@ -332,6 +334,16 @@ class MonitoredSession:
             the modules and the global step of a training checkpoint and skips its
             optimizers and the state of hooks it does not have, naming them in one INFO
             line. A module of the session missing from the checkpoint is an error either way.
+        agreement_timeout: with several ranks, the seconds any wait of the session's
+            agreement may last (a rank killed, hung or far behind) before it fails with an
+            :class:`~lightning_finalops.AgreementTimeoutError` naming the step and the
+            ranks that did not answer. See "When a rank fails" in the README.
+        stop_on_sigterm: whether a SIGTERM (a preemption: a spot instance, SLURM,
+            Kubernetes) received while the session is open stops it after the run in flight
+            (with several ranks, at one step on every rank), runs every hook's ``end()``
+            (``CheckpointSaverHook`` writes that step), then restores the previous handler
+            and calls it (the default one ends the process, as the signal asked). ``None``:
+            yes when a hook asks for it, as ``CheckpointSaverHook`` does. Main thread only.
 
     Raises:
         TypeError: an item of ``hooks`` is not a :class:`SessionRunHook`, or ``modules`` /
@@ -352,11 +364,16 @@ class MonitoredSession:
         fabric: Any = None,
         across_ranks: Optional[bool] = None,
         strict: Optional[bool] = None,
+        agreement_timeout: float = 300.0,
+        stop_on_sigterm: Optional[bool] = None,
     ) -> None:
         check_bool(strict, "strict", allow_none=True)
         self._engine = _PlainEngine(modules, optimizers, self.state_dict, is_chief, fabric,
                                     across_ranks)
-        self._session = HookedSession(hooks, self._engine, "hooks", agree_across_ranks=True)
+        self._session = HookedSession(hooks, self._engine, "hooks", agree_across_ranks=True,
+                                      agreement_timeout=agreement_timeout,
+                                      name="MonitoredSession",
+                                      stop_on_sigterm=stop_on_sigterm)
         self._closed = False
         if checkpoint_dir is not None:
             checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
@@ -457,8 +474,9 @@ class MonitoredSession:
         pending = session.start_run(fetches, feed_dict, options)
         try:
             values = self._evaluate_fetches(fetches, pending.str_feeds)
-        except BaseException:
+        except BaseException as e:
             session.abort_run()
+            session.fail(e)
             raise
         session.finish_run(values)
         return values
@@ -508,12 +526,13 @@ class MonitoredSession:
         """
         self._close_internal(None)
 
-    def _close_internal(self, exception_type: Optional[Type[BaseException]]) -> None:
+    def _close_internal(self, exception_type: Optional[Type[BaseException]],
+                        exception: Optional[BaseException] = None) -> None:
         try:
             if exception_type is None:
                 self._session.end(closed=self._closed)
             elif not self._closed:
-                self._session.abandon()
+                self._session.abandon(exception)
         finally:
             if self._closed:
                 raise RuntimeError("Session is already closed.")
@@ -530,11 +549,12 @@ class MonitoredSession:
     def __enter__(self) -> MonitoredSession:
         return self
 
-    def __exit__(self, exception_type: Optional[Type[BaseException]], *_: Any) -> bool:
+    def __exit__(self, exception_type: Optional[Type[BaseException]],
+                 exception: Optional[BaseException], *_: Any) -> bool:
         # Exact type, as TF: a subclass of StopIteration is an error, not the end of data.
         if exception_type is StopIteration:
             exception_type = None
-        self._close_internal(exception_type)
+        self._close_internal(exception_type, exception)
         return exception_type is None
 
     # -- state -----------------------------------------------------------------------------

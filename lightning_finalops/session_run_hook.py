@@ -19,11 +19,13 @@ import abc
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Dict, List, Mapping, NamedTuple, Optional
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 from lightning_finalops.validation import is_int
 
 __all__ = [
+    "AgreedValue",
+    "Agreement",
     "Coordinator",
     "RawSession",
     "RunMetadata",
@@ -33,6 +35,106 @@ __all__ = [
     "SessionRunHook",
     "SessionRunValues",
 ]
+
+
+class AgreedValue:
+    """A number a hook agrees on across the ranks of a session: their sum, a run later.
+
+    A hook declares it in :meth:`SessionRunHook.agreement`, :meth:`post` s this rank's
+    value in a run (``after_run``), and reads :attr:`agreed` in a later run: the sum over
+    the ranks of what each posted in the previous run (a rank that posted nothing counts
+    0). The sum travels in the session's one vote per run, so it costs no collective of
+    its own. Only a session whose ranks agree (``session.agrees_across_ranks``) carries
+    it: with one process, decide on the local value at once, as TensorFlow did.
+
+    ```python
+    class StopWhenAnyRankDiverges(SessionRunHook):
+        def __init__(self):
+            self.diverged = AgreedValue()
+
+        def agreement(self):
+            return Agreement(values=(self.diverged,))
+
+        def after_run(self, run_context, run_values):
+            if self.diverged.agreed:  # some rank posted 1 in the previous run
+                run_context.request_stop(rank_consistent=True)  # every rank reads the same sum
+            self.diverged.post(float(loss_is_diverging()))
+    ```
+    """
+
+    __slots__ = ("posted", "_agreed")
+
+    def __init__(self) -> None:
+        #: what this rank posts in the current run (reset after each vote)
+        self.posted = 0.0
+        self._agreed: Optional[float] = None
+
+    def post(self, value: float) -> None:
+        """Give this rank's value for the current run (the last post of a run counts).
+
+        Raises:
+            TypeError: ``value`` is not a real number (bools count as 0 and 1).
+            ValueError: it is not finite.
+        """
+        if not isinstance(value, (int, float)):
+            raise TypeError(f"AgreedValue.post() takes a number, got {type(value).__name__}.")
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"AgreedValue.post() takes a finite number, got {value!r}.")
+        self.posted = value
+
+    @property
+    def agreed(self) -> Optional[float]:
+        """The ranks' sum of the previous run's posts; ``None`` before the first vote arrives."""
+        return self._agreed
+
+    def _set(self, value: Optional[float]) -> None:
+        self._agreed = value
+        self.posted = 0.0
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """What a hook needs the ranks of a session to agree on (see :meth:`SessionRunHook.agreement`).
+
+    A training session on several ranks votes once per run, with one small non-blocking
+    collective, only when one of its hooks declares something; a session whose hooks
+    declare nothing issues no collective of the library's at all.
+
+    Attributes:
+        stop: the hook may call ``run_context.request_stop()`` on some ranks only (its
+            decision depends on this rank's data): every rank then stops one run later.
+        time: the hook decides on time (:func:`lightning_finalops.hooks.timers.now`, a
+            ``SecondOrStepTimer`` with seconds): every rank reads rank 0's clock.
+        values: :class:`AgreedValue` s the hook posts and reads (summed over the ranks).
+        sigterm: a SIGTERM (a preemption) should stop the session at a step every rank
+            agrees on, so that the hooks' ``end()`` runs there (``CheckpointSaverHook``
+            asks for it: its final save then holds that step). The session's
+            ``stop_on_sigterm`` argument overrides it.
+    """
+
+    stop: bool = False
+    time: bool = False
+    values: Tuple[AgreedValue, ...] = ()
+    sigterm: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("stop", "time", "sigterm"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"Agreement({name}=...) must be a bool, got "
+                                f"{type(getattr(self, name)).__name__}.")
+        values = tuple(self.values) if isinstance(self.values, (list, tuple)) else None
+        if values is None or not all(isinstance(v, AgreedValue) for v in values):
+            raise TypeError("Agreement(values=...) must be a tuple of AgreedValue, got "
+                            f"{self.values!r}.")
+        object.__setattr__(self, "values", values)
+
+    def __bool__(self) -> bool:
+        return self.stop or self.time or bool(self.values) or self.sigterm
+
+
+_NOTHING = Agreement()
+_STOP = Agreement(stop=True)
 
 
 class SessionRunHook:
@@ -85,6 +187,26 @@ class SessionRunHook:
         hook answers whether it was restored stopped. The base class answers False.
         """
         return False
+
+    def agreement(self) -> Agreement:
+        """What this hook needs the ranks of a session to agree on; asked once per session.
+
+        With several ranks a training session votes once per run (one small non-blocking
+        collective of the library's) when a hook declares something: stops requested on
+        some ranks only, decisions on time, values to sum (:class:`Agreement`). The vote
+        also carries a rank's departure or failure, so the other ranks stop with it instead
+        of waiting. A session whose hooks declare nothing issues no collective.
+
+        The default declares ``Agreement(stop=True)`` for a hook that overrides
+        ``before_run`` or ``after_run`` (it may call ``request_stop()`` on one rank), and
+        nothing otherwise. Override it to declare less (a hook that never stops, or stops
+        with ``rank_consistent=True``) or more (time, values); the standard hooks do.
+        """
+        cls = type(self)
+        if (cls.before_run is not SessionRunHook.before_run
+                or cls.after_run is not SessionRunHook.after_run):
+            return _STOP
+        return _NOTHING
 
     def end(self, session: Optional[RawSession]) -> None:
         """Called once at the end of a session that ended cleanly (not after an exception).

@@ -12,7 +12,7 @@ from lightning_finalops.hooks.checkpoint import CheckpointSaverHook
 from lightning_finalops.hooks.stop import StopAtStepHook
 from lightning_finalops.hooks.summary import StepCounterHook, SummarySaverHook
 from lightning_finalops.monitored_session import MonitoredSession, check_fabric
-from lightning_finalops.session_run_hook import SessionRunHook
+from lightning_finalops.session_run_hook import Agreement, SessionRunHook
 from lightning_finalops.validation import check_bool, check_int, check_number, check_path
 
 __all__ = ["MonitoredTrainingSession"]
@@ -35,14 +35,28 @@ def _on(value: Any) -> Any:
     return value if value is not None and value > 0 else None
 
 
-class _ChiefHookState(SessionRunHook):
+class _ChiefHookAgreement(SessionRunHook):
+    """A worker's stand-in for a chief-only hook that declares an agreement.
+
+    Every rank votes alike: the chief's hook posts, a worker's stand-in reserves its slots.
+    """
+
+    def __init__(self, agreement: Agreement) -> None:
+        self._agreement = agreement
+
+    def agreement(self) -> Agreement:
+        return self._agreement
+
+
+class _ChiefHookState(_ChiefHookAgreement):
     """A worker's stand-in for a stateful chief-only hook: it holds the hook's key.
 
     The chief's checkpoint has that hook's state under its key; the stand-in takes it on a
     worker and drops it, so a strict restore neither fails on it nor hands it elsewhere.
     """
 
-    def __init__(self, state_key: str) -> None:
+    def __init__(self, state_key: str, agreement: Agreement) -> None:
+        super().__init__(agreement)
         self._key = state_key
 
     @property
@@ -74,6 +88,8 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
     max_to_keep: Optional[int] = 5,
     fabric: Any = None,
     across_ranks: Optional[bool] = None,
+    agreement_timeout: float = 300.0,
+    stop_on_sigterm: Optional[bool] = None,
 ) -> MonitoredSession:
     """A :class:`MonitoredSession` with TF's default training hooks, restored from a checkpoint.
 
@@ -118,6 +134,15 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
         fabric: a launched ``lightning.fabric.Fabric`` (see :class:`MonitoredSession`); it
             also decides the chief (``fabric.is_global_zero``) when ``is_chief`` is ``None``.
         across_ranks: see :class:`MonitoredSession`.
+        agreement_timeout: see :class:`MonitoredSession`.
+        stop_on_sigterm: see :class:`MonitoredSession` (on by default wherever a
+            checkpoint is saved).
+
+    With several ranks, every rank must pass the same hooks and ``chief_only_hooks``: the
+    chief runs the latter, and the other ranks vote in the session's agreement for what
+    they declare (:meth:`~lightning_finalops.SessionRunHook.agreement`), so a chief-only
+    hook never issues a collective of its own (an early-stopping hook's decision on the
+    chief stops every rank one run later).
 
     Returns:
         The session, already created (hooks' ``begin`` and ``after_create_session`` ran).
@@ -125,7 +150,7 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
     Raises:
         TypeError: a hook list holds something else than a :class:`SessionRunHook`, or a
             period is not a number.
-        ValueError: on the chief, both ``save_checkpoint_secs`` and
+        ValueError: both ``save_checkpoint_secs`` and
             ``save_checkpoint_steps`` (or both summary periods, with ``summary_op``) are
             positive (the timer's message, raised where TF raised it: when the hook is
             built); on any process, ``summary_op`` is given with neither ``summary_dir`` nor
@@ -192,7 +217,7 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
     check_fabric(fabric)
     if is_chief is None:
         is_chief = bool(fabric.is_global_zero) if fabric is not None else is_rank_zero()
-    saver: List[SessionRunHook] = []
+    saver: List[SessionRunHook] = []  # on every rank with Fabric (fabric.save is a collective)
     if checkpoint_dir and (save_checkpoint_secs or save_checkpoint_steps):
         saver.append(
             CheckpointSaverHook(
@@ -202,29 +227,37 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
                 max_to_keep=max_to_keep,
             )
         )
+    # The chief's hooks, built on every rank: the others vote for what they declare.
+    chief_side: List[SessionRunHook] = list(chief_hooks)
+    summary_dir = summary_dir or checkpoint_dir
+    if summary_dir:
+        if _on(log_step_count_steps) is not None:
+            chief_side.append(
+                StepCounterHook(output_dir=summary_dir, every_n_steps=log_step_count_steps)
+            )
+        if summary_op is not None and (save_summaries_steps or save_summaries_secs):
+            chief_side.append(
+                SummarySaverHook(
+                    save_steps=save_summaries_steps,
+                    save_secs=save_summaries_secs,
+                    output_dir=summary_dir,
+                    summary_op=summary_op,
+                )
+            )
+    if fabric is None:
+        chief_side.extend(saver)
     all_hooks: List[SessionRunHook] = []
     if is_chief:
-        all_hooks.extend(chief_hooks)
-        summary_dir = summary_dir or checkpoint_dir
-        if summary_dir:
-            if _on(log_step_count_steps) is not None:
-                all_hooks.append(
-                    StepCounterHook(output_dir=summary_dir, every_n_steps=log_step_count_steps)
-                )
-            if summary_op is not None and (save_summaries_steps or save_summaries_secs):
-                all_hooks.append(
-                    SummarySaverHook(
-                        save_steps=save_summaries_steps,
-                        save_secs=save_summaries_secs,
-                        output_dir=summary_dir,
-                        summary_op=summary_op,
-                    )
-                )
-        all_hooks.extend(saver)
+        all_hooks.extend(chief_side)
     else:
-        all_hooks.extend(_ChiefHookState(h.state_key) for h in chief_hooks if has_state(h))
-        if fabric is not None:
-            all_hooks.extend(saver)  # fabric.save is a collective: every rank saves
+        several = world_size() > 1 and across_ranks is not False
+        for hook in chief_side:
+            if has_state(hook):
+                all_hooks.append(_ChiefHookState(hook.state_key, hook.agreement()))
+            elif several and hook.agreement():
+                all_hooks.append(_ChiefHookAgreement(hook.agreement()))
+    if fabric is not None:
+        all_hooks.extend(saver)  # fabric.save is a collective: every rank saves
     all_hooks.extend(user_hooks)
     return MonitoredSession(
         all_hooks,
@@ -234,4 +267,6 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
         is_chief=is_chief,
         fabric=fabric,
         across_ranks=across_ranks,
+        agreement_timeout=agreement_timeout,
+        stop_on_sigterm=stop_on_sigterm,
     )

@@ -16,13 +16,21 @@ import torch
 from conftest import Counter
 
 from lightning_finalops import (
+    AgreedValue,
+    Agreement,
     FinalOpsHook,
+    LoggingTensorHook,
+    NanLossDuringTrainingError,
+    NanTensorHook,
+    RankFailedError,
     RunOptions,
     SessionRunArgs,
     SessionRunHook,
+    StopAtStepHook,
     distributed,
+    make_early_stopping_hook,
 )
-from lightning_finalops.distributed import RankAgreement
+from lightning_finalops.distributed import FAILED, LEFT, RankAgreement, Vote
 from lightning_finalops.engine import Engine
 from lightning_finalops.hook_state import hook_state_dict
 from lightning_finalops.hooked_session import HookedSession
@@ -50,37 +58,61 @@ class OtherRank(RankAgreement):
     """The core's side of an agreement with a second rank whose votes the test scripts.
 
     ``other_stops`` holds the runs (1-based) at which the other rank asks to stop;
-    ``other_clock`` is rank 0's clock (the other rank plays rank 0). The real agreement
-    over two processes is tested in ``test_lightning_ddp.py``.
+    ``other_clock`` is rank 0's clock (the other rank plays rank 0); ``other_leaves`` maps
+    a run to how the other rank leaves in its vote (``LEFT``, or ``FAILED`` with
+    ``other_error``); ``other_values`` maps a run to what it posts to every declared
+    value. The real
+    agreement over two processes is tested in ``test_torchrun.py`` and
+    ``test_failing_ranks.py``.
     """
 
-    def __init__(self, other_stops=(), other_clock: float = 100.0) -> None:
+    def __init__(self, other_stops=(), other_clock: float = 100.0, other_leaves=None,
+                 other_error: str = "", other_values=None) -> None:
         self.other_stops, self.other_clock = set(other_stops), other_clock
+        self.other_leaves = dict(other_leaves or {})
+        self.other_error, self.other_values = other_error, dict(other_values or {})
         self.sent: List[bool] = []
-        self.closed = self.abandoned = False
-        self._last: Optional[tuple] = None
+        self.posted: List[tuple] = []
+        self.left: Optional[tuple] = None  # (why, error) of this rank's departure
+        self.done = False
+        self.rank, self.name = 1, "the test session"
+        self._last: Optional[Vote] = None
 
-    def start(self, now: float, finished: bool = False):
-        return finished, self.other_clock
+    def _vote(self, stop=False, departed=None, flags=0, values=()) -> Vote:
+        failures = {r: self.other_error for r, why in (departed or {}).items()
+                    if why == FAILED and r != self.rank}
+        return Vote(stop, self.other_clock, flags, False, dict(departed or {}), failures,
+                    tuple(values))
 
-    def receive(self):
+    def start(self, step: int, now: float, finished: bool = False) -> Vote:
+        return self._vote(flags=int(finished))
+
+    def receive(self, step: int) -> Optional[Vote]:
         last, self._last = self._last, None
+        if last is not None and last.departed:
+            self.done = True
         return last
 
-    def send(self, stop: bool, now: float) -> None:
+    def send(self, stop: bool, now: float, preempted: bool = False, values=()) -> None:
         self.sent.append(stop)
+        self.posted.append(tuple(values))
         run = len(self.sent)
         self.other_clock += 10.0
-        self._last = (stop or run in self.other_stops, self.other_clock)
+        departed = {0: self.other_leaves[run]} if run in self.other_leaves else {}
+        self._last = self._vote(stop or run in self.other_stops, departed,
+                                values=[v + self.other_values.get(run, 0.0) for v in values])
+
+    def leave(self, step: int, why: int, *, flag: bool = False, error=None) -> Optional[Vote]:
+        if self.done:
+            return None
+        last = self.receive(step)
+        if self.done:
+            return last
+        self.left, self.done = (why, error), True
+        return self._vote(departed={self.rank: why}, flags=int(flag))
 
     def close(self) -> None:
-        self.closed = True
-
-    def any(self, flag: bool) -> bool:
-        return flag
-
-    def abandon(self) -> None:
-        self.abandoned = True
+        self.done = True
 
 
 class AgreeingEngine(StepEngine):
@@ -88,7 +120,7 @@ class AgreeingEngine(StepEngine):
         super().__init__()
         self.agreement = agreement
 
-    def rank_agreement(self):
+    def rank_agreement(self, values, timeout, name):
         return self.agreement
 
 
@@ -519,7 +551,7 @@ def test_a_stop_requested_on_another_rank_stops_this_one_one_run_later():
     assert [one_run(session) for _ in range(2)] == [False, False]
     assert one_run(session) is True  # the vote of run 2 is read at the end of run 3
     session.end()
-    assert session.engine.agreement.closed
+    assert session.engine.agreement.left == (LEFT, None)  # it left with a message
 
 
 def test_a_stop_requested_here_is_agreed_too_and_applies_one_run_later_on_every_rank():
@@ -573,7 +605,7 @@ def test_an_abandoned_session_drops_its_vote_without_waiting():
     session = agreeing_session([Recorder("a", [])], agreement)
     one_run(session)
     session.abandon()
-    assert agreement.abandoned and not agreement.closed
+    assert agreement.left[0] == FAILED  # the others hear of it in its next vote
     assert distributed.agreed_time() is None
 
 
@@ -587,7 +619,8 @@ def test_an_exception_in_end_leaves_the_agreement_and_restores_the_clock():
     one_run(session)
     with pytest.raises(OSError):
         session.end()
-    assert agreement.abandoned and distributed.agreed_time() is None
+    assert agreement.left[0] == FAILED and isinstance(agreement.left[1], OSError)
+    assert distributed.agreed_time() is None
 
 
 def test_a_session_inside_another_restores_the_outer_sessions_agreed_time():
@@ -671,8 +704,8 @@ def test_the_session_keeps_no_reference_to_a_finished_runs_fetches() -> None:
 class FinishedElsewhere(OtherRank):
     """The other rank's hooks find the job finished (a chief-only hook restored stopped)."""
 
-    def start(self, now: float, finished: bool = False):
-        return True, self.other_clock
+    def start(self, step: int, now: float, finished: bool = False) -> Vote:
+        return self._vote(flags=1)
 
 
 def test_a_job_another_rank_finds_finished_is_finished_on_every_rank():
@@ -694,7 +727,7 @@ def test_an_exception_in_after_create_session_leaves_the_agreement_and_restores_
                             agree_across_ranks=True)
     with pytest.raises(OSError):
         session.create()
-    assert agreement.abandoned and distributed.agreed_time() is None
+    assert agreement.left[0] == FAILED and distributed.agreed_time() is None
 
 
 def test_a_hook_stopping_at_creation_still_gets_every_end_as_in_tf():
@@ -742,3 +775,151 @@ def test_checkpoints_asked_for_in_a_run_are_written_after_its_last_after_run_in_
     one_run(session)
     assert seen == [("last", []), "a", "a", "b"]  # "a" asked twice: one write, both told
     assert engine.written == ["a", "b"]
+
+
+# -- declared agreement, departures and failures -------------------------------------------------
+
+
+class Declares(SessionRunHook):
+    """Declares one summed value; posts 1 at the runs in ``post_at``; records what it read."""
+
+    def __init__(self, post_at=()) -> None:
+        self.value, self.post_at, self.read = AgreedValue(), set(post_at), []
+
+    def agreement(self) -> Agreement:
+        return Agreement(values=(self.value,))
+
+    def after_run(self, run_context, run_values):
+        self.read.append(self.value.agreed)
+        if run_context.session.global_step in self.post_at:
+            self.value.post(1.0)
+
+
+class CountingEngine(AgreeingEngine):
+    def __init__(self, agreement: OtherRank) -> None:
+        super().__init__(agreement)
+        self.asked = 0
+
+    def rank_agreement(self, values, timeout, name):
+        self.asked += 1
+        return self.agreement
+
+
+def test_a_session_whose_hooks_declare_nothing_never_asks_for_an_agreement():
+    quiet = [StopAtStepHook(last_step=5), FinalOpsHook({"x": "loss"}),
+             LoggingTensorHook({"x": "loss"}, every_n_iter=2)]
+    engine = CountingEngine(OtherRank())
+    session = HookedSession(quiet, engine, agree_across_ranks=True)
+    session.begin()
+    session.create()
+    one_run(session, {"loss": 1.0})
+    session.end()
+    assert engine.asked == 0 and engine.agreement.sent == []
+    # one hook that may stop on one rank (the default for per-run hooks) makes it vote
+    engine = CountingEngine(OtherRank())
+    session = HookedSession([*quiet[1:], Recorder("a", [])], engine, agree_across_ranks=True)
+    session.begin()
+    session.create()
+    one_run(session, {"loss": 1.0})
+    assert engine.asked == 1 and engine.agreement.sent == [False]
+
+
+def test_declared_values_are_summed_over_ranks_and_read_one_run_later():
+    hook = Declares(post_at={2})
+    agreement = OtherRank(other_values={3: 5.0})
+    session = agreeing_session([hook], agreement)
+    for _ in range(4):
+        one_run(session)
+    # run 1 reads nothing yet; run 3 reads run 2's vote (1 here); run 4 reads 5 from the other
+    assert hook.read == [None, 0.0, 1.0, 5.0]
+    assert agreement.posted == [(0.0,), (1.0,), (0.0,), (0.0,)]  # a post lasts one vote
+
+
+def test_a_rank_that_left_stops_this_one_at_the_run_that_reads_its_message(caplog):
+    log: List[Any] = []
+    agreement = OtherRank(other_leaves={2: LEFT})
+    session = agreeing_session([Recorder("a", log)], agreement)
+    with caplog.at_level("WARNING", logger="lightning_finalops"):
+        assert [one_run(session) for _ in range(3)] == [False, False, True]
+    assert "rank 0 ended its session" in caplog.text and "after global step 3" in caplog.text
+    assert agreement.sent == [False, False]  # nothing is sent after such a vote
+    session.end()
+    assert ("a", "end") in log and agreement.left is None  # ends as on a stop, silently
+
+
+def test_a_rank_that_failed_makes_this_one_raise_naming_it_and_its_exception():
+    log: List[Any] = []
+    agreement = OtherRank(other_leaves={2: FAILED}, other_error="ValueError: bad batch")
+    session = agreeing_session([Recorder("a", log)], agreement)
+    one_run(session)
+    one_run(session)
+    with pytest.raises(RankFailedError, match=r"rank 0 failed with ValueError: bad batch") as e:
+        one_run(session)
+    assert e.value.failures == {0: "ValueError: bad batch"} and e.value.global_step == 3
+    assert [c for c in log if c[1] == "after_run"] == [("a", "after_run")] * 2
+    session.abandon(e.value)  # what the adapters do: no end(), nothing more sent
+    assert ("a", "end") not in log and agreement.left is None
+
+
+def test_an_exception_on_this_rank_is_posted_to_the_others_before_it_propagates():
+    class Failing(SessionRunHook):
+        def after_run(self, run_context, run_values):
+            raise KeyError("lost")
+
+    agreement = OtherRank()
+    session = agreeing_session([Failing()], agreement)
+    with pytest.raises(KeyError):
+        one_run(session)
+    assert agreement.left[0] == FAILED and isinstance(agreement.left[1], KeyError)
+    agreement = OtherRank()
+    session = agreeing_session([Recorder("a", [])], agreement)
+
+    def step():
+        raise ZeroDivisionError("in the step")
+
+    with pytest.raises(ZeroDivisionError):
+        session.run_step(step)
+    assert agreement.left[0] == FAILED and isinstance(agreement.left[1], ZeroDivisionError)
+
+
+def test_an_early_stop_decided_on_another_rank_is_recorded_on_this_one():
+    stopper = make_early_stopping_hook(lambda: False, run_every_secs=None, run_every_steps=1)
+    agreement = OtherRank(other_stops={2}, other_values={2: 1.0})
+    session = agreeing_session([stopper], agreement)
+    assert [one_run(session) for _ in range(3)] == [False, False, True]
+    # this rank's own function never decided: the other rank's decision is in the state
+    assert stopper.stopped and stopper.state_dict() == {"stop": True}
+
+
+def test_a_nan_on_another_rank_fails_every_rank_at_the_same_run():
+    nan = NanTensorHook("loss")
+    session = agreeing_session([nan], OtherRank(other_values={2: 1.0}))
+    one_run(session, {"loss": torch.tensor(1.0)})
+    one_run(session, {"loss": torch.tensor(1.0)})
+    with pytest.raises(NanLossDuringTrainingError):
+        one_run(session, {"loss": torch.tensor(1.0)})
+    # and a NaN here is posted, not raised at once: every rank raises a run later
+    agreement = OtherRank()
+    session = agreeing_session([NanTensorHook("loss", fail_on_nan_loss=False)], agreement)
+    assert one_run(session, {"loss": torch.tensor(float("nan"))}) is False
+    assert agreement.posted == [(1.0,)]
+    assert one_run(session, {"loss": torch.tensor(1.0)}) is True
+
+
+def test_agreement_misuse_is_refused_where_it_is_made():
+    class Wrong(SessionRunHook):
+        def agreement(self):
+            return True
+
+    with pytest.raises(TypeError, match=r"Wrong.agreement\(\) must return an Agreement"):
+        HookedSession([Wrong()], StepEngine())
+    with pytest.raises(TypeError, match="tuple of AgreedValue"):
+        Agreement(values=(1.0,))
+    with pytest.raises(TypeError, match="stop"):
+        Agreement(stop=1)
+    with pytest.raises(TypeError, match="number"):
+        AgreedValue().post("1")
+    with pytest.raises(ValueError, match="finite"):
+        AgreedValue().post(float("nan"))
+    with pytest.raises(ValueError, match="agreement_timeout"):
+        HookedSession([], StepEngine(), agreement_timeout=0)

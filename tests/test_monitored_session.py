@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import signal
 import threading
 import time
+from typing import List
 
 import pytest
 import torch
 
 from lightning_finalops import (
+    CheckpointSaverHook,
     Coordinator,
     MonitoredSession,
     RawSession,
@@ -22,6 +26,8 @@ from lightning_finalops import (
     RunOptions,
     SessionRunArgs,
     SessionRunHook,
+    StopAtStepHook,
+    latest_checkpoint,
 )
 
 
@@ -1254,3 +1260,57 @@ def test_a_step_function_runs_as_any_other_callable_step(scenario):
     assert all(out["loss"][1] and out["w"][1] for out in fast[3])
     if scenario == "no requests":
         assert fast[2] == [None, 0, 0, 1, 1, 2]
+
+
+# -- preemption ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sigterm_calls():
+    """A Python SIGTERM handler of the test's (the previous one the session must call)."""
+    calls: List[int] = []
+
+    def handler(signum, frame):
+        calls.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    yield calls, handler
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _preempted_at_step_2(sess):
+    def step():
+        if sess.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered to the main thread at once
+
+    return step
+
+
+def test_sigterm_stops_a_checkpointing_session_which_saves_then_calls_the_previous_handler(
+    tmp_path, sigterm_calls
+):
+    calls, handler = sigterm_calls
+    net = torch.nn.Linear(2, 1)
+    with MonitoredSession([CheckpointSaverHook(tmp_path, save_steps=100)], modules=net) as sess:
+        while not sess.should_stop():
+            sess.run(_preempted_at_step_2(sess))
+            assert calls == []  # the session's handler holds the signal while it is open
+    assert sess.global_step == 3  # the run in flight completed, then the session stopped
+    assert latest_checkpoint(str(tmp_path)).endswith("model.ckpt-3")  # end() saved it
+    assert calls == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_sigterm_handling_is_off_with_one_argument_and_without_a_checkpoint(
+    tmp_path, sigterm_calls
+):
+    calls, handler = sigterm_calls
+    for hooks, kwargs in (([CheckpointSaverHook(tmp_path, save_steps=100)],
+                           {"stop_on_sigterm": False}),
+                          ([StopAtStepHook(last_step=5)], {})):
+        with MonitoredSession(hooks, **kwargs) as sess:
+            assert signal.getsignal(signal.SIGTERM) is handler  # nothing installed
+            for _ in range(4):
+                sess.run(_preempted_at_step_2(sess))
+        assert sess.global_step == 4 and calls.pop() == signal.SIGTERM
+    with pytest.raises(TypeError, match="stop_on_sigterm"):
+        MonitoredSession(stop_on_sigterm="yes")

@@ -15,6 +15,7 @@ from lightning_finalops.checkpoints import (
 )
 from lightning_finalops.hooks.timers import SecondOrStepTimer
 from lightning_finalops.session_run_hook import (
+    Agreement,
     Coordinator,
     RawSession,
     SessionRunContext,
@@ -160,6 +161,13 @@ class CheckpointSaverHook(SessionRunHook):
     def checkpoint_dir(self) -> str:
         """The directory the checkpoints are written to."""
         return self._checkpoint_dir
+
+    def agreement(self) -> Agreement:
+        """A SIGTERM stops the session at an agreed step, whose checkpoint ``end()`` writes.
+
+        Also rank 0's clock with ``save_secs``, and stops when listeners may ask for one.
+        """
+        return Agreement(stop=bool(self._listeners), time=self._timer.uses_time, sigterm=True)
 
     def begin(self) -> None:
         """Create ``checkpoint_dir`` if missing; every listener's ``begin()``."""

@@ -27,11 +27,12 @@ import os
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from lightning_finalops.distributed import any_rank_async
 from lightning_finalops.fetches import is_scalar, to_host
 from lightning_finalops.hooks.final_ops import FinalOpsHook
 from lightning_finalops.hooks.timers import SecondOrStepTimer
 from lightning_finalops.session_run_hook import (
+    AgreedValue,
+    Agreement,
     RawSession,
     SessionRunContext,
     SessionRunHook,
@@ -273,10 +274,11 @@ class EarlyStoppingHook(SessionRunHook):
 
     With several ranks (a session whose ranks agree, ``session.agrees_across_ranks``) every
     rank calls ``should_stop_fn`` at the same global step (the timer reads the agreed clock)
-    and the ranks OR their answers with one non-blocking all-reduce per check (TF's
-    ``_MultiWorkerEarlyStoppingHook`` summed a flag the same way), read at the next run:
-    every rank then records the stop and stops after that run. So the checkpoint rank 0
-    writes holds the stop even when another rank decided it.
+    and a decision travels in the session's vote (a value summed over ranks, as TF's
+    ``_MultiWorkerEarlyStoppingHook`` summed a flag), read at the next run: every rank then
+    records the stop and stops after that run. So the checkpoint rank 0 writes holds the
+    stop even when another rank decided it. Among ``MonitoredTrainingSession``'s
+    ``chief_only_hooks`` the chief's decision stops every rank the same way.
     """
 
     def __init__(self, should_stop_fn: Callable[[], bool], run_every_secs: Optional[float],
@@ -299,7 +301,7 @@ class EarlyStoppingHook(SessionRunHook):
         )
         self._name = name
         self._stopped = False
-        self._answer: Optional[Callable[[], bool]] = None  # the ranks' answer, in flight
+        self._decided = AgreedValue()  # ranks that decided to stop, agreed a run later
 
     @property
     def stopped(self) -> bool:
@@ -311,47 +313,43 @@ class EarlyStoppingHook(SessionRunHook):
         """``EarlyStopping[<what it stops on>]``, from its arguments, not its list position."""
         return f"EarlyStopping[{self._name}]"
 
+    def agreement(self) -> Agreement:
+        """A stop decided on some ranks, the ranks that decided it, and the clock if timed."""
+        return Agreement(stop=True, time=self._timer.uses_time, values=(self._decided,))
+
     def begin(self) -> None:
         """A new session: unstopped, and its first run checks (TF's timer fires first)."""
         self._timer.reset()
         self._stopped = False
-        self._answer = None
 
     def job_finished(self, global_step: int) -> bool:
         """Whether it was restored stopped: the job stopped early and is finished."""
         return self._stopped
 
     def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
-        """Apply the ranks' answer to the previous check; check when the timer fires."""
+        """Record a stop the ranks agreed on; check when the timer fires."""
         global_step = run_context.session.global_step
-        if self._answer is not None:
-            answer, self._answer = self._answer, None
-            if answer():
-                self._stop(run_context, global_step)
-                return
+        if self._decided.agreed:
+            self._stopped = True  # a rank decided it a run ago: every rank stops after this run
         if not self._timer.should_trigger_for_step(global_step):
             return
         self._timer.update_last_triggered_step(global_step)
-        decision = bool(self._should_stop_fn())
+        if not self._should_stop_fn():
+            return
+        logger.info("Requesting early stopping at global step %d", global_step)
         if run_context.session.agrees_across_ranks:
-            if decision:
-                logger.info("Requesting early stopping at global step %d", global_step)
-            self._answer = any_rank_async(decision)  # read at the next run, on every rank
-        elif decision:
-            logger.info("Requesting early stopping at global step %d", global_step)
-            self._stop(run_context, global_step)
-
-    def _stop(self, run_context: SessionRunContext, global_step: int) -> None:
-        self._stopped = True
-        # every rank has the same answer: the stop applies after this run, on every rank
-        run_context.request_stop(rank_consistent=True)
+            # the request stops every rank after the next run; every rank's copy of this
+            # hook reads the decision then, so the checkpoint of any rank holds the stop
+            self._decided.post(1.0)
+            run_context.request_stop()
+        else:
+            self._stopped = True
+            run_context.request_stop(rank_consistent=True)
 
     def end(self, session: Optional[RawSession]) -> None:
-        """Wait for the ranks' answer to a check of the last run (every rank sent it)."""
-        if self._answer is not None:
-            answer, self._answer = self._answer, None
-            if answer():
-                self._stopped = True
+        """Record a stop the ranks agreed on in the last run (the session read its vote)."""
+        if self._decided.agreed:
+            self._stopped = True
 
     def state_dict(self) -> Dict[str, Any]:
         """``{"stop": bool}``, so a resumed job that had stopped stays stopped."""

@@ -17,6 +17,7 @@ from lightning_finalops.hooks.final_ops import FinalOpsHook
 from lightning_finalops.hooks.summary import SummaryWriterCache
 from lightning_finalops.hooks.timers import SecondOrStepTimer
 from lightning_finalops.session_run_hook import (
+    Agreement,
     Coordinator,
     RawSession,
     SessionRunContext,
@@ -161,6 +162,10 @@ class InMemoryEvaluatorHook(SessionRunHook):
         self._timer = SecondOrStepTimer(every_steps=every_n_iter)
         self._iter_count = 0
         self._history: List[Tuple[int, Dict[str, Any]]] = []
+
+    def agreement(self) -> Agreement:
+        """Nothing to agree on: it evaluates every N steps, the same steps on every rank."""
+        return Agreement()
 
     @property
     def eval_dir(self) -> Optional[str]:

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Optional
 
-from lightning_finalops.session_run_hook import SessionRunArgs, SessionRunContext, SessionRunHook
+from lightning_finalops.session_run_hook import (
+    Agreement,
+    SessionRunArgs,
+    SessionRunContext,
+    SessionRunHook,
+)
 
 __all__ = ["FeedFnHook"]
 
@@ -33,6 +38,10 @@ class FeedFnHook(SessionRunHook):
                 f"{type(feed_fn).__name__} ({feed_fn!r})."
             )
         self.feed_fn = feed_fn
+
+    def agreement(self) -> Agreement:
+        """Nothing to agree on: it only feeds."""
+        return Agreement()
 
     def before_run(self, run_context: SessionRunContext) -> Optional[SessionRunArgs]:
         """Call ``feed_fn()`` and feed its result to this run."""

@@ -23,7 +23,7 @@ from lightning_finalops.fetches import (
     split_feeds,
     to_host,
 )
-from lightning_finalops.session_run_hook import RawSession, SessionRunHook
+from lightning_finalops.session_run_hook import Agreement, RawSession, SessionRunHook
 from lightning_finalops.sync_audit import host_values
 from lightning_finalops.validation import check_bool, check_int, describe
 
@@ -149,6 +149,10 @@ class FinalOpsHook(SessionRunHook):
         )
         self._updates_at_end: Dict[int, int] = {}
         self._warned: set = set()
+
+    def agreement(self) -> Agreement:
+        """Nothing to agree on: it reads its values at the session's end."""
+        return Agreement()
 
     @property
     def final_ops(self) -> Any:

@@ -11,6 +11,7 @@ from typing import Any, Optional, Union
 
 from lightning_finalops.hooks.timers import SecondOrStepTimer
 from lightning_finalops.session_run_hook import (
+    Agreement,
     RunOptions,
     SessionRunArgs,
     SessionRunContext,
@@ -94,6 +95,10 @@ class ProfilerHook(SessionRunHook):
         self._primed = False
         self._request_trace = False
         self._warned_no_profile = False
+
+    def agreement(self) -> Agreement:
+        """Rank 0's clock when it traces on seconds (so every rank traces at the same step)."""
+        return Agreement(time=self._timer.uses_time)
 
     @property
     def output_dir(self) -> str:

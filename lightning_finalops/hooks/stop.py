@@ -10,6 +10,8 @@ import torch
 
 from lightning_finalops.fetches import check_fetches, to_host
 from lightning_finalops.session_run_hook import (
+    AgreedValue,
+    Agreement,
     Coordinator,
     RawSession,
     SessionRunArgs,
@@ -70,6 +72,10 @@ class StopAtStepHook(SessionRunHook):
         self._given_last_step = last_step
         self._last_step = last_step
 
+    def agreement(self) -> Agreement:
+        """Nothing to agree on: every rank computes the same last step and stops there."""
+        return Agreement()
+
     @property
     def last_step(self) -> Optional[int]:
         """The global step to stop at; ``None`` until the session computed it from ``num_steps``."""
@@ -125,6 +131,10 @@ class NanTensorHook(SessionRunHook):
     ``Trainer.fit``), else logs a warning and requests a stop (the run completes, ``end()``
     runs).
 
+    With several ranks (a session whose ranks agree) a NaN on one rank reaches every rank
+    in the session's vote: every rank raises (or stops) at the same step, the run after
+    the NaN, so no rank is left waiting for one that failed.
+
     Args:
         loss_tensor: a fetch for the loss: a tensor, a name such as ``"loss"`` (the step's
             returned dict, then the session's named values), a callable or a metric. It must
@@ -153,10 +163,17 @@ class NanTensorHook(SessionRunHook):
         self._fail_on_nan_loss = check_bool(fail_on_nan_loss, "fail_on_nan_loss")
         self._non_blocking = check_bool(non_blocking, "non_blocking")
         self._pending: Any = None  # (host flag, event or None) of the previous run
+        self._nan = AgreedValue()  # ranks that saw a NaN, agreed a run later
+        self._agreeing = False
+
+    def agreement(self) -> Agreement:
+        """The ranks that saw a NaN (a value summed over ranks): every rank acts on it."""
+        return Agreement(values=(self._nan,))
 
     def begin(self) -> None:
         """Forget a flag of an earlier session."""
         self._pending = None
+        self._agreeing = False
 
     def before_run(self, run_context: SessionRunContext) -> Optional[SessionRunArgs]:
         """Fetch the loss (left on its device)."""
@@ -169,11 +186,22 @@ class NanTensorHook(SessionRunHook):
             NanLossDuringTrainingError: the loss is NaN and ``fail_on_nan_loss`` is set.
             TypeError: the loss evaluated to something else than a tensor or a number.
         """
+        self._agreeing = run_context.session.agrees_across_ranks
+        if self._agreeing and self._nan.agreed:  # a rank saw NaN in the previous run
+            self._diverged(run_context, agreed=True)
+            return
         if self._non_blocking:
             previous, self._pending = self._pending, self._send_flag(run_values.results)
             if not self._read_flag(previous):
                 return
         elif not self._is_nan(run_values.results):
+            return
+        if self._agreeing:
+            # every rank fails (or stops) at the same run: the next, which reads the vote
+            logger.warning("NaN loss on this rank at global step %d: every rank of the session "
+                           "%s in the next run.", run_context.session.global_step,
+                           "fails" if self._fail_on_nan_loss else "stops")
+            self._nan.post(1.0)
             return
         self._diverged(run_context)
 
@@ -184,7 +212,7 @@ class NanTensorHook(SessionRunHook):
             NanLossDuringTrainingError: the last run's loss is NaN and ``fail_on_nan_loss``.
         """
         pending, self._pending = self._pending, None
-        if self._read_flag(pending):
+        if self._read_flag(pending) or (self._agreeing and self._nan.agreed):
             self._diverged(None)
 
     def _send_flag(self, loss: Any) -> Any:
@@ -213,14 +241,14 @@ class NanTensorHook(SessionRunHook):
         with host_values():  # a host copy that has arrived: reading it waits for nothing
             return bool(host)
 
-    def _diverged(self, run_context: Optional[SessionRunContext]) -> None:
+    def _diverged(self, run_context: Optional[SessionRunContext], agreed: bool = False) -> None:
         failure_message = "Model diverged with loss = NaN."
         if self._fail_on_nan_loss:
             logger.error(failure_message)
             raise NanLossDuringTrainingError
         logger.warning(failure_message)
         if run_context is not None:
-            run_context.request_stop()
+            run_context.request_stop(rank_consistent=agreed)
 
     def _is_nan(self, loss: Any) -> bool:
         loss = self._as_tensor(loss)
@@ -267,6 +295,10 @@ class GlobalStepWaiterHook(SessionRunHook):
     def __init__(self, wait_until_step: int) -> None:
         self._wait_until_step = check_int(wait_until_step, "wait_until_step")
         self._worker_is_started = False
+
+    def agreement(self) -> Agreement:
+        """Nothing to agree on: it only waits."""
+        return Agreement()
 
     def begin(self) -> None:
         """A new session waits again."""

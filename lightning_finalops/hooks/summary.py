@@ -22,6 +22,7 @@ import torch
 from lightning_finalops.fetches import check_fetches, leaves, path_tag, to_host
 from lightning_finalops.hooks.timers import SecondOrStepTimer
 from lightning_finalops.session_run_hook import (
+    Agreement,
     RawSession,
     SessionRunArgs,
     SessionRunContext,
@@ -249,6 +250,10 @@ class SummarySaverHook(SessionRunHook):
         self._first_run = True
         self._request_summary = False
 
+    def agreement(self) -> Agreement:
+        """Rank 0's clock when it saves on seconds (so every rank writes at the same step)."""
+        return Agreement(time=self._timer.uses_time)
+
     def begin(self) -> None:
         """The next run is the session's first: it writes.
 
@@ -362,6 +367,10 @@ class StepCounterHook(SessionRunHook):
         )
         self._last_global_step: Optional[int] = None
         self._warnings_logged = 0
+
+    def agreement(self) -> Agreement:
+        """Rank 0's clock when it measures on seconds (so every rank measures at the same step)."""
+        return Agreement(time=self._timer.uses_time)
 
     def begin(self) -> None:
         """Start a new measurement: the session's first trigger only primes the clock.

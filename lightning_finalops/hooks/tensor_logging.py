@@ -11,6 +11,7 @@ import torch
 from lightning_finalops.fetches import check_fetches, map_structure, to_host
 from lightning_finalops.hooks.timers import NeverTriggerTimer, SecondOrStepTimer
 from lightning_finalops.session_run_hook import (
+    Agreement,
     RawSession,
     SessionRunArgs,
     SessionRunContext,
@@ -156,6 +157,10 @@ class LoggingTensorHook(SessionRunHook):
         )
         self._iter_count = 0
         self._should_trigger = False
+
+    def agreement(self) -> Agreement:
+        """Rank 0's clock when it logs on seconds (so every rank logs at the same step)."""
+        return Agreement(time=self._timer.uses_time)
 
     @staticmethod
     def _tags(tensors: Any) -> Tuple[Dict[str, Any], List[str]]:

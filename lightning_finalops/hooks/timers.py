@@ -71,6 +71,11 @@ class SecondOrStepTimer:
                                          allow_zero=True)
         self._every_steps = check_int(every_steps, steps_argument, minimum=1, allow_none=True)
 
+    @property
+    def uses_time(self) -> bool:
+        """Whether it triggers on seconds (so its hook needs the ranks' agreed clock)."""
+        return getattr(self, "_every_secs", None) is not None
+
     def reset(self) -> None:
         """Forget the last trigger: the next ``should_trigger_for_step`` is True."""
         self._last_triggered_step: Optional[int] = None
