@@ -226,6 +226,7 @@ class RankAgreement:
         self._template = [0.0] * (_HEADER + self.world + values)
         self._pending: Optional[Tuple[Any, torch.Tensor]] = None
         self._votes = 0  # votes sent: numbers the store keys of a timeout
+        self._message: Optional[str] = None  # this rank's failure, sent after its vote
         self._id = next(_sessions)  # the same on every rank: sessions are made in one order
         #: no further collective: a rank left or failed, or a wait failed
         self.done = False
@@ -251,8 +252,7 @@ class RankAgreement:
         self._votes += 1
         return dist.all_reduce(vector, group=self._group, async_op=True), vector
 
-    def _wait(self, work: Any, vector: torch.Tensor, step: int,
-              message: Optional[str] = None) -> Vote:
+    def _wait(self, work: Any, vector: torch.Tensor, step: int) -> Vote:
         try:
             work.wait(timeout=self._timeout)
         except RuntimeError as e:  # a timeout, or a peer gone (killed: connection closed)
@@ -265,9 +265,9 @@ class RankAgreement:
                 f"(agreement_timeout={self._seconds:g} s; {e})",
                 missing, step,
             ) from e
-        return self._read(vector, step, message)
+        return self._read(vector)
 
-    def _read(self, vector: torch.Tensor, step: int, message: Optional[str]) -> Vote:
+    def _read(self, vector: torch.Tensor) -> Vote:
         row = vector.tolist()
         statuses = row[_HEADER:_HEADER + self.world]
         departed = {r: int(s) for r, s in enumerate(statuses) if s}
@@ -276,7 +276,7 @@ class RankAgreement:
             self._close()
             # every rank knows the failed ranks now: each sends its exception's text
             for rank in sorted(r for r, s in departed.items() if s == FAILED):
-                box = [message if rank == self.rank else None]
+                box = [self._message if rank == self.rank else None]
                 try:
                     dist.broadcast_object_list(box, src=rank, group=self._group)
                 except RuntimeError as e:
@@ -332,9 +332,15 @@ class RankAgreement:
         return self._wait(work, vector, step)
 
     def send(self, stop: bool, now: float, preempted: bool = False,
-             values: Sequence[float] = ()) -> None:
-        """Issue this run's vote without waiting; :meth:`receive` reads it at the next run."""
-        self._pending = self._issue(stop, now, preempted=preempted, values=values)
+             values: Sequence[float] = (), failed: Optional[BaseException] = None) -> None:
+        """Issue this run's vote without waiting; :meth:`receive` reads it at the next run.
+
+        With ``failed``, this rank says it failed (it raises once every rank read the vote).
+        """
+        if failed is not None:
+            self._message = _describe(failed)
+        self._pending = self._issue(stop, now, preempted=preempted, values=values,
+                                    status=FAILED if failed is not None else RUNNING)
 
     def leave(self, step: int, why: int, *, flag: bool = False,
               error: Optional[BaseException] = None) -> Optional[Vote]:
@@ -358,8 +364,10 @@ class RankAgreement:
         last = self.receive(step)
         if self.done:
             return last
+        if error is not None:
+            self._message = _describe(error)
         work, vector = self._issue(False, 0.0, flag=flag, status=why)
-        return self._wait(work, vector, step, None if error is None else _describe(error))
+        return self._wait(work, vector, step)
 
 
 @atexit.register

@@ -112,6 +112,11 @@ class HookedSession:
             one ends the process, as the signal asked). ``None``: when a hook asks for it
             (:attr:`Agreement.sigterm`, as ``CheckpointSaverHook`` does). Only in the main
             thread (Python delivers signals there).
+        defer_failures: with ranks that agree, an exception in a hook's ``after_run`` (or
+            its fetches) is raised at the next run, on every rank together, instead of at
+            once on this rank alone: for engines whose steps hold collectives of their own
+            (Lightning's DDP gradient all-reduce), where the other ranks would wait for
+            this one inside the next step, never reaching the vote.
 
     Attributes:
         hooks: the hooks, in call order.
@@ -139,6 +144,7 @@ class HookedSession:
         agreement_timeout: float = 300.0,
         name: Optional[str] = None,
         stop_on_sigterm: Optional[bool] = None,
+        defer_failures: bool = False,
     ) -> None:
         self.hooks = check_hooks(hooks, argument)
         hook_state_keys(self.hooks)  # a bad or shared state_key fails here, not at a save
@@ -185,6 +191,9 @@ class HookedSession:
         #: a SIGTERM arrived while the session was open
         self.received_sigterm = False
         self._heard_of_sigterm = False
+        self._carried_stop = False  # a listener's stop, asked after this run's vote went
+        self._defer_failures = check_bool(defer_failures, "defer_failures")
+        self._deferred: Optional[BaseException] = None  # raised when every rank read it
         self._agreement_timeout = check_seconds(agreement_timeout, "agreement_timeout")
         self.name = name or f"the session of {argument}"
         self._agreement: Optional[RankAgreement] = None
@@ -529,9 +538,32 @@ class HookedSession:
             raise RuntimeError("finish_run() called without a run in flight.")
         try:
             return self._finish_run(pending, outputs)
+        except Exception as e:
+            agreement = self._agreement
+            if (self._defer_failures and agreement is not None and not agreement.done
+                    and self._deferred is None and not isinstance(e, AgreementError)):
+                self._defer(agreement, e)
+                return self.should_stop
+            self.fail(e)
+            raise
         except BaseException as e:
             self.fail(e)
             raise
+
+    def _defer(self, agreement: RankAgreement, error: Exception) -> None:
+        """Post this rank's failure in its vote; raise it once every rank read that vote."""
+        step = self.raw_session.global_step
+        logger.error("lightning_finalops: %s failed on this rank at global step %d (%s: %s); "
+                     "every rank raises at the next run.", self.name, step,
+                     type(error).__name__, error)
+        self._deferred = error
+        vote = agreement.receive(step)  # still pending when a fetch failed before it was read
+        if vote is not None:
+            self._apply_vote(vote)  # another rank failed too: raises this rank's error now
+        if agreement.done:  # a rank left: nobody reads another vote
+            raise error
+        agreement.send(False, local_clock(), preempted=self.received_sigterm,
+                       values=[value.posted for value in self._values], failed=error)
 
     def _finish_run(self, pending: PendingRun, outputs: Any) -> bool:
         raw = self.raw_session
@@ -569,20 +601,29 @@ class HookedSession:
                     self._call_after_runs(pending, context, results)
                 finally:
                     raw.deferring = False
-                if raw.checkpoint_due and self.engine.step_final_after_run:
-                    self._flush_after_run(context, agreed_stop)
                 requested = context._stop_requested
                 consistent = context._consistent_stop
+            if agreement is not None and not agreement.done:
+                # A request made in this run reaches the other ranks with this vote and
+                # stops every rank after the next run; a rank-consistent one applies now.
+                # After a vote that said a rank left, no rank sends another. The vote goes
+                # before the checkpoint write, which may be a collective: a rank that waits
+                # in its departure for this vote is never left waiting behind that write.
+                agreement.send((requested and not consistent) or self._carried_stop,
+                               local_clock(), preempted=self.received_sigterm,
+                               values=[value.posted for value in self._values])
+                self._carried_stop = False
+            if (context is not None and raw.checkpoint_due
+                    and self.engine.step_final_after_run):
+                self._flush_after_run(context, agreed_stop)
+                if context._stop_requested and not requested:  # a listener's after_save
+                    if agreement is None:
+                        requested = True
+                    else:
+                        self._carried_stop = True  # in the next run's vote
             if agreement is None:
                 self.should_stop = self.should_stop or requested or self.received_sigterm
             else:
-                # A request made in this run reaches the other ranks with this vote and
-                # stops every rank after the next run; a rank-consistent one applies now.
-                # After a vote that said a rank left, no rank sends another.
-                if not agreement.done:
-                    agreement.send(requested and not consistent, local_clock(),
-                                   preempted=self.received_sigterm,
-                                   values=[value.posted for value in self._values])
                 self.should_stop = self.should_stop or agreed_stop or consistent
         finally:
             raw.step_outputs_fresh = False
@@ -638,6 +679,9 @@ class HookedSession:
             return vote.stop or vote.preempted
         step = self.raw_session.global_step
         if vote.failures:
+            if self._deferred is not None:  # every rank read this rank's failure: raise it
+                error, self._deferred = self._deferred, None
+                raise error
             failed = "; ".join(f"rank {r} failed with {text}" for r, text in vote.failures.items())
             raise RankFailedError(
                 f"lightning_finalops: {failed}. {self.name} stops on this rank too, at global "

@@ -350,6 +350,9 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             name=f"HookCallback's {kind} session",
             # Lightning handles SIGTERM itself (its signal connector stops fit)
             stop_on_sigterm=False,
+            # DDP's backward is a collective: a hook's failure on one rank is raised at the
+            # next batch end on every rank, so no rank waits inside that batch for it
+            defer_failures=True,
         )
         self._sessions[kind] = session
         session.begin()

@@ -14,6 +14,9 @@ saw to ``OUT_DIR/<mode>-rank<r>.pt``:
 - ``early``: a ``stop_if_lower_hook`` checking every 3 s on clocks that disagree, over a
   validation metric that only rank 1 sees cross the threshold (logged without sync): rank 1
   alone decides to stop, and both ranks must stop at the same step.
+- ``raise``: a training hook raises on rank 1 only, at global step 3; each rank records the
+  exception ``fit`` ended with, and the step.
+- ``nan``: a ``NanTensorHook`` whose fetch is NaN on rank 1 only, at global step 3.
 """
 
 import functools
@@ -38,6 +41,7 @@ from lightning_finalops import (  # noqa: E402
     FinalOpsHook,
     HookCallback,
     LoggingTensorHook,
+    NanTensorHook,
     SessionRunHook,
     stop_if_lower_hook,
 )
@@ -268,10 +272,41 @@ def early(out_dir: str) -> dict:
     return result
 
 
+class RaiseOnRankOne(SessionRunHook):
+    def after_run(self, run_context, run_values):
+        if rank() == 1 and run_context.session.global_step == 3:
+            raise ValueError("boom on rank 1")
+
+
+def failing(out_dir: str, mode: str) -> dict:
+    """A hook fails (or sees NaN) on rank 1 only: every rank's fit must end, none hang."""
+    model = Module()
+    box = {}
+
+    def loss():
+        nan = rank() == 1 and box["trainer"].global_step == 3
+        return torch.tensor(float("nan") if nan else 0.0)
+
+    hook = RaiseOnRankOne() if mode == "raise" else NanTensorHook(loss)
+    trainer = make_trainer(max_epochs=3, strategy="ddp", devices=2,
+                           use_distributed_sampler=False, callbacks=[HookCallback([hook])])
+    box["trainer"] = trainer
+    result = {"error": None}
+    try:
+        trainer.fit(model)
+    except Exception as e:  # noqa: BLE001 - recorded: the test checks it
+        result["error"] = (type(e).__name__, str(e))
+    result["global_step"] = trainer.global_step
+    return result
+
+
 def main() -> None:
     out_dir, mode = sys.argv[1], sys.argv[2]
     torch.manual_seed(0)
-    result = {"clocks": clocks, "uneven": uneven, "early": early}[mode](out_dir)
+    if mode in ("raise", "nan"):
+        result = failing(out_dir, mode)
+    else:
+        result = {"clocks": clocks, "uneven": uneven, "early": early}[mode](out_dir)
     torch.save(result, os.path.join(out_dir, f"{mode}-rank{rank()}.pt"))
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()  # avoids gloo's abort at interpreter exit

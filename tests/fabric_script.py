@@ -3,7 +3,9 @@
 A plain loop on ``lightning.fabric.Fabric(strategy="ddp", devices=2)`` on CPU under
 ``MonitoredTrainingSession(fabric=fabric)``. MODE ``first``: rank 1 alone asks to stop at
 step 3. MODE ``resume``: a second launch restores with ``fabric.load`` and trains to step 6.
-Each rank saves what it saw to ``OUT/<mode>-rank<r>.pt``.
+MODE ``uneven``: rank 0's data ends after 3 batches, rank 1 has 6. MODE ``raise``: a hook
+raises on rank 1 at step 3. (In these two the step has no collective of its own.) Each rank
+saves what it saw to ``OUT/<mode>-rank<r>.pt``.
 """
 
 import os
@@ -19,7 +21,9 @@ from lightning.fabric import Fabric  # noqa: E402
 
 from lightning_finalops import (  # noqa: E402
     FinalOpsHook,
+    MonitoredSession,
     MonitoredTrainingSession,
+    NanTensorHook,
     SessionRunHook,
     StopAtStepHook,
 )
@@ -32,10 +36,44 @@ class StopOnRankOne(SessionRunHook):
             run_context.request_stop()
 
 
+class RaiseOnRankOne(SessionRunHook):
+    def after_run(self, run_context, run_values):
+        if run_context.session.fabric.global_rank == 1 and run_context.session.global_step == 3:
+            raise ValueError("boom on rank 1")
+
+
+def faulty(out: str, mode: str, fabric) -> None:
+    rank = fabric.global_rank
+    total = [0.0]
+
+    def step(x):
+        total[0] += x
+        return {"loss": torch.tensor(total[0])}
+
+    if mode == "uneven":
+        hooks, batches = [NanTensorHook("loss")], [1.0] * (3 if rank == 0 else 6)
+    else:
+        hooks, batches = [RaiseOnRankOne()], [1.0] * 8
+    seen = {"error": None}
+    try:
+        with MonitoredSession(hooks, fabric=fabric) as sess:
+            data = iter(batches)
+            while not sess.should_stop():
+                sess.run(lambda: step(next(data)))
+    except Exception as e:  # noqa: BLE001 - recorded: the test checks it
+        seen["error"] = (type(e).__name__, str(e))
+    seen["global_step"] = sess.global_step
+    fabric.barrier()  # the script's own collective after the session
+    torch.save(seen, os.path.join(out, f"{mode}-rank{rank}.pt"))
+
+
 def main() -> None:
     out, mode = sys.argv[1], sys.argv[2]
     fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp")
     fabric.launch()
+    if mode in ("uneven", "raise"):
+        faulty(out, mode, fabric)
+        return
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)

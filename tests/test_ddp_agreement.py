@@ -89,3 +89,21 @@ def test_an_early_stop_decided_on_one_rank_lands_at_the_same_step_on_both(tmp_pa
     for resumed in (rank0["resumed"], rank1["resumed"]):
         assert resumed == {"global_step": rank0["global_step"], "stopped": True,
                            "checked": [], "validations": 0}
+
+
+def test_a_hook_failing_on_one_rank_ends_fit_on_every_rank_with_an_error_naming_it(tmp_path):
+    rank0, rank1 = _launch(tmp_path, "raise")
+    assert rank1["error"] == ("ValueError", "boom on rank 1")  # its own, at the next batch end
+    kind, text = rank0["error"]
+    assert kind == "RankFailedError"
+    assert text.startswith("lightning_finalops: rank 1 failed with ValueError: boom on rank 1.")
+    # raised at one batch end on both (rank 1's failure waited a batch: DDP's backward of
+    # the next batch needs every rank, so rank 1 could not leave it alone)
+    assert rank0["global_step"] == rank1["global_step"] == 4
+
+
+def test_a_nan_on_one_rank_fails_fit_on_every_rank_at_the_same_step(tmp_path):
+    rank0, rank1 = _launch(tmp_path, "nan")
+    for rank in (rank0, rank1):
+        assert rank["error"] == ("NanLossDuringTrainingError", "NaN loss during training.")
+    assert rank0["global_step"] == rank1["global_step"]

@@ -49,3 +49,21 @@ def test_a_second_launch_resumes_both_ranks_with_fabric_load(launches) -> None:
     for mode in ("first", "resume"):
         a, b = (r["final"] for r in results[mode])
         assert torch.equal(a["mean_loss"], b["mean_loss"]) and torch.equal(a["w"], b["w"])
+
+
+def test_a_rank_whose_data_ends_first_stops_the_other_one_run_later(tmp_path) -> None:
+    run_launch(SCRIPT, str(tmp_path), "uneven")
+    rank0, rank1 = (torch.load(tmp_path / f"uneven-rank{r}.pt", weights_only=False)
+                    for r in (0, 1))
+    assert rank0 == {"error": None, "global_step": 3}
+    assert rank1 == {"error": None, "global_step": 5}  # and both reached fabric.barrier()
+
+
+def test_an_exception_on_one_rank_ends_the_other_with_an_error_naming_it(tmp_path) -> None:
+    run_launch(SCRIPT, str(tmp_path), "raise")
+    rank0, rank1 = (torch.load(tmp_path / f"raise-rank{r}.pt", weights_only=False)
+                    for r in (0, 1))
+    assert rank1 == {"error": ("ValueError", "boom on rank 1"), "global_step": 3}
+    assert rank0["error"][0] == "RankFailedError" and "rank 1 failed with ValueError" in (
+        rank0["error"][1])
+    assert rank0["global_step"] == 4

@@ -74,13 +74,14 @@ class OtherRank(RankAgreement):
         self.sent: List[bool] = []
         self.posted: List[tuple] = []
         self.left: Optional[tuple] = None  # (why, error) of this rank's departure
+        self.failed: Optional[BaseException] = None  # a failure this rank sent in a vote
         self.done = False
         self.rank, self.name = 1, "the test session"
         self._last: Optional[Vote] = None
 
     def _vote(self, stop=False, departed=None, flags=0, values=()) -> Vote:
-        failures = {r: self.other_error for r, why in (departed or {}).items()
-                    if why == FAILED and r != self.rank}
+        failures = {r: self.other_error if r != self.rank else repr(self.failed)
+                    for r, why in (departed or {}).items() if why == FAILED}
         return Vote(stop, self.other_clock, flags, False, dict(departed or {}), failures,
                     tuple(values))
 
@@ -93,12 +94,16 @@ class OtherRank(RankAgreement):
             self.done = True
         return last
 
-    def send(self, stop: bool, now: float, preempted: bool = False, values=()) -> None:
+    def send(self, stop: bool, now: float, preempted: bool = False, values=(),
+             failed=None) -> None:
         self.sent.append(stop)
         self.posted.append(tuple(values))
         run = len(self.sent)
         self.other_clock += 10.0
         departed = {0: self.other_leaves[run]} if run in self.other_leaves else {}
+        if failed is not None:
+            self.failed = failed
+            departed[self.rank] = FAILED
         self._last = self._vote(stop or run in self.other_stops, departed,
                                 values=[v + self.other_values.get(run, 0.0) for v in values])
 
@@ -923,3 +928,24 @@ def test_agreement_misuse_is_refused_where_it_is_made():
         AgreedValue().post(float("nan"))
     with pytest.raises(ValueError, match="agreement_timeout"):
         HookedSession([], StepEngine(), agreement_timeout=0)
+
+
+def test_a_deferred_failure_is_posted_then_raised_at_the_next_run_on_every_rank():
+    class FailsAtTwo(SessionRunHook):
+        def after_run(self, run_context, run_values):
+            if run_context.session.global_step == 2:
+                raise KeyError("lost")
+
+    log: List[Any] = []
+    agreement = OtherRank()
+    session = HookedSession([FailsAtTwo(), Recorder("b", log)], AgreeingEngine(agreement),
+                            agree_across_ranks=True, defer_failures=True)
+    session.begin()
+    session.create()
+    assert one_run(session) is False
+    assert one_run(session) is False  # run 2 failed here: posted in its vote, not raised
+    assert isinstance(agreement.failed, KeyError) and agreement.left is None
+    with pytest.raises(KeyError, match="lost"):  # the run that reads it, as every rank
+        one_run(session)
+    # TF's rule at the failing run: later hooks' after_run skipped; none at the raising run
+    assert [c for c in log if c[1] == "after_run"] == [("b", "after_run")]
