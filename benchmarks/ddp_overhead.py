@@ -4,13 +4,15 @@ What is measured
 ----------------
 The same tiny ``Trainer.fit`` (``lightning.pytorch`` on CPU, 2 processes launched by
 Lightning's ``ddp`` strategy; a 2-layer MLP 32 -> 64 -> 1, batch 64 per rank, SGD, in-memory
-data, no validation) is run with two callback lists:
+data, no validation) is run with these callback lists:
 
 * ``bare``: no callback.
-* ``HookCallback``: ``HookCallback(training_hooks=[a stop-capable hook, 10 no-op hooks])``.
-  The stop-capable hook checks the global step in every ``after_run`` and would request a
-  stop past the last step; the no-op hooks override ``before_run`` and ``after_run`` with
-  empty bodies. So every training batch goes through the agreement across ranks.
+* ``declares nothing``: ``HookCallback`` with hooks that declare nothing to agree on
+  (``StopAtStepHook``, ``FinalOpsHook``, ``LoggingTensorHook(every_n_iter=...)``, 10 no-op
+  hooks that declare nothing): the session issues no collective at all.
+* ``standard hooks``: ``HookCallback`` with ``NanTensorHook`` (a value summed over ranks),
+  ``LoggingTensorHook(every_n_secs=...)`` (rank 0's clock), an early-stopping hook (a stop
+  and a value) and ``StopAtStepHook``: one small non-blocking vote per step.
 
 Each sample is one whole ``trainer.fit`` on rank 0, timed with ``time.perf_counter_ns`` and
 divided by the number of optimizer steps. Variants are interleaved in rounds whose order
@@ -46,7 +48,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_finalops import HookCallback, SessionRunHook
+from lightning_finalops import (
+    Agreement,
+    FinalOpsHook,
+    HookCallback,
+    LoggingTensorHook,
+    NanTensorHook,
+    SessionRunHook,
+    StopAtStepHook,
+    make_early_stopping_hook,
+)
 
 COLLECTIVES = ("all_reduce", "all_gather", "broadcast", "barrier", "reduce", "gather",
                "scatter", "all_gather_object", "broadcast_object_list", "reduce_scatter")
@@ -59,16 +70,8 @@ class NoOpHook(SessionRunHook):
     def after_run(self, run_context: Any, run_values: Any) -> None:
         pass
 
-
-class StopPastHook(SessionRunHook):
-    """Can stop: checks the step after every run (never reached within the fit)."""
-
-    def __init__(self, last_step: int) -> None:
-        self.last_step = last_step
-
-    def after_run(self, run_context: Any, run_values: Any) -> None:
-        if run_context.session.global_step > self.last_step:
-            run_context.request_stop()
+    def agreement(self) -> Agreement:
+        return Agreement()  # it never stops
 
 
 class Model(lp.LightningModule):
@@ -79,9 +82,9 @@ class Model(lp.LightningModule):
         x = torch.randn(n_batches * 64, 32, generator=g)
         self.data = TensorDataset(x, x.sum(1, keepdim=True))
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Dict[str, torch.Tensor]:
         x, y = batch
-        return F.mse_loss(self.net(x), y)
+        return {"loss": F.mse_loss(self.net(x), y)}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.01)
@@ -93,8 +96,9 @@ class Model(lp.LightningModule):
 class Counts:
     """Every collective issued while HookCallback handles a training batch, on this rank."""
 
-    def __init__(self) -> None:
-        self.blocking = self.non_blocking = self.batches = 0
+    def __init__(self, variants: List[str]) -> None:
+        self.by_variant = {v: [0, 0, 0] for v in variants}  # blocking, non-blocking, batches
+        self.variant = variants[0]
         self.inside = False
         for name in COLLECTIVES:
             setattr(dist, name, self._counting(getattr(dist, name)))
@@ -105,10 +109,7 @@ class Counts:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             if self.inside:
-                if kwargs.get("async_op"):
-                    self.non_blocking += 1
-                else:
-                    self.blocking += 1
+                self.by_variant[self.variant][1 if kwargs.get("async_op") else 0] += 1
             return fn(*args, **kwargs)
         return wrapper
 
@@ -118,7 +119,7 @@ class Counts:
         @functools.wraps(method)
         def wrapper(callback: Any, *args: Any, **kwargs: Any) -> Any:
             if method.__name__ == "on_train_batch_end":
-                counts.batches += 1
+                counts.by_variant[counts.variant][2] += 1
             counts.inside = True
             try:
                 return method(callback, *args, **kwargs)
@@ -127,12 +128,23 @@ class Counts:
         return wrapper
 
 
-def fit_once(variant: str, steps: int) -> int:
+def hooks_of(variant: str, steps: int) -> List[SessionRunHook]:
+    last = StopAtStepHook(last_step=steps + 1)
+    if variant == "declares nothing":
+        return [last, FinalOpsHook({"loss": "loss"}),
+                LoggingTensorHook({"loss": "loss"}, every_n_iter=10 * steps),
+                *(NoOpHook() for _ in range(10))]
+    return [last, NanTensorHook("loss"),
+            LoggingTensorHook({"loss": "loss"}, every_n_secs=3600),
+            make_early_stopping_hook(lambda: False, run_every_secs=None,
+                                     run_every_steps=10 * steps)]
+
+
+def fit_once(variant: str, steps: int, counts: Counts) -> int:
+    counts.variant = variant
     callbacks: List[Any] = []
-    if variant == "HookCallback":
-        hooks: List[SessionRunHook] = [StopPastHook(steps + 1)]
-        hooks += [NoOpHook() for _ in range(10)]
-        callbacks.append(HookCallback(training_hooks=hooks))
+    if variant != "bare":
+        callbacks.append(HookCallback(training_hooks=hooks_of(variant, steps)))
     torch.manual_seed(0)
     model = Model(n_batches=steps)
     trainer = lp.Trainer(
@@ -155,35 +167,33 @@ def main(argv: Optional[List[str]] = None) -> None:
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
     torch.set_num_threads(1)
-    counts = Counts()
-    variants = ["bare", "HookCallback"]
+    variants = ["bare", "declares nothing", "standard hooks"]
+    counts = Counts(variants)
     samples: Dict[str, List[float]] = {v: [] for v in variants}
-    fit_once("bare", 5)  # launches the second process and warms up
+    fit_once("bare", 5, counts)  # launches the second process and warms up
     for r in range(args.rounds + 1):
-        order = variants[r % 2:] + variants[: r % 2]
+        order = variants[r % 3:] + variants[: r % 3]
         for variant in order:
-            ns = fit_once(variant, args.steps)
+            ns = fit_once(variant, args.steps, counts)
             if r > 0:
                 samples[variant].append(ns / args.steps / 1e3)
     rank = dist.get_rank()
-    totals = torch.tensor([counts.blocking, counts.non_blocking, counts.batches],
-                          dtype=torch.float64)
+    totals = torch.tensor([counts.by_variant[v] for v in variants[1:]], dtype=torch.float64)
     per_rank = [torch.zeros_like(totals) for _ in range(dist.get_world_size())]
     dist.all_gather(per_rank, totals)
     if rank == 0:
         bare = statistics.median(samples["bare"])
         print(f"torch {torch.__version__}, lightning {lp.__version__}, 2 CPU processes (gloo), "
               f"{args.steps} steps/fit x {args.rounds} rounds (+1 warm-up)")
-        print(f"{'variant':<16}{'median us/step':>16}{'IQR us/step':>22}{'ratio':>8}")
+        print(f"{'variant':<18}{'median us/step':>16}{'IQR us/step':>22}{'ratio':>8}")
         for variant in variants:
             q1, q2, q3 = statistics.quantiles(samples[variant], n=4, method="inclusive")
-            print(f"{variant:<16}{q2:>16.1f}{f'{q1:.1f}-{q3:.1f}':>22}{q2 / bare:>8.3f}")
-        for r, (blocking, non_blocking, batches) in enumerate(t.tolist() for t in per_rank):
-            print(f"rank {r}: {int(batches)} HookCallback training batches; collectives per "
-                  f"step from HookCallback: blocking {blocking / batches:.3f} (target 0), "
-                  f"non-blocking {non_blocking / batches:.3f}")
-        ratio = statistics.median(samples["HookCallback"]) / bare
-        print(f"ratio HookCallback/bare = {ratio:.3f}")
+            print(f"{variant:<18}{q2:>16.1f}{f'{q1:.1f}-{q3:.1f}':>22}{q2 / bare:>8.3f}")
+        for r, rows in enumerate(t.tolist() for t in per_rank):
+            for variant, (blocking, non_blocking, batches) in zip(variants[1:], rows):
+                print(f"rank {r}, {variant}: {int(batches)} training batches; collectives per "
+                      f"step from HookCallback: blocking {blocking / batches:.3f} (target 0), "
+                      f"non-blocking {non_blocking / batches:.3f}")
     dist.destroy_process_group()
     os._exit(0)  # the second process's interpreter teardown must not outlive rank 0's
 

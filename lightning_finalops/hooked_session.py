@@ -112,6 +112,9 @@ class HookedSession:
             one ends the process, as the signal asked). ``None``: when a hook asks for it
             (:attr:`Agreement.sigterm`, as ``CheckpointSaverHook`` does). Only in the main
             thread (Python delivers signals there).
+        on_preempted: called, on every rank, once a session that a SIGTERM stopped (on
+            any rank) ended cleanly, instead of calling the previous handler (Lightning
+            raises its ``SIGTERMException`` there, as its own loops do).
         defer_failures: with ranks that agree, an exception in a hook's ``after_run`` (or
             its fetches) is raised at the next run, on every rank together, instead of at
             once on this rank alone: for engines whose steps hold collectives of their own
@@ -145,6 +148,7 @@ class HookedSession:
         name: Optional[str] = None,
         stop_on_sigterm: Optional[bool] = None,
         defer_failures: bool = False,
+        on_preempted: Optional[Callable[[], None]] = None,
     ) -> None:
         self.hooks = check_hooks(hooks, argument)
         hook_state_keys(self.hooks)  # a bad or shared state_key fails here, not at a save
@@ -193,6 +197,7 @@ class HookedSession:
         self._heard_of_sigterm = False
         self._carried_stop = False  # a listener's stop, asked after this run's vote went
         self._defer_failures = check_bool(defer_failures, "defer_failures")
+        self._on_preempted = on_preempted
         self._deferred: Optional[BaseException] = None  # raised when every rank read it
         self._agreement_timeout = check_seconds(agreement_timeout, "agreement_timeout")
         self.name = name or f"the session of {argument}"
@@ -306,7 +311,7 @@ class HookedSession:
         if self._agreement is not None:
             self._leave_agreement()
         raw.forget_outputs()
-        self._release_sigterm_handler()
+        self._release_sigterm_handler(ended=True)
 
     @property
     def is_finished_job(self) -> bool:
@@ -368,6 +373,11 @@ class HookedSession:
                 logger.warning("%s", e)
         self._leave_agreement()
 
+    @property
+    def preempted(self) -> bool:
+        """Whether a SIGTERM reached this rank, or another rank's reached this one's vote."""
+        return self.received_sigterm or self._heard_of_sigterm
+
     def _install_sigterm_handler(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             logger.debug("%s is not in the main thread: SIGTERM is not handled.", self.name)
@@ -384,13 +394,17 @@ class HookedSession:
 
         signal.signal(signal.SIGTERM, on_sigterm)
 
-    def _release_sigterm_handler(self) -> None:
+    def _release_sigterm_handler(self, ended: bool = False) -> None:
         """Restore the previous SIGTERM handler; call it if the signal came meanwhile."""
         previous, self._previous_handler = self._previous_handler, _NOT_INSTALLED
         if previous is _NOT_INSTALLED:
             return
         restored = signal.SIG_DFL if previous is None else previous
         signal.signal(signal.SIGTERM, restored)
+        if self._on_preempted is not None:
+            if ended and self.preempted:
+                self._on_preempted()
+            return
         if not self.received_sigterm:
             return
         if callable(restored):

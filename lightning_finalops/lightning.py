@@ -12,6 +12,7 @@ the ``Callback`` of ``pytorch_lightning`` and, when installed, of ``lightning.py
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple
@@ -138,6 +139,15 @@ class _LightningEngine(Engine):
             self.trainer.save_checkpoint(tmp)  # a collective: returns once every rank wrote
         # every rank returns once the checkpoint is in place under its final name
         self.trainer.strategy.barrier("lightning_finalops.save_checkpoint")
+
+
+def _raise_sigterm_exception(trainer: Any) -> None:
+    """Raise the ``SIGTERMException`` of the trainer's Lightning, as its loops do on SIGTERM."""
+    if type(trainer).__module__.startswith("pytorch_lightning"):
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+    else:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+    raise SIGTERMException
 
 
 def _feed_batch(session: HookedSession, pending: PendingRun, batch: Any) -> None:
@@ -348,8 +358,10 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             [*hooks, *extra], _LightningEngine(trainer, pl_module), f"{kind}_hooks",
             agree_across_ranks=kind == TRAINING, agreement_timeout=self.agreement_timeout,
             name=f"HookCallback's {kind} session",
-            # Lightning handles SIGTERM itself (its signal connector stops fit)
-            stop_on_sigterm=False,
+            # A SIGTERM stops fit at one step on every rank (the saver's end() writes it),
+            # in place of Lightning's handler, then raises Lightning's SIGTERMException
+            stop_on_sigterm=None if kind == TRAINING else False,
+            on_preempted=functools.partial(_raise_sigterm_exception, trainer),
             # DDP's backward is a collective: a hook's failure on one rank is raised at the
             # next batch end on every rank, so no rank waits inside that batch for it
             defer_failures=True,
@@ -486,6 +498,11 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         # missing_ok: a batch end whose start Lightning skipped (or that opened no run)
         if session is not None and session.finish_run(outputs, missing_ok=True):
             trainer.should_stop = True
+            if session.preempted:
+                # A SIGTERM's agreed stop: the session ends here, so the saver's final
+                # checkpoint is this batch end's (resumable mid-epoch, as Lightning's own
+                # batch-end checkpoints); then Lightning's SIGTERMException, as its loops do.
+                self._close(TRAINING)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """Closes a run whose batch end Lightning skipped (``on_train_batch_start`` -> -1)."""

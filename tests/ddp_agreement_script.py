@@ -17,11 +17,14 @@ saw to ``OUT_DIR/<mode>-rank<r>.pt``:
 - ``raise``: a training hook raises on rank 1 only, at global step 3; each rank records the
   exception ``fit`` ended with, and the step.
 - ``nan``: a ``NanTensorHook`` whose fetch is NaN on rank 1 only, at global step 3.
+- ``sigterm``: rank 1 alone receives SIGTERM at global step 3, with a
+  ``CheckpointSaverHook``; then ``fit(ckpt_path=...)`` resumes from the checkpoint written.
 """
 
 import functools
 import itertools
 import os
+import signal
 import sys
 import warnings
 
@@ -278,6 +281,74 @@ class RaiseOnRankOne(SessionRunHook):
             raise ValueError("boom on rank 1")
 
 
+class SigtermRankOne(SessionRunHook):
+    def after_run(self, run_context, run_values):
+        if rank() == 1 and run_context.session.global_step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a spot instance's notice would
+
+
+class ResumableBatches:
+    """This rank's training batches, resumable mid-epoch: its state is its position."""
+
+    def __init__(self) -> None:
+        x, y = dataset(16, 0).tensors
+        self.batches = [(x[i:i + 1], y[i:i + 1]) for i in range(rank(), 16, 2)]
+        self.start = self.pos = 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        self.pos, self.start = self.start, 0
+        while self.pos < len(self.batches):
+            self.pos += 1
+            yield self.batches[self.pos - 1]
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state) -> None:
+        self.start = state["pos"]
+
+
+class ResumableModule(Module):
+    def train_dataloader(self):
+        return ResumableBatches()
+
+
+def sigterm(out_dir: str) -> dict:
+    ckpt_dir = os.path.join(out_dir, "sigterm-ckpt")
+
+    def fit(hooks, ckpt_path=None, directory=ckpt_dir):
+        torch.manual_seed(0)
+        model = ResumableModule()
+        trainer = make_trainer(max_epochs=1, strategy="ddp", devices=2,
+                               use_distributed_sampler=False,
+                               callbacks=[HookCallback([*hooks, CheckpointSaverHook(
+                                   directory, save_steps=100)])])
+        result = {"error": None}
+        try:
+            trainer.fit(model, ckpt_path=ckpt_path)
+        except BaseException as e:  # noqa: BLE001 - SIGTERMException is a SystemExit
+            result["error"] = type(e).__name__
+        result.update(global_step=trainer.global_step,
+                      w=model.layer.weight.detach().clone())
+        return result
+
+    class Restored(SessionRunHook):
+        def after_create_session(self, session, coord):
+            self.step = session.global_step
+
+    first = fit([SigtermRankOne()])
+    dist.barrier()  # the relaunch reads the checkpoint rank 0 wrote
+    restored = Restored()
+    resumed = fit([restored], os.path.join(ckpt_dir, f"model.ckpt-{first['global_step']}"))
+    resumed["restored_step"] = restored.step
+    straight = fit([], directory=os.path.join(out_dir, "sigterm-straight"))
+    return {"first": first, "resumed": resumed, "straight": straight,
+            "files": sorted(os.listdir(ckpt_dir)) if rank() == 0 else None}
+
+
 def failing(out_dir: str, mode: str) -> dict:
     """A hook fails (or sees NaN) on rank 1 only: every rank's fit must end, none hang."""
     model = Module()
@@ -305,6 +376,8 @@ def main() -> None:
     torch.manual_seed(0)
     if mode in ("raise", "nan"):
         result = failing(out_dir, mode)
+    elif mode == "sigterm":
+        result = sigterm(out_dir)
     else:
         result = {"clocks": clocks, "uneven": uneven, "early": early}[mode](out_dir)
     torch.save(result, os.path.join(out_dir, f"{mode}-rank{rank()}.pt"))

@@ -107,3 +107,17 @@ def test_a_nan_on_one_rank_fails_fit_on_every_rank_at_the_same_step(tmp_path):
     for rank in (rank0, rank1):
         assert rank["error"] == ("NanLossDuringTrainingError", "NaN loss during training.")
     assert rank0["global_step"] == rank1["global_step"]
+
+
+def test_sigterm_on_one_rank_stops_fit_at_one_step_saved_once_and_resumable(tmp_path):
+    rank0, rank1 = _launch(tmp_path, "sigterm")
+    for rank in (rank0, rank1):
+        # sent to rank 1 at step 3, agreed in that batch's vote: both stop at 4, then raise
+        # Lightning's own SIGTERMException, as its loops do
+        assert rank["first"]["error"] == "SIGTERMException"
+        assert rank["first"]["global_step"] == 4
+        # fit(ckpt_path=...) restarts at that batch end and ends where an uninterrupted run does
+        assert rank["resumed"]["restored_step"] == 4 and rank["resumed"]["global_step"] == 8
+        assert torch.equal(rank["resumed"]["w"], rank["straight"]["w"])
+    # one checkpoint for the stop (the saver's final save at the batch end), none twice
+    assert rank0["files"] == ["model.ckpt-0", "model.ckpt-4", "model.ckpt-8"]
