@@ -10,6 +10,8 @@ data, no validation) is run with these callback lists:
 * ``declares nothing``: ``HookCallback`` with hooks that declare nothing to agree on
   (``StopAtStepHook``, ``FinalOpsHook``, ``LoggingTensorHook(every_n_iter=...)``, 10 no-op
   hooks that declare nothing): the session issues no collective at all.
+* ``vote only``: the same hooks plus one that declares a stop and does nothing else: the
+  agreement's own cost, one small non-blocking all-reduce per step.
 * ``standard hooks``: ``HookCallback`` with ``NanTensorHook`` (a value summed over ranks),
   ``LoggingTensorHook(every_n_secs=...)`` (rank 0's clock), an early-stopping hook (a stop
   and a value) and ``StopAtStepHook``: one small non-blocking vote per step.
@@ -74,6 +76,11 @@ class NoOpHook(SessionRunHook):
         return Agreement()  # it never stops
 
 
+class VoteOnlyHook(NoOpHook):
+    def agreement(self) -> Agreement:
+        return Agreement(stop=True)  # may stop on one rank: the session votes every run
+
+
 class Model(lp.LightningModule):
     def __init__(self, n_batches: int) -> None:
         super().__init__()
@@ -130,10 +137,11 @@ class Counts:
 
 def hooks_of(variant: str, steps: int) -> List[SessionRunHook]:
     last = StopAtStepHook(last_step=steps + 1)
-    if variant == "declares nothing":
+    if variant in ("declares nothing", "vote only"):
         return [last, FinalOpsHook({"loss": "loss"}),
                 LoggingTensorHook({"loss": "loss"}, every_n_iter=10 * steps),
-                *(NoOpHook() for _ in range(10))]
+                *(NoOpHook() for _ in range(10)),
+                *([VoteOnlyHook()] if variant == "vote only" else [])]
     return [last, NanTensorHook("loss"),
             LoggingTensorHook({"loss": "loss"}, every_n_secs=3600),
             make_early_stopping_hook(lambda: False, run_every_secs=None,
@@ -167,12 +175,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
     torch.set_num_threads(1)
-    variants = ["bare", "declares nothing", "standard hooks"]
+    variants = ["bare", "declares nothing", "vote only", "standard hooks"]
     counts = Counts(variants)
     samples: Dict[str, List[float]] = {v: [] for v in variants}
     fit_once("bare", 5, counts)  # launches the second process and warms up
     for r in range(args.rounds + 1):
-        order = variants[r % 3:] + variants[: r % 3]
+        order = variants[r % len(variants):] + variants[: r % len(variants)]
         for variant in order:
             ns = fit_once(variant, args.steps, counts)
             if r > 0:
