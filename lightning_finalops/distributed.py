@@ -42,10 +42,6 @@ __all__ = [
     "world_size",
 ]
 
-# (the default group it was made for, the gloo group): a group re-created after a
-# destroy_process_group() gets a gloo group of its own, even at a reused address
-_GLOO_GROUP: List[Any] = []
-
 # Rank 0's clock as the ranks of the running session last agreed on it; None: no agreement.
 _agreed_time: Optional[float] = None
 # What a rank contributes as its clock. ``hooks.timers`` sets it to read its ``clock``
@@ -87,29 +83,31 @@ def world_size() -> int:
     return 1
 
 
-def _cpu_group() -> Any:
-    """A group that reduces CPU tensors: the default one under gloo, else a gloo group.
-
-    A new group is a collective of its own: every rank creates it at the same point (the
-    first agreement of the first session, at session creation).
-    """
-    if dist.get_backend() == "gloo":
-        return None  # the default group already reduces CPU tensors
-    world = dist.group.WORLD
-    if not _GLOO_GROUP or _GLOO_GROUP[0] is not world:
-        _GLOO_GROUP[:] = [world, dist.new_group(backend="gloo")]
-    return _GLOO_GROUP[1]
-
-
-def broadcast_from_rank_zero(value: Any) -> Any:
-    """Rank 0's ``value`` on every rank (a blocking collective over a CPU group).
+def broadcast_from_rank_zero(value: Any, timeout: float = 300.0,
+                             what: str = "a value") -> Any:
+    """Rank 0's ``value`` on every rank: a blocking collective on the library's own group.
 
     With one process (or without ``torch.distributed``), ``value`` itself.
+
+    Args:
+        value: what rank 0 sends (picklable); the other ranks' is ignored.
+        timeout: seconds to wait for every rank.
+        what: what is sent, as the error names it.
+
+    Raises:
+        AgreementTimeoutError: a rank did not join within ``timeout`` seconds.
     """
     if world_size() <= 1:
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0, group=_cpu_group())
+    try:
+        dist.broadcast_object_list(box, src=0, group=_agreement_group(timeout))
+    except RuntimeError as e:
+        rank = dist.get_rank()
+        raise AgreementTimeoutError(
+            f"lightning_finalops: rank {rank} waited in vain for {what} from rank 0: a rank "
+            f"killed, hung or far behind (timeout={timeout:g} s; {e})", [], -1,
+        ) from e
     return box[0]
 
 

@@ -191,8 +191,9 @@ class _PlainEngine(Engine):
         state.update({f"optimizer.{k}": o for k, o in self._named_optimizers.items()})
         return state
 
-    def restore_latest(self, checkpoint_dir: str, basename: str,
-                       strict: bool = True) -> Optional[Tuple[str, Dict[str, Any], List[str]]]:
+    def restore_latest(self, checkpoint_dir: str, basename: str, strict: bool = True,
+                       timeout: float = 300.0,
+                       ) -> Optional[Tuple[str, Dict[str, Any], List[str]]]:
         """Restore the newest checkpoint of ``checkpoint_dir`` that loads (older ones if not).
 
         Args:
@@ -200,6 +201,7 @@ class _PlainEngine(Engine):
             basename: their base name.
             strict: every saved module and optimizer must have one here; else those
                 without one are skipped.
+            timeout: seconds every rank waits for rank 0's choice.
 
         Returns:
             ``(path, saved session state, what was skipped)``, or ``None`` when there is
@@ -221,7 +223,8 @@ class _PlainEngine(Engine):
                 except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
                     error = f"{type(e).__name__}: {e}"
             path, error = broadcast_from_rank_zero(
-                (found[0] if found is not None else None, error)
+                (found[0] if found is not None else None, error), timeout,
+                "the checkpoint to restore",
             )
             if error is not None:
                 raise RuntimeError(f"Rank 0 could not choose a checkpoint to restore: {error}")
@@ -385,7 +388,7 @@ class MonitoredSession:
         strict = True if strict is None else strict
         if checkpoint_dir is not None:
             restored = self._engine.restore_latest(checkpoint_dir, checkpoint_basename,
-                                                   restore_strict)
+                                                   restore_strict, agreement_timeout)
             if restored is not None and state is not None:
                 raise ValueError(
                     "Pass either state or a checkpoint_dir to restore from, not both "
