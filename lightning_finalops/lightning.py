@@ -25,12 +25,13 @@ from lightning_finalops.distributed import RankAgreement
 from lightning_finalops.engine import Engine
 from lightning_finalops.hook_state import (
     check_hooks,
+    has_state,
     hook_state_dict,
     hook_state_keys,
     load_hook_state_dict,
 )
 from lightning_finalops.hooked_session import HookedSession
-from lightning_finalops.hooks.final_ops import FinalOpsExportHook, FinalOpsHook
+from lightning_finalops.hooks.final_ops import FinalOpsHook, ResultsExportHook
 from lightning_finalops.run import PendingRun
 from lightning_finalops.session_run_hook import SessionRunHook
 from lightning_finalops.validation import check_bool, check_seconds, describe
@@ -269,16 +270,16 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         return self._evaluations
 
     def check_evaluation_history(self, argument: str) -> None:
-        """Fail when the evaluations record nothing (no ``FinalOpsHook`` with dict values).
+        """Fail when the evaluations record nothing (no hook that records results).
 
         Args:
             argument: the argument this callback was given as, for the message.
 
         Raises:
-            ValueError: no ``FinalOpsHook`` of ``evaluation_hooks`` evaluates a dict.
+            ValueError: no hook of ``evaluation_hooks`` records results (see
+                :meth:`SessionRunHook.latest_results`: a ``FinalOpsHook`` over a dict does).
         """
-        if not any(isinstance(h, FinalOpsHook) and isinstance(h.final_ops, Mapping)
-                   for h in self.evaluation_hooks):
+        if not self._result_hooks():
             raise ValueError(
                 f"{argument}: this HookCallback's evaluations record nothing to stop on: give "
                 "it final_ops={'name': ...} or a FinalOpsHook({...}) in evaluation_hooks."
@@ -380,24 +381,24 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             if latest is not None:
                 self._record_evaluation(latest)
 
-    def _evaluation_final_ops(self) -> List[FinalOpsHook]:
-        distinct: Dict[int, FinalOpsHook] = {}
+    def _result_hooks(self) -> List[SessionRunHook]:
+        """The distinct evaluation hooks that record results, in list order."""
+        distinct: Dict[int, SessionRunHook] = {}
         for hook in self.evaluation_hooks:
-            if isinstance(hook, FinalOpsHook):
+            if hook.records_results:
                 distinct.setdefault(id(hook), hook)
         return list(distinct.values())
 
     def _latest_entries(self) -> List[Any]:
-        """Each evaluation ``FinalOpsHook``'s latest history entry (or ``None``)."""
-        return [h.final_ops_history[-1] if h.final_ops_history else None
-                for h in self._evaluation_final_ops()]
+        """Each result-recording evaluation hook's latest entry (or ``None``)."""
+        return [hook.latest_results() for hook in self._result_hooks()]
 
     def _record_evaluation(self, before: List[Any]) -> None:
         """Keep the entries the evaluation session that just ended recorded."""
-        for hook, previous in zip(self._evaluation_final_ops(), before):
-            history = hook.final_ops_history
-            if history and history[-1] is not previous and isinstance(history[-1][1], Mapping):
-                self._evaluations.append(history[-1])
+        for hook, previous in zip(self._result_hooks(), before):
+            latest = hook.latest_results()
+            if latest is not None and latest is not previous:
+                self._evaluations.append(latest)
 
     def _finished_before_start(self, trainer: Any) -> bool:
         """Whether ``fit`` restored a job that had already reached its end, so ran nothing."""
@@ -532,9 +533,9 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         if not self._is_session(trainer):
             return
         extra: List[SessionRunHook] = []
-        final_ops_hooks = [h for h in self.evaluation_hooks if isinstance(h, FinalOpsHook)]
-        if self.log_final_ops and final_ops_hooks and trainer.loggers:
-            extra.append(FinalOpsExportHook(final_ops_hooks, prefix))
+        result_hooks = self._result_hooks()
+        if self.log_final_ops and result_hooks and trainer.loggers:
+            extra.append(ResultsExportHook(result_hooks, prefix))
         session = self._open(EVALUATION, trainer, pl_module, extra)
         if session is not None:
             session.create()
@@ -683,10 +684,10 @@ def _refuse_spawn_launcher(trainer: Any, hooks: Sequence[SessionRunHook]) -> Non
     launcher = getattr(trainer.strategy, "launcher", None)
     if type(launcher).__name__ != "_MultiProcessingLauncher":
         return
-    holders = sorted({type(h).__name__ for h in hooks if isinstance(h, FinalOpsHook)})
+    holders = sorted({type(h).__name__ for h in hooks if has_state(h)})
     if holders:
         raise RuntimeError(
-            f"HookCallback: {holders} collect values in the worker processes of "
+            f"HookCallback: {holders} keep values or state in the worker processes of "
             f"strategy={type(trainer.strategy).__name__} with start method "
             f"'{getattr(launcher, '_start_method', 'spawn')}', and the launching process never "
             "sees them (Lightning sends back only the model and callback_metrics). Use "

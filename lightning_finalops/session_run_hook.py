@@ -208,6 +208,26 @@ class SessionRunHook:
             return _STOP
         return _NOTHING
 
+    @property
+    def records_results(self) -> bool:
+        """Whether this hook records named results at each session's end (an evaluation's).
+
+        See :meth:`latest_results`; the base class records none.
+        """
+        return False
+
+    def latest_results(self) -> Optional[Tuple[int, Mapping[str, Any]]]:
+        """The latest ``(global_step, {name: value})`` this hook recorded at a session's end.
+
+        What an evaluation produced (``Estimator.evaluate``'s dict): ``HookCallback`` keeps
+        each evaluation session's new entries in its ``evaluation_history`` and logs their
+        scalars, ``InMemoryEvaluatorHook`` merges them into its results, the early-stopping
+        hooks read them from there. ``FinalOpsHook`` gives its latest entry when its final
+        ops are a dict. A new session's entry must be a new object (the adapters tell new
+        from old by identity). ``None``: nothing recorded (the base class).
+        """
+        return None
+
     def end(self, session: Optional[RawSession]) -> None:
         """Called once at the end of a session that ended cleanly (not after an exception).
 

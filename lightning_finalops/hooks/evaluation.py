@@ -78,8 +78,9 @@ class InMemoryEvaluatorHook(SessionRunHook):
 
     The results of an evaluation are ``{name: value}``: the mean over its batches of every
     scalar tensor or number in the dict ``eval_step`` returns (kept on the device: no host
-    sync), then the values of each ``FinalOpsHook`` of ``hooks`` whose final ops are a dict
-    (they win a name clash). ``evaluation_history`` keeps ``(global step, results)`` for
+    sync), then the results each hook of ``hooks`` recorded in it
+    (:meth:`~lightning_finalops.SessionRunHook.latest_results`: a ``FinalOpsHook`` whose final
+    ops are a dict; they win a name clash). ``evaluation_history`` keeps ``(global step, results)`` for
     every evaluation (unbounded: return scalars), is the hook's checkpointed state, and is
     what the early-stopping hooks read when given this hook. The state of ``hooks`` is not
     checkpointed (each evaluation is a fresh session for them). With ``output_dir``, the
@@ -246,6 +247,7 @@ class InMemoryEvaluatorHook(SessionRunHook):
         global_step = training.global_step
         engine = _EvaluationEngine(training, global_step, modules)
         self._reset_metrics()
+        before = [hook.latest_results() for hook in self._hooks]
         sums: Dict[str, Any] = {}
         counts: Dict[str, int] = {}
 
@@ -259,9 +261,10 @@ class InMemoryEvaluatorHook(SessionRunHook):
             on_outputs=accumulate,
         )
         results: Dict[str, Any] = {name: total / counts[name] for name, total in sums.items()}
-        for hook in self._hooks:
-            if isinstance(hook, FinalOpsHook) and isinstance(hook.final_ops_values, Mapping):
-                results.update(hook.final_ops_values)
+        for hook, previous in zip(self._hooks, before):
+            latest = hook.latest_results()  # what a hook recorded in this evaluation
+            if latest is not None and latest is not previous:
+                results.update(latest[1])
         self._history.append((global_step, results))
         self._timer.update_last_triggered_step(self._iter_count)
         if logger.isEnabledFor(logging.INFO):  # printing device values waits for them

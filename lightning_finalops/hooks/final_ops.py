@@ -1,6 +1,6 @@
 """``FinalOpsHook``: evaluate tensors, metrics or callables once, when a session ends.
 
-``FinalOpsExportHook`` sends the scalar final values of such hooks to the engine's loggers.
+``ResultsExportHook`` sends the scalar results of such hooks to the engine's loggers.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from lightning_finalops.session_run_hook import Agreement, RawSession, SessionRu
 from lightning_finalops.sync_audit import host_values
 from lightning_finalops.validation import check_bool, check_int, describe
 
-__all__ = ["FinalOpsExportHook", "FinalOpsHook"]
+__all__ = ["FinalOpsHook", "ResultsExportHook"]
 
 logger = logging.getLogger("lightning_finalops")
 
@@ -163,6 +163,18 @@ class FinalOpsHook(SessionRunHook):
     def state_key(self) -> str:
         """``FinalOpsHook{<what final_ops evaluates>}``, or ``FinalOpsHook[<name>]``."""
         return self._state_key
+
+    @property
+    def records_results(self) -> bool:
+        """Whether its final ops are a dict: then each ``end()`` records named results."""
+        return isinstance(self._final_ops, Mapping)
+
+    def latest_results(self) -> Optional[Tuple[int, Mapping[str, Any]]]:
+        """Its latest ``(global_step, values)`` entry when the values are a dict, else ``None``."""
+        history = self._final_ops_history
+        if history and isinstance(history[-1][1], Mapping):
+            return history[-1]
+        return None
 
     @property
     def final_ops_values(self) -> Any:
@@ -308,36 +320,47 @@ class FinalOpsHook(SessionRunHook):
         self._final_ops_values = history[-1][1] if history else None
 
 
-class FinalOpsExportHook(SessionRunHook):
-    """Sends the scalar final values of ``FinalOpsHook`` s to the engine's loggers at ``end()``.
+class ResultsExportHook(SessionRunHook):
+    """Sends the scalar results hooks recorded in a session to the engine's loggers at ``end()``.
 
-    List it after the hooks it reads. At ``end()`` it collects the scalar leaves of each
-    hook's ``final_ops_values`` (one-element tensors and plain numbers), brings them to the
-    host in one transfer (larger tensors, such as weights, stay where they are) and calls
-    ``session.log_metrics`` with ``{"<prefix>/<key>": value}`` at the session's global step
-    (``"<prefix>/<i>/<key>"`` when it reads several hooks), as ``Estimator.evaluate`` wrote
-    its summary.
+    List it after the hooks it reads (any hook that records results, see
+    :meth:`SessionRunHook.latest_results`). At ``end()`` it collects the scalar leaves of
+    what each hook recorded in this session (one-element tensors and plain numbers), brings
+    them to the host in one transfer (larger tensors, such as weights, stay where they are)
+    and calls ``session.log_metrics`` with ``{"<prefix>/<key>": value}`` at the session's
+    global step (``"<prefix>/<i>/<key>"`` when it reads several hooks), as
+    ``Estimator.evaluate`` wrote its summary.
 
     Args:
-        final_ops_hooks: the hooks whose values to send.
+        hooks: the hooks whose results to send.
         prefix: the tag prefix, for example ``"final_ops/val"``.
     """
 
-    def __init__(self, final_ops_hooks: List[FinalOpsHook], prefix: str) -> None:
-        self._hooks = list(final_ops_hooks)
+    def __init__(self, hooks: List[SessionRunHook], prefix: str) -> None:
+        self._hooks = list(hooks)
         self._prefix = prefix
+        self._before: List[Any] = []
+
+    def agreement(self) -> Agreement:
+        """Nothing to agree on."""
+        return Agreement()
+
+    def begin(self) -> None:
+        """Note each hook's latest results: only newer ones are this session's."""
+        self._before = [hook.latest_results() for hook in self._hooks]
 
     def end(self, session: Optional[RawSession]) -> None:
-        """Send the scalar final values to ``session.log_metrics``."""
+        """Send the scalar results recorded in this session to ``session.log_metrics``."""
         if session is None:
             return
         tags: List[str] = []
         scalars: List[Any] = []
-        for i, hook in enumerate(self._hooks):
-            if hook.final_ops_values is None:
+        for i, (hook, before) in enumerate(zip(self._hooks, self._before)):
+            latest = hook.latest_results()
+            if latest is None or latest is before:
                 continue
             root = self._prefix if len(self._hooks) == 1 else f"{self._prefix}/{i}"
-            for path, value in leaves(hook.final_ops_values, (root,)):
+            for path, value in leaves(latest[1], (root,)):
                 if is_scalar(value):  # a one-element tensor, a number, a numpy scalar
                     assert path is not None
                     tags.append(path_tag(path))
