@@ -124,8 +124,8 @@ DEPARTURES = {
 # zeros), a flag summed over ranks (a finished job at creation, a changed state at the end),
 # any rank preempted; then one status slot per rank; then the hooks' declared values.
 _STOP, _CLOCK, _FLAG, _PREEMPTED, _HEADER = 0, 1, 2, 3, 4
-# (default group, timeout) -> the library's own gloo group for agreements
-_AGREEMENT_GROUPS: Dict[Tuple[int, float], Any] = {}
+# timeout -> (the default group it was made for, the library's own gloo group)
+_AGREEMENT_GROUPS: Dict[float, Tuple[Any, Any]] = {}
 _sessions = itertools.count()
 # Agreements still open, so that an interpreter exit leaves them with a message.
 _OPEN: weakref.WeakSet[RankAgreement] = weakref.WeakSet()
@@ -171,7 +171,7 @@ class Vote(NamedTuple):
     flags: int  # ranks that set the vote's flag
     preempted: bool  # a rank received SIGTERM
     departed: Dict[int, int]  # rank -> LEFT / FAILED / EXITED
-    failures: Dict[int, str]  # rank -> "ExceptionType: message" of a failed rank
+    failures: Dict[int, str]  # rank -> "ExceptionType: message" of a failed rank (the store's)
     values: Tuple[float, ...]  # the declared values, summed over ranks
 
 
@@ -181,12 +181,21 @@ def _agreement_group(timeout: float) -> Any:
     Created by every rank at the same point (a session's creation), once per default group
     and timeout; its collectives fail after ``timeout`` seconds instead of gloo's 30 minutes.
     """
-    key = (id(dist.group.WORLD), timeout)
-    group = _AGREEMENT_GROUPS.get(key)
-    if group is None:
-        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
-        _AGREEMENT_GROUPS[key] = group
-    return group
+    world = dist.group.WORLD
+    entry = _AGREEMENT_GROUPS.get(timeout)
+    if entry is None or entry[0] is not world:  # a group re-created after a destroy
+        entry = (world, dist.new_group(backend="gloo",
+                                       timeout=datetime.timedelta(seconds=timeout)))
+        _AGREEMENT_GROUPS[timeout] = entry
+    return entry[1]
+
+
+def _store() -> Any:
+    """The default group's store (where ranks leave what no collective can carry), or None."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - an init method without a store: texts do not travel
+        return None
 
 
 def _describe(error: BaseException) -> str:
@@ -202,10 +211,12 @@ class RankAgreement:
     the session (a clean end, an exception). A vote is one small CPU float64 vector summed
     with one all-reduce on the library's own gloo group, issued without waiting and read a
     run later. A rank that leaves says so in its next vote instead of going silent, so the
-    others stop at the run that reads it; a rank that failed sends its exception's text
-    after that vote. After such a vote no rank issues another collective on the group.
-    Every wait is bounded by ``timeout`` and fails with an :class:`AgreementTimeoutError`
-    naming the session, the step and the ranks that did not answer.
+    others stop at the run that reads it; a rank that fails first leaves its exception's
+    text in the store, where the others read it. After a vote that says a rank left, no rank
+    issues another collective on the group. Every wait is bounded by ``timeout`` and fails
+    with a :class:`RankFailedError` when a rank left a failure in the store, else an
+    :class:`AgreementTimeoutError` naming the session, the step and the ranks that did not
+    answer.
 
     Args:
         values: how many values the session's hooks declared (summed over ranks).
@@ -224,16 +235,17 @@ class RankAgreement:
         self._template = [0.0] * (_HEADER + self.world + values)
         self._pending: Optional[Tuple[Any, torch.Tensor]] = None
         self._votes = 0  # votes sent: numbers the store keys of a timeout
-        self._message: Optional[str] = None  # this rank's failure, sent after its vote
         self._id = next(_sessions)  # the same on every rank: sessions are made in one order
+        self._prefix = f"lightning_finalops/agreement/{self._id}/"
         #: no further collective: a rank left or failed, or a wait failed
         self.done = False
         _OPEN.add(self)
 
     # -- one vote --------------------------------------------------------------------------
     def _issue(self, stop: bool, now: float, flag: bool = False, status: int = RUNNING,
-               preempted: bool = False, values: Sequence[float] = ()) -> Tuple[Any, torch.Tensor]:
-        row = self._template.copy()
+               preempted: bool = False, values: Sequence[float] = (),
+               template: Optional[List[float]] = None) -> Tuple[Any, torch.Tensor]:
+        row = (self._template if template is None else template).copy()
         if stop:
             row[_STOP] = 1.0
         if self.rank == 0:
@@ -250,20 +262,32 @@ class RankAgreement:
         self._votes += 1
         return dist.all_reduce(vector, group=self._group, async_op=True), vector
 
-    def _wait(self, work: Any, vector: torch.Tensor, step: int) -> Vote:
+    def _wait(self, work: Any, vector: torch.Tensor, step: int,
+              seconds: Optional[float] = None) -> Vote:
+        timeout = self._timeout if seconds is None else datetime.timedelta(seconds=seconds)
         try:
-            work.wait(timeout=self._timeout)
+            work.wait(timeout=timeout)
         except RuntimeError as e:  # a timeout, or a peer gone (killed: connection closed)
             self._close()
+            failures = self._failures(range(self.world))
+            if failures:  # a rank that failed and exited before the others read its vote
+                raise RankFailedError(self._failed_message(failures, step), failures,
+                                      step) from e
             missing = self._unanswered()
             raise AgreementTimeoutError(
                 f"lightning_finalops: {self.name} on rank {self.rank}, at global step {step}: "
                 + (f"rank(s) {missing} did not answer" if missing else "the other ranks did "
-                   "not all answer") + " its agreement: killed, hung or far behind "
+                   "not all answer") + " its agreement: killed, hung, far behind, or its "
+                "hooks declare other things to agree on "
                 f"(agreement_timeout={self._seconds:g} s; {e})",
                 missing, step,
             ) from e
         return self._read(vector)
+
+    def _failed_message(self, failures: Dict[int, str], step: int) -> str:
+        failed = "; ".join(f"rank {r} failed with {text}" for r, text in failures.items())
+        return (f"lightning_finalops: {failed}. {self.name} stops on rank {self.rank} too, "
+                f"at global step {step}.")
 
     def _read(self, vector: torch.Tensor) -> Vote:
         row = vector.tolist()
@@ -272,22 +296,35 @@ class RankAgreement:
         failures: Dict[int, str] = {}
         if departed:
             self._close()
-            # every rank knows the failed ranks now: each sends its exception's text
-            for rank in sorted(r for r, s in departed.items() if s == FAILED):
-                box = [self._message if rank == self.rank else None]
-                try:
-                    dist.broadcast_object_list(box, src=rank, group=self._group)
-                except RuntimeError as e:
-                    box = [f"(its message did not arrive: {e})"]
-                failures[rank] = str(box[0])
+            failed = [r for r, s in departed.items() if s == FAILED]
+            if failed:
+                failures = self._failures(failed, missing="(its message did not arrive)")
         return Vote(row[_STOP] > 0, row[_CLOCK], int(round(row[_FLAG])), row[_PREEMPTED] > 0,
                     departed, failures, tuple(row[_HEADER + self.world:]))
 
+    def _failures(self, ranks: Any, missing: Optional[str] = None) -> Dict[int, str]:
+        """The failure texts ranks left in the store (``missing`` for one that left none)."""
+        store = _store()
+        found: Dict[int, str] = {}
+        for rank in sorted(ranks):
+            key = f"{self._prefix}failed/{rank}"
+            try:
+                if store is not None and store.check([key]):
+                    found[rank] = store.get(key).decode("utf-8", "replace")
+                    continue
+            except Exception:  # noqa: BLE001 - the store's host may be gone
+                pass
+            if missing is not None:
+                found[rank] = missing
+        return found
+
     def _unanswered(self) -> List[int]:
         """Ranks that did not reach this vote: each rank that gave up says so in the store."""
+        store = _store()
+        if store is None:
+            return []
         try:
-            store = dist.distributed_c10d._get_default_store()
-            prefix = f"lightning_finalops/agreement/{self._id}/{self._votes}/"
+            prefix = f"{self._prefix}{self._votes}/"
             store.set(prefix + str(self.rank), "1")
             deadline = time.monotonic() + min(10.0, self._seconds)
             missing = [r for r in range(self.world) if r != self.rank]
@@ -311,16 +348,41 @@ class RankAgreement:
     def start(self, step: int, now: float, finished: bool = False) -> Vote:
         """The first vote, at session creation, waited for: the clock and a finished job.
 
+        It also checks that every rank declared as many values.
+
+        Args:
+            step: this rank's global step (for errors).
+            now: this rank's clock (only rank 0's is used).
+            finished: whether this rank's hooks find the job finished.
+
         Returns:
             The vote: ``flags`` counts the ranks that find the job finished.
+
+        Raises:
+            ValueError: the ranks' hooks declare different numbers of values.
+            AgreementTimeoutError: a rank did not answer within the timeout.
         """
-        work, vector = self._issue(False, now, flag=finished)
-        return self._wait(work, vector, step)
+        template = [0.0] * (_HEADER + self.world + 1)  # one value: this rank's layout
+        work, vector = self._issue(False, now, flag=finished, values=[float(self._values)],
+                                   template=template)
+        vote = self._wait(work, vector, step)
+        if vote.values[0] != self.world * self._values:
+            self._close()
+            raise ValueError(
+                f"lightning_finalops: the ranks of {self.name} declare different values to "
+                f"agree on ({self._values} on rank {self.rank}, {vote.values[0]:g} on all "
+                "ranks together): every rank must run the same hooks."
+            )
+        return vote
 
     def receive(self, step: int) -> Optional[Vote]:
         """The previous run's vote (issued a run ago), or ``None`` when none is pending.
 
+        Args:
+            step: this rank's global step (for errors).
+
         Raises:
+            RankFailedError: a rank failed and exited before this vote completed.
             AgreementTimeoutError: a rank did not send it within the timeout.
         """
         if self._pending is None:
@@ -330,18 +392,32 @@ class RankAgreement:
         return self._wait(work, vector, step)
 
     def send(self, stop: bool, now: float, preempted: bool = False,
-             values: Sequence[float] = (), failed: Optional[BaseException] = None) -> None:
+             values: Sequence[float] = (), failed: bool = False) -> None:
         """Issue this run's vote without waiting; :meth:`receive` reads it at the next run.
 
-        With ``failed``, this rank says it failed (it raises once every rank read the vote).
+        Args:
+            stop: whether this rank asks every rank to stop.
+            now: this rank's clock (only rank 0's is used).
+            preempted: whether this rank received SIGTERM.
+            values: this rank's posts to the declared values, in declaration order.
+            failed: this rank failed (its text already in the store: :meth:`post_failure`)
+                and raises once every rank read this vote.
         """
-        if failed is not None:
-            self._message = _describe(failed)
         self._pending = self._issue(stop, now, preempted=preempted, values=values,
-                                    status=FAILED if failed is not None else RUNNING)
+                                    status=FAILED if failed else RUNNING)
 
-    def leave(self, step: int, why: int, *, flag: bool = False,
-              error: Optional[BaseException] = None) -> Optional[Vote]:
+    def post_failure(self, error: BaseException) -> None:
+        """Leave this rank's failure (type and text) in the store, for the others to read."""
+        store = _store()
+        if store is not None:
+            try:
+                store.set(f"{self._prefix}failed/{self.rank}", _describe(error))
+            except Exception:  # noqa: BLE001 - the others then name no exception
+                pass
+
+    def leave(self, step: int, why: int, *, flag: bool = False, preempted: bool = False,
+              error: Optional[BaseException] = None,
+              grace: Optional[float] = None) -> Optional[Vote]:
         """Leave the session with a message in the next vote, and wait for that vote.
 
         The vote pending from the last run is read first: if it already says a rank left,
@@ -351,7 +427,10 @@ class RankAgreement:
             step: this rank's global step.
             why: :data:`LEFT`, :data:`FAILED` or :data:`EXITED`.
             flag: this rank's flag for the vote (a checkpoint to rewrite).
-            error: the exception this rank fails with (its text goes to the others).
+            preempted: whether this rank received SIGTERM.
+            error: the exception this rank fails with (left in the store first).
+            grace: wait at most this many seconds for the others (a failing rank: they
+                may be inside a collective of their own that this rank no longer joins).
 
         Returns:
             The last vote read: the pending one when it ended the agreement, else the
@@ -359,19 +438,23 @@ class RankAgreement:
         """
         if self.done:
             return None
-        last = self.receive(step)
-        if self.done:
-            return last
         if error is not None:
-            self._message = _describe(error)
-        work, vector = self._issue(False, 0.0, flag=flag, status=why)
-        return self._wait(work, vector, step)
+            self.post_failure(error)
+        seconds = None if grace is None else min(grace, self._seconds)
+        if self._pending is not None:
+            work, vector = self._pending
+            self._pending = None
+            last = self._wait(work, vector, step, seconds)
+            if self.done:
+                return last
+        work, vector = self._issue(False, 0.0, flag=flag, status=why, preempted=preempted)
+        return self._wait(work, vector, step, seconds)
 
 
 @atexit.register
 def _leave_at_exit() -> None:
     """An interpreter exit with a session still open tells the other ranks (no hang)."""
-    for agreement in list(_OPEN):
+    for agreement in sorted(_OPEN, key=lambda a: a._id):
         try:
             if dist.is_initialized():
                 agreement.leave(-1, EXITED)

@@ -19,6 +19,8 @@ from lightning_finalops.validation import check_sequence_of
 __all__ = [
     "check_hooks",
     "has_state",
+    "latest_results",
+    "new_results",
     "hook_state_dict",
     "hook_state_keys",
     "load_hook_state_dict",
@@ -43,6 +45,25 @@ def check_hooks(hooks: Any, argument: str) -> Tuple[SessionRunHook, ...]:
                 "it would run twice at every call. List it once."
             )
     return checked
+
+
+def latest_results(hooks: Sequence[SessionRunHook]) -> List[Any]:
+    """Each hook's :meth:`~SessionRunHook.latest_results` now (to tell new entries later)."""
+    return [hook.latest_results() for hook in hooks]
+
+
+def new_results(hooks: Sequence[SessionRunHook], before: Sequence[Any]) -> List[Tuple[int, Any]]:
+    """``(index, (global_step, results))`` of each hook that recorded results since ``before``.
+
+    ``before`` is what :func:`latest_results` returned for the same hooks; an entry is new
+    when it is another object (each session's entry is a new one).
+    """
+    found = []
+    for i, (hook, previous) in enumerate(zip(hooks, before)):
+        latest = hook.latest_results()
+        if latest is not None and latest is not previous:
+            found.append((i, latest))
+    return found
 
 
 def has_state(hook: SessionRunHook) -> bool:

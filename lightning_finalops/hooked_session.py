@@ -70,6 +70,9 @@ logger = logging.getLogger("lightning_finalops")
 STOP_REQUESTED_MESSAGE = "Run called even after should_stop requested."
 _IN_FLIGHT_MESSAGE = "start_run() called while a run is in flight; finish or abort it."
 _NOT_INSTALLED = object()  # the session installed no SIGTERM handler
+# Seconds a failing rank waits for the others to read its failure: they may be inside a
+# collective of their own that it no longer joins (its text waits for them in the store).
+_FAILURE_GRACE = 30.0
 # The run of a session whose hooks have no per-run methods, when the user asks for nothing
 # either: no hook sees it, so one shared, empty record serves every such run.
 _IDLE_RUN = PendingRun(None, DEFAULT_OPTIONS)
@@ -194,7 +197,9 @@ class HookedSession:
         self._previous_handler: Any = _NOT_INSTALLED
         #: a SIGTERM arrived while the session was open
         self.received_sigterm = False
-        self._heard_of_sigterm = False
+        self._agreed_preempted = False  # a vote said a rank received SIGTERM
+        self._agrees = False  # the session votes (its agreement was created)
+        self._handler: Any = None  # the SIGTERM handler it installed
         self._carried_stop = False  # a listener's stop, asked after this run's vote went
         self._defer_failures = check_bool(defer_failures, "defer_failures")
         self._on_preempted = on_preempted
@@ -242,7 +247,7 @@ class HookedSession:
             self._agreement = self.engine.rank_agreement(
                 len(self._values), self._agreement_timeout, self.name
             )
-            raw.agrees_across_ranks = self._agreement is not None
+            raw.agrees_across_ranks = self._agrees = self._agreement is not None
             if self._agreement is not None:
                 # restored when the session ends: an enclosing session's agreed time; a job
                 # one rank finds finished (a chief-only hook's state) is finished on all
@@ -289,7 +294,7 @@ class HookedSession:
                 # the last run's vote, so every end() sees what the ranks agreed in it
                 vote = agreement.receive(raw.global_step)
                 if vote is not None:
-                    self._apply_vote(vote)
+                    self._apply_vote(vote, ended=False)
             with raw.saves_wait:
                 for hook in self.hooks:
                     hook.end(session)
@@ -299,10 +304,12 @@ class HookedSession:
             if agreement is not None:
                 # this rank leaves with a message; ranks ending together also agree whether
                 # to rewrite the file (a rewrite may be a collective)
-                vote = agreement.leave(raw.global_step, LEFT, flag=changed)
+                vote = agreement.leave(raw.global_step, LEFT, flag=changed,
+                                       preempted=self.received_sigterm)
                 if vote is not None:
+                    self._agreed_preempted = self._agreed_preempted or vote.preempted
                     if vote.failures:
-                        self._apply_vote(vote)  # raises
+                        self._apply_vote(vote, ended=True)  # raises
                     changed = vote.flags > 0
             raw.flush_checkpoint(changed)  # the last step's, with what every end() recorded
         except BaseException as e:
@@ -334,7 +341,7 @@ class HookedSession:
         self.abort_run()
         self.fail(error if error is not None else RuntimeError("the session was abandoned"))
         self.raw_session.forget_outputs()
-        self._release_sigterm_handler()
+        self._release_sigterm_handler(error=error)
 
     def _checkpointed_digest(self) -> bytes:
         state = self.engine.checkpointed_state()
@@ -368,15 +375,22 @@ class HookedSession:
             return
         if not agreement.done:
             try:
-                agreement.leave(self.raw_session.global_step, FAILED, error=error)
+                # At most a short wait: the others may be inside a collective of their own
+                # that this rank no longer joins; they find its text in the store then.
+                agreement.leave(self.raw_session.global_step, FAILED, error=error,
+                                preempted=self.received_sigterm, grace=_FAILURE_GRACE)
             except AgreementError as e:  # the exception that ends this rank stays the one raised
                 logger.warning("%s", e)
         self._leave_agreement()
 
     @property
     def preempted(self) -> bool:
-        """Whether a SIGTERM reached this rank, or another rank's reached this one's vote."""
-        return self.received_sigterm or self._heard_of_sigterm
+        """Whether a SIGTERM stopped the session (on any rank, when ranks agree).
+
+        With ranks that agree it is what they agreed (the same on every rank, once they
+        read the vote that carried it); else whether this process received one.
+        """
+        return self._agreed_preempted if self._agrees else self.received_sigterm
 
     def _install_sigterm_handler(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -384,7 +398,7 @@ class HookedSession:
             return
         self._previous_handler = signal.getsignal(signal.SIGTERM)
 
-        def on_sigterm(signum: int, frame: Any) -> None:
+        def on_sigterm(signum: int, frame: Any) -> None:  # the handler that _release checks
             if not self.received_sigterm:
                 logger.warning("lightning_finalops: SIGTERM received: %s stops %s; every "
                                "hook's end() runs, then the signal's previous handler.",
@@ -392,21 +406,31 @@ class HookedSession:
                                else "after the run in flight")
             self.received_sigterm = True
 
+        self._handler = on_sigterm
         signal.signal(signal.SIGTERM, on_sigterm)
 
-    def _release_sigterm_handler(self, ended: bool = False) -> None:
-        """Restore the previous SIGTERM handler; call it if the signal came meanwhile."""
+    def _release_sigterm_handler(self, ended: bool = False,
+                                 error: Optional[BaseException] = None) -> None:
+        """Restore the previous SIGTERM handler; call it if the signal came meanwhile.
+
+        Only a handler still in place is replaced (sessions may end out of order). After an
+        exception (``error``), the signal is passed on once the exception is logged.
+        """
         previous, self._previous_handler = self._previous_handler, _NOT_INSTALLED
         if previous is _NOT_INSTALLED:
             return
         restored = signal.SIG_DFL if previous is None else previous
-        signal.signal(signal.SIGTERM, restored)
-        if self._on_preempted is not None:
+        if signal.getsignal(signal.SIGTERM) is self._handler:
+            signal.signal(signal.SIGTERM, restored)
+        if self._on_preempted is not None and error is None:
             if ended and self.preempted:
                 self._on_preempted()
             return
         if not self.received_sigterm:
             return
+        if error is not None:
+            logger.error("lightning_finalops: %s ended by an exception after a SIGTERM; "
+                         "passing the signal on.", self.name, exc_info=error)
         if callable(restored):
             restored(signal.SIGTERM, None)
         elif restored == signal.SIG_DFL:
@@ -414,6 +438,7 @@ class HookedSession:
 
     def _leave_agreement(self) -> None:
         self._agreement = None
+        self.raw_session.agrees_across_ranks = False
         set_agreed_time(self._time_before)
 
     # -- one run ---------------------------------------------------------------------------
@@ -534,7 +559,10 @@ class HookedSession:
         The hooks' fetches are evaluated against ``outputs`` (when it is a mapping), then
         the engine's named values; then the run is counted (also when a fetch failed: the
         step ran). An exception in a fetch or in an ``after_run`` skips the later hooks and
-        propagates; the stop flag is then not applied (TF's rule).
+        propagates; the stop a hook asked for in this run is then not applied (TF's rule),
+        a stop the ranks agreed on is. With ranks that agree, the failure is first posted
+        to the other ranks (:meth:`fail`); with ``defer_failures`` it is posted in this
+        run's vote and raised at the next run (or at :meth:`end`), on every rank together.
 
         Args:
             outputs: what the step returned (a mapping makes its keys fetchable by name;
@@ -571,13 +599,24 @@ class HookedSession:
                      "every rank raises at the next run.", self.name, step,
                      type(error).__name__, error)
         self._deferred = error
-        vote = agreement.receive(step)  # still pending when a fetch failed before it was read
-        if vote is not None:
-            self._apply_vote(vote)  # another rank failed too: raises this rank's error now
+        agreement.post_failure(error)  # its text, for the others to read with the vote
+        try:
+            vote = agreement.receive(step)  # pending when a fetch failed before it was read
+            if vote is not None and self._apply_vote(vote):  # a rank failed too: raises
+                self.should_stop = True
+        except AgreementError as e:  # the hook's exception stays the one raised
+            logger.warning("%s", e)
+            raise error from None
         if agreement.done:  # a rank left: nobody reads another vote
             raise error
-        agreement.send(False, local_clock(), preempted=self.received_sigterm,
-                       values=[value.posted for value in self._values], failed=error)
+        self._send(agreement, False, failed=True)
+
+    def _send(self, agreement: RankAgreement, stop: bool, failed: bool = False) -> None:
+        """Issue this run's vote: the stop request, the clock, SIGTERM, the declared values."""
+        agreement.send(stop, local_clock(), preempted=self.received_sigterm,
+                       values=[value.posted for value in self._values], failed=failed)
+        for value in self._values:
+            value.posted = 0.0  # a post counts in one vote
 
     def _finish_run(self, pending: PendingRun, outputs: Any) -> bool:
         raw = self.raw_session
@@ -607,6 +646,8 @@ class HookedSession:
                 vote = agreement.receive(raw.global_step)
                 if vote is not None:
                     agreed_stop = self._apply_vote(vote)
+                    # agreed on every rank: it holds even if an after_run fails here now
+                    self.should_stop = self.should_stop or agreed_stop
             requested = consistent = False
             if context is not None:  # an idle run has no context and no after_run
                 # raw.saves_wait inline: a with-block costs ~0.23 us more per run here
@@ -623,9 +664,7 @@ class HookedSession:
                 # After a vote that said a rank left, no rank sends another. The vote goes
                 # before the checkpoint write, which may be a collective: a rank that waits
                 # in its departure for this vote is never left waiting behind that write.
-                agreement.send((requested and not consistent) or self._carried_stop,
-                               local_clock(), preempted=self.received_sigterm,
-                               values=[value.posted for value in self._values])
+                self._send(agreement, (requested and not consistent) or self._carried_stop)
                 self._carried_stop = False
             if (context is not None and raw.checkpoint_due
                     and self.engine.step_final_after_run):
@@ -675,20 +714,26 @@ class HookedSession:
             else:
                 after_run(context, no_results)
 
-    def _apply_vote(self, vote: Vote) -> bool:
+    def _apply_vote(self, vote: Vote, ended: bool = False) -> bool:
         """Apply what the ranks agreed; return whether the session stops after this run.
+
+        Args:
+            vote: what the ranks agreed.
+            ended: read after this rank's ``end()`` s (its departure vote).
 
         Raises:
             RankFailedError: a rank failed (its exception's type and text in the message).
+            BaseException: this rank's own deferred failure, once every rank read it.
         """
         set_agreed_time(vote.clock)
         for value, total in zip(self._values, vote.values):
             value._set(total)
-        if vote.preempted and not self.received_sigterm and not self._heard_of_sigterm:
-            self._heard_of_sigterm = True
-            logger.warning("lightning_finalops: another rank received SIGTERM: %s stops on "
-                           "this rank after global step %d.", self.name,
-                           self.raw_session.global_step)
+        if vote.preempted and not self._agreed_preempted:
+            self._agreed_preempted = True
+            if not self.received_sigterm:
+                logger.warning("lightning_finalops: another rank received SIGTERM: %s stops "
+                               "on this rank after global step %d.", self.name,
+                               self.raw_session.global_step)
         if not vote.departed:
             return vote.stop or vote.preempted
         step = self.raw_session.global_step
@@ -699,7 +744,8 @@ class HookedSession:
             failed = "; ".join(f"rank {r} failed with {text}" for r, text in vote.failures.items())
             raise RankFailedError(
                 f"lightning_finalops: {failed}. {self.name} stops on this rank too, at global "
-                f"step {step} (no hook's end() runs, as after an exception here).",
+                f"step {step}" + (" (its hooks' end() ran before it heard)." if ended else
+                                  " (no hook's end() runs, as after an exception here)."),
                 dict(vote.failures), step,
             )
         agreement = self._agreement

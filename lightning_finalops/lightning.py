@@ -28,7 +28,9 @@ from lightning_finalops.hook_state import (
     has_state,
     hook_state_dict,
     hook_state_keys,
+    latest_results,
     load_hook_state_dict,
+    new_results,
 )
 from lightning_finalops.hooked_session import HookedSession
 from lightning_finalops.hooks.final_ops import FinalOpsHook, ResultsExportHook
@@ -376,7 +378,7 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         session = self._sessions.pop(kind, None)
         if session is not None:
             session.abort_run()  # a run Lightning never finished (no batch end)
-            latest = self._latest_entries() if kind == EVALUATION else None
+            latest = latest_results(self._result_hooks()) if kind == EVALUATION else None
             session.end()
             if latest is not None:
                 self._record_evaluation(latest)
@@ -389,16 +391,9 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
                 distinct.setdefault(id(hook), hook)
         return list(distinct.values())
 
-    def _latest_entries(self) -> List[Any]:
-        """Each result-recording evaluation hook's latest entry (or ``None``)."""
-        return [hook.latest_results() for hook in self._result_hooks()]
-
     def _record_evaluation(self, before: List[Any]) -> None:
         """Keep the entries the evaluation session that just ended recorded."""
-        for hook, previous in zip(self._result_hooks(), before):
-            latest = hook.latest_results()
-            if latest is not None and latest is not previous:
-                self._evaluations.append(latest)
+        self._evaluations.extend(entry for _, entry in new_results(self._result_hooks(), before))
 
     def _finished_before_start(self, trainer: Any) -> bool:
         """Whether ``fit`` restored a job that had already reached its end, so ran nothing."""

@@ -90,7 +90,6 @@ class AgreedValue:
 
     def _set(self, value: Optional[float]) -> None:
         self._agreed = value
-        self.posted = 0.0
 
 
 @dataclass(frozen=True)
@@ -106,7 +105,8 @@ class Agreement:
             decision depends on this rank's data): every rank then stops one run later.
         time: the hook decides on time (:func:`lightning_finalops.hooks.timers.now`, a
             ``SecondOrStepTimer`` with seconds): every rank reads rank 0's clock.
-        values: :class:`AgreedValue` s the hook posts and reads (summed over the ranks).
+        values: :class:`AgreedValue` s the hook posts and reads (summed over the ranks); a
+            list is taken as a tuple.
         sigterm: a SIGTERM (a preemption) should stop the session at a step every rank
             agrees on, so that the hooks' ``end()`` runs there (``CheckpointSaverHook``
             asks for it: its final save then holds that step). The session's

@@ -95,19 +95,22 @@ class OtherRank(RankAgreement):
         return last
 
     def send(self, stop: bool, now: float, preempted: bool = False, values=(),
-             failed=None) -> None:
+             failed: bool = False) -> None:
         self.sent.append(stop)
         self.posted.append(tuple(values))
         run = len(self.sent)
         self.other_clock += 10.0
         departed = {0: self.other_leaves[run]} if run in self.other_leaves else {}
-        if failed is not None:
-            self.failed = failed
+        if failed:
             departed[self.rank] = FAILED
         self._last = self._vote(stop or run in self.other_stops, departed,
                                 values=[v + self.other_values.get(run, 0.0) for v in values])
 
-    def leave(self, step: int, why: int, *, flag: bool = False, error=None) -> Optional[Vote]:
+    def post_failure(self, error: BaseException) -> None:
+        self.failed = error
+
+    def leave(self, step: int, why: int, *, flag: bool = False, preempted: bool = False,
+              error=None, grace=None) -> Optional[Vote]:
         if self.done:
             return None
         last = self.receive(step)
@@ -949,3 +952,20 @@ def test_a_deferred_failure_is_posted_then_raised_at_the_next_run_on_every_rank(
         one_run(session)
     # TF's rule at the failing run: later hooks' after_run skipped; none at the raising run
     assert [c for c in log if c[1] == "after_run"] == [("b", "after_run")]
+
+
+def test_a_deferred_failure_keeps_a_stop_the_ranks_already_agreed():
+    class FailsAtThree(SessionRunHook):
+        def after_run(self, run_context, run_values):
+            if run_context.session.global_step == 3:
+                raise KeyError("lost")
+
+    agreement = OtherRank(other_stops={2})  # read at run 3: every rank stops after it
+    session = HookedSession([FailsAtThree()], AgreeingEngine(agreement),
+                            agree_across_ranks=True, defer_failures=True)
+    session.begin()
+    session.create()
+    assert [one_run(session) for _ in range(2)] == [False, False]
+    assert one_run(session) is True  # failed here, posted, and still stops with the others
+    with pytest.raises(KeyError, match="lost"):
+        session.end()  # its end reads the vote that carried the failure: raised then

@@ -11,7 +11,7 @@ import torch
 from lightning_finalops.engine import Engine
 from lightning_finalops.evaluation_loop import modules_of, run_evaluation
 from lightning_finalops.fetches import is_metric, is_scalar, leaves, to_host
-from lightning_finalops.hook_state import check_hooks
+from lightning_finalops.hook_state import check_hooks, latest_results, new_results
 from lightning_finalops.hooked_session import HookedSession
 from lightning_finalops.hooks.final_ops import FinalOpsHook
 from lightning_finalops.hooks.summary import SummaryWriterCache
@@ -80,13 +80,13 @@ class InMemoryEvaluatorHook(SessionRunHook):
     scalar tensor or number in the dict ``eval_step`` returns (kept on the device: no host
     sync), then the results each hook of ``hooks`` recorded in it
     (:meth:`~lightning_finalops.SessionRunHook.latest_results`: a ``FinalOpsHook`` whose final
-    ops are a dict; they win a name clash). ``evaluation_history`` keeps ``(global step, results)`` for
-    every evaluation (unbounded: return scalars), is the hook's checkpointed state, and is
-    what the early-stopping hooks read when given this hook. The state of ``hooks`` is not
-    checkpointed (each evaluation is a fresh session for them). With ``output_dir``, the
-    chief also writes the scalar results to TensorBoard in ``output_dir/eval``
-    (``eval_<name>``) at the global step, for ``stop_if_*_hook(eval_dir=...)`` and
-    TensorBoard.
+    ops are a dict; they win a name clash). ``evaluation_history`` keeps
+    ``(global step, results)`` for every evaluation (unbounded: return scalars), is the
+    hook's checkpointed state, and is what the early-stopping hooks read when given this hook.
+    The state of ``hooks`` is not checkpointed (each evaluation is a fresh session for them).
+    With ``output_dir``, the chief also writes the scalar results to TensorBoard in
+    ``output_dir/eval`` (``eval_<name>``) at the global step, for
+    ``stop_if_*_hook(eval_dir=...)`` and TensorBoard.
 
     Many processes: every rank evaluates (the schedule is the same on every rank); give each
     rank its shard in ``input_fn`` and use torchmetrics, whose ``compute()`` reduces across
@@ -247,7 +247,7 @@ class InMemoryEvaluatorHook(SessionRunHook):
         global_step = training.global_step
         engine = _EvaluationEngine(training, global_step, modules)
         self._reset_metrics()
-        before = [hook.latest_results() for hook in self._hooks]
+        before = latest_results(self._hooks)
         sums: Dict[str, Any] = {}
         counts: Dict[str, int] = {}
 
@@ -261,10 +261,8 @@ class InMemoryEvaluatorHook(SessionRunHook):
             on_outputs=accumulate,
         )
         results: Dict[str, Any] = {name: total / counts[name] for name, total in sums.items()}
-        for hook, previous in zip(self._hooks, before):
-            latest = hook.latest_results()  # what a hook recorded in this evaluation
-            if latest is not None and latest is not previous:
-                results.update(latest[1])
+        for _, (_, recorded) in new_results(self._hooks, before):  # recorded in this one
+            results.update(recorded)
         self._history.append((global_step, results))
         self._timer.update_last_triggered_step(self._iter_count)
         if logger.isEnabledFor(logging.INFO):  # printing device values waits for them

@@ -23,6 +23,7 @@ from lightning_finalops.fetches import (
     split_feeds,
     to_host,
 )
+from lightning_finalops.hook_state import latest_results, new_results
 from lightning_finalops.session_run_hook import Agreement, RawSession, SessionRunHook
 from lightning_finalops.sync_audit import host_values
 from lightning_finalops.validation import check_bool, check_int, describe
@@ -347,7 +348,7 @@ class ResultsExportHook(SessionRunHook):
 
     def begin(self) -> None:
         """Note each hook's latest results: only newer ones are this session's."""
-        self._before = [hook.latest_results() for hook in self._hooks]
+        self._before = latest_results(self._hooks)
 
     def end(self, session: Optional[RawSession]) -> None:
         """Send the scalar results recorded in this session to ``session.log_metrics``."""
@@ -355,10 +356,7 @@ class ResultsExportHook(SessionRunHook):
             return
         tags: List[str] = []
         scalars: List[Any] = []
-        for i, (hook, before) in enumerate(zip(self._hooks, self._before)):
-            latest = hook.latest_results()
-            if latest is None or latest is before:
-                continue
+        for i, latest in new_results(self._hooks, self._before):
             root = self._prefix if len(self._hooks) == 1 else f"{self._prefix}/{i}"
             for path, value in leaves(latest[1], (root,)):
                 if is_scalar(value):  # a one-element tensor, a number, a numpy scalar

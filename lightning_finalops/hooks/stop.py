@@ -133,7 +133,8 @@ class NanTensorHook(SessionRunHook):
 
     With several ranks (a session whose ranks agree) a NaN on one rank reaches every rank
     in the session's vote: every rank raises (or stops) at the same step, the run after
-    the NaN, so no rank is left waiting for one that failed.
+    the NaN (under Lightning DDP the raise, a hook's failure there, lands one batch later
+    again, on every rank together), so no rank is left waiting for one that failed.
 
     Args:
         loss_tensor: a fetch for the loss: a tensor, a name such as ``"loss"`` (the step's
