@@ -14,13 +14,16 @@ import re
 import shutil
 import tempfile
 import zipfile
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from lightning_finalops.validation import check_path
 
 __all__ = [
+    "SESSION_FILE",
+    "holds_sharded_tensors",
     "check_basename",
     "atomic_torch_save",
     "atomic_write",
@@ -33,6 +36,16 @@ __all__ = [
 ]
 
 logger = logging.getLogger("lightning_finalops")
+
+#: The file of a sharded checkpoint directory that holds the global step and hook state
+#: (written by the chief, beside every rank's shards, last before the directory's rename).
+SESSION_FILE = "session.pt"
+
+
+def holds_sharded_tensors(modules: Iterable[torch.nn.Module]) -> bool:
+    """Whether a parameter or buffer of ``modules`` is sharded (a DTensor: FSDP2, TP)."""
+    return any(isinstance(t, DTensor) for module in modules
+               for t in (*module.parameters(), *module.buffers()))
 
 
 def checkpoint_path(checkpoint_dir: str, basename: str, global_step: int) -> str:

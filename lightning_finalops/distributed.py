@@ -34,6 +34,7 @@ __all__ = [
     "RankFailedError",
     "Vote",
     "agreed_time",
+    "agreement_group",
     "broadcast_from_rank_zero",
     "is_rank_zero",
     "local_clock",
@@ -101,7 +102,7 @@ def broadcast_from_rank_zero(value: Any, timeout: float = 300.0,
         return value
     box = [value]
     try:
-        dist.broadcast_object_list(box, src=0, group=_agreement_group(timeout))
+        dist.broadcast_object_list(box, src=0, group=agreement_group(timeout))
     except RuntimeError as e:
         rank = dist.get_rank()
         raise AgreementTimeoutError(
@@ -175,7 +176,7 @@ class Vote(NamedTuple):
     values: Tuple[float, ...]  # the declared values, summed over ranks
 
 
-def _agreement_group(timeout: float) -> Any:
+def agreement_group(timeout: float) -> Any:
     """The library's own gloo group (never the user's, never paired with their collectives).
 
     Created by every rank at the same point (a session's creation), once per default group
@@ -226,7 +227,7 @@ class RankAgreement:
 
     def __init__(self, values: int = 0, *, timeout: float = 300.0,
                  name: str = "the session") -> None:
-        self._group = _agreement_group(timeout)
+        self._group = agreement_group(timeout)
         self._timeout = datetime.timedelta(seconds=timeout)
         self._seconds = timeout
         self.rank, self.world = dist.get_rank(), dist.get_world_size()

@@ -28,6 +28,7 @@ from typing import (
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 
 from lightning_finalops.sync_audit import note_sync
 from lightning_finalops.validation import describe
@@ -38,6 +39,7 @@ __all__ = [
     "check_str_feeds_accepted",
     "evaluate",
     "format_path",
+    "full_values",
     "is_fetch_leaf",
     "is_metric",
     "is_scalar",
@@ -539,6 +541,19 @@ def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return range_a[0] < range_b[1] and range_b[0] < range_a[1]
 
 
+def full_values(values: Any) -> Any:
+    """``values`` with every sharded tensor (DTensor) gathered into its full value.
+
+    ``full_tensor()`` is a collective over the tensor's mesh: every rank must call this at
+    the same point. Without a DTensor, ``values`` itself (nothing is walked twice).
+    """
+    if not any(isinstance(leaf, DTensor) for _, leaf in leaves(values)):
+        return values
+    return map_structure(
+        lambda leaf, _: leaf.full_tensor() if isinstance(leaf, DTensor) else leaf, values
+    )
+
+
 def to_host(values: Any) -> Any:
     """Bring every tensor of a fetched structure to the host in one batched transfer.
 
@@ -551,9 +566,13 @@ def to_host(values: Any) -> Any:
         values: a structure as returned by a fetch (nested list/tuple/dict of tensors and
             other values).
 
+    A sharded tensor (DTensor) is gathered first (``full_tensor()``: a collective every
+    rank of its mesh must reach, once).
+
     Returns:
         The same structure with every tensor on the CPU; other leaves are unchanged.
     """
+    values = full_values(values)
     groups: Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]] = defaultdict(list)
     seen = set()
     found = leaves(values)

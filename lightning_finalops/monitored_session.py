@@ -6,24 +6,43 @@ import inspect
 import logging
 import os
 import types
+import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
 
 from lightning_finalops.checkpoints import (
+    SESSION_FILE,
     atomic_torch_save,
+    atomic_write,
     check_basename,
     check_checkpoint_dir,
+    holds_sharded_tensors,
     load_latest,
 )
 from lightning_finalops.distributed import (
     RankAgreement,
+    agreement_group,
     broadcast_from_rank_zero,
     is_rank_zero,
     world_size,
 )
 from lightning_finalops.engine import Engine
-from lightning_finalops.fetches import check_fetches, evaluate, is_metric
+from lightning_finalops.fetches import (
+    check_fetches,
+    evaluate,
+    format_path,
+    is_metric,
+    leaves,
+)
 from lightning_finalops.hook_state import hook_state_keys
 from lightning_finalops.hooked_session import HookedSession
 from lightning_finalops.session_run_hook import (
@@ -95,7 +114,8 @@ class _PlainEngine(Engine):
     def __init__(self, modules: Any, optimizers: Any,
                  session_state: Callable[[], Dict[str, Any]],
                  is_chief: Optional[bool] = None, fabric: Any = None,
-                 across_ranks: Optional[bool] = None) -> None:
+                 across_ranks: Optional[bool] = None,
+                 checkpoint_format: Optional[str] = None, timeout: float = 300.0) -> None:
         self._is_chief = check_bool(is_chief, "is_chief", allow_none=True)
         check_bool(across_ranks, "across_ranks", allow_none=True)
         self._across_ranks = world_size() > 1 if across_ranks is None else across_ranks
@@ -110,6 +130,16 @@ class _PlainEngine(Engine):
         self._modules = modules
         self._named_modules = _named(modules, "modules", torch.nn.Module)
         self._named_optimizers = _named(optimizers, "optimizers", torch.optim.Optimizer)
+        if checkpoint_format not in (None, "file", "dcp"):
+            raise ValueError("checkpoint_format must be None (by the state: 'dcp' when it is "
+                             "sharded), 'file' or 'dcp', got " f"{checkpoint_format!r}.")
+        if checkpoint_format == "dcp" or self._sharded():
+            bad = [name for name in self._named_modules if not name or "." in name]
+            if bad:
+                raise ValueError(f"modules {bad}: a sharded checkpoint names each module by "
+                                 "its key, which must be non-empty and hold no '.'.")
+        self._checkpoint_format = checkpoint_format
+        self._timeout = timeout
         self._session_state = session_state
         self._global_step = 0
 
@@ -171,6 +201,12 @@ class _PlainEngine(Engine):
                 os.replace(tmp, path)
             self.fabric.barrier()
             return
+        if self._checkpoint_format == "dcp" or (
+                self._checkpoint_format is None and self._sharded()):
+            self._write_sharded(path)
+            return
+        session = self._session_state()
+        _refuse_sharded(session, "the hooks' state")
         if self._across_ranks and not self.is_chief:
             return  # the chief writes what every rank holds
         atomic_torch_save(
@@ -178,10 +214,80 @@ class _PlainEngine(Engine):
                 "global_step": self.global_step,
                 "modules": {k: m.state_dict() for k, m in self._named_modules.items()},
                 "optimizers": {k: o.state_dict() for k, o in self._named_optimizers.items()},
-                "session": self._session_state(),
+                "session": session,
             },
             path,
         )
+
+    def _sharded(self) -> bool:
+        """Whether a module's parameters or buffers are sharded (DTensor: FSDP2, TP)."""
+        return holds_sharded_tensors(self._named_modules.values())
+
+    def _container(self) -> torch.nn.ModuleDict:
+        return torch.nn.ModuleDict(self._named_modules)
+
+    def _write_sharded(self, path: str) -> None:
+        """A directory every rank writes its shards into (DCP), committed by one rename.
+
+        Every rank saves its shards of every module and optimizer with
+        ``torch.distributed.checkpoint`` into ``<path>.tmp/``; once that save returns (every
+        rank wrote, rank 0 wrote the metadata), the chief adds ``session.pt`` (global step,
+        hook state, the names saved) and renames the directory to ``path``: a directory
+        under a checkpoint's name is complete. Raises before anything is written when the
+        hooks' state holds a sharded value (one rank's file would hold its shard only).
+        """
+        session = self._session_state()
+        _refuse_sharded(session, "the hooks' state")
+        if not self._across_ranks and self._sharded():
+            raise ValueError(
+                "A session of this process alone (across_ranks=False) cannot save sharded "
+                "modules: the other ranks' shards would be missing; nothing was written."
+            )
+        tmp = path + ".tmp"
+        container = self._container()
+        state: Dict[str, Any] = {"modules": get_model_state_dict(container)}
+        if self._named_optimizers:
+            state["optimizers"] = get_optimizer_state_dict(
+                container, list(self._named_optimizers.values()))
+        self._dcp(dcp.save, state, tmp)
+        if self._across_ranks and not self.is_chief:
+            return
+        meta = {"format": "dcp", "global_step": self.global_step, "session": session,
+                "modules": sorted(self._named_modules),
+                "optimizers": sorted(self._named_optimizers)}
+        atomic_write(path, lambda t: torch.save(meta, os.path.join(t, SESSION_FILE)), tmp=tmp)
+
+    def _dcp(self, save_or_load: Callable[..., Any], state: Dict[str, Any], path: str) -> None:
+        """``dcp.save`` or ``dcp.load`` of ``state`` at ``path``, coordinated by every rank.
+
+        On the library's own gloo group (bounded by the agreement timeout), or, for a
+        session of this process alone, in this process.
+        """
+        if self._across_ranks:
+            save_or_load(state, checkpoint_id=path,
+                         process_group=agreement_group(self._timeout))
+            return
+        with warnings.catch_warnings():  # DCP warns that it runs in one process: we know
+            warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
+            save_or_load(state, checkpoint_id=path, no_dist=True)
+
+    def _apply_sharded(self, checkpoint: Mapping[str, Any], path: str,
+                       strict: bool) -> List[str]:
+        """Load a sharded checkpoint directory into the modules and optimizers, resharded.
+
+        Works on any number of ranks, and into unsharded modules in one process.
+        """
+        skipped = self._check_names(checkpoint, path, strict)
+        container = self._container()
+        state: Dict[str, Any] = {"modules": get_model_state_dict(container)}
+        optimizers = list(self._named_optimizers.values())
+        if optimizers:
+            state["optimizers"] = get_optimizer_state_dict(container, optimizers)
+        self._dcp(dcp.load, state, path)
+        set_model_state_dict(container, state["modules"])
+        if optimizers:
+            set_optimizer_state_dict(container, optimizers, state["optimizers"])
+        return skipped
 
     def _fabric_state(self) -> Dict[str, Any]:
         # Fabric saves and loads modules and optimizers given at the top level of the state
@@ -208,6 +314,12 @@ class _PlainEngine(Engine):
             no checkpoint.
         """
         def load(path: str) -> Any:
+            if os.path.isdir(path):  # a sharded checkpoint: its session file here, shards later
+                session_file = os.path.join(path, SESSION_FILE)
+                if not os.path.isfile(session_file):
+                    raise ValueError(f"{path} is a directory without {SESSION_FILE}: not a "
+                                     "checkpoint this library committed")
+                return torch.load(session_file, map_location="cpu", weights_only=False)
             return torch.load(path, map_location="cpu", weights_only=False)
 
         if not self._across_ranks:
@@ -246,6 +358,22 @@ class _PlainEngine(Engine):
             ValueError: a module or optimizer of the session is not in the checkpoint, or
                 (with ``strict``) a saved one has none here.
         """
+        if checkpoint.get("format") == "dcp":
+            return self._apply_sharded(checkpoint, path, strict)
+        skipped = self._check_names(checkpoint, path, strict)
+        for kind, named in (("modules", self._named_modules),
+                            ("optimizers", self._named_optimizers)):
+            for name, obj in named.items():
+                obj.load_state_dict(checkpoint[kind][name])
+        return skipped
+
+    def _check_names(self, checkpoint: Mapping[str, Any], path: str, strict: bool) -> List[str]:
+        """What the checkpoint holds that the session has no place for (named).
+
+        Raises:
+            ValueError: a module or optimizer of the session is not in the checkpoint, or
+                (with ``strict``) a saved one has none here.
+        """
         skipped = []
         for kind, named in (("modules", self._named_modules),
                             ("optimizers", self._named_optimizers)):
@@ -260,9 +388,24 @@ class _PlainEngine(Engine):
                        else ".")
                 )
             skipped += [f"{kind}[{name!r}]" for name in extra]
-            for name, obj in named.items():
-                obj.load_state_dict(saved[name])
         return skipped
+
+
+def _refuse_sharded(state: Any, what: str) -> None:
+    """Refuse, before anything is written, a state that holds a sharded value (a DTensor).
+
+    Raises:
+        ValueError: ``state`` holds a DTensor (its path is named).
+    """
+    for path, value in leaves(state, (what,)):
+        if isinstance(value, DTensor):
+            assert path is not None
+            raise ValueError(
+                f"{format_path(path)} is a sharded tensor (DTensor): a file of one rank would "
+                "hold its shard only. Record the full value (FinalOpsHook does: "
+                "value.full_tensor()) or keep sharded values out of hook state; nothing was "
+                "written."
+            )
 
 
 class StepContext:
@@ -347,6 +490,14 @@ class MonitoredSession:
             (``CheckpointSaverHook`` writes that step), then restores the previous handler
             and calls it (the default one ends the process, as the signal asked). ``None``:
             yes when a hook asks for it, as ``CheckpointSaverHook`` does. Main thread only.
+        checkpoint_format: how checkpoints are written: ``"file"`` (one file, written by
+            the chief: every rank holds the same state), ``"dcp"`` (a directory
+            ``<basename>-<step>/`` into which every rank writes its shards with
+            ``torch.distributed.checkpoint``, committed by one rename once all wrote), or
+            ``None``: ``"dcp"`` when a module is sharded (DTensor: FSDP2's
+            ``fully_shard``, tensor parallelism), else ``"file"``. Restores read either,
+            whatever the number of ranks (a sharded checkpoint into an unsharded model in
+            one process, too).
 
     Raises:
         TypeError: an item of ``hooks`` is not a :class:`SessionRunHook`, or ``modules`` /
@@ -369,10 +520,11 @@ class MonitoredSession:
         strict: Optional[bool] = None,
         agreement_timeout: float = 300.0,
         stop_on_sigterm: Optional[bool] = None,
+        checkpoint_format: Optional[str] = None,
     ) -> None:
         check_bool(strict, "strict", allow_none=True)
         self._engine = _PlainEngine(modules, optimizers, self.state_dict, is_chief, fabric,
-                                    across_ranks)
+                                    across_ranks, checkpoint_format, agreement_timeout)
         self._session = HookedSession(hooks, self._engine, "hooks", agree_across_ranks=True,
                                       agreement_timeout=agreement_timeout,
                                       name="MonitoredSession",

@@ -6,6 +6,9 @@ import math
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
+import torch
+
+from lightning_finalops.checkpoints import holds_sharded_tensors
 from lightning_finalops.distributed import is_rank_zero, world_size
 from lightning_finalops.hook_state import check_hooks, has_state
 from lightning_finalops.hooks.checkpoint import CheckpointSaverHook
@@ -90,6 +93,7 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
     across_ranks: Optional[bool] = None,
     agreement_timeout: float = 300.0,
     stop_on_sigterm: Optional[bool] = None,
+    checkpoint_format: Optional[str] = None,
 ) -> MonitoredSession:
     """A :class:`MonitoredSession` with TF's default training hooks, restored from a checkpoint.
 
@@ -137,6 +141,9 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
         agreement_timeout: see :class:`MonitoredSession`.
         stop_on_sigterm: see :class:`MonitoredSession` (on by default wherever a
             checkpoint is saved).
+        checkpoint_format: see :class:`MonitoredSession`. A sharded checkpoint (``"dcp"``,
+            the default for sharded modules) is written by every rank: each runs the
+            saver (only the chief deletes old checkpoints).
 
     With several ranks, every rank must pass the same hooks and ``chief_only_hooks``: the
     chief runs the latter, and the other ranks vote in the session's agreement for what
@@ -244,7 +251,10 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
                     summary_op=summary_op,
                 )
             )
-    if fabric is None:
+    # fabric.save and sharded saves are collectives: every rank runs the saver
+    every_rank_saves = fabric is not None or checkpoint_format == "dcp" or (
+        checkpoint_format is None and holds_sharded_tensors(_modules(modules)))
+    if not every_rank_saves:
         chief_side.extend(saver)
     all_hooks: List[SessionRunHook] = []
     if is_chief:
@@ -256,8 +266,8 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
                 all_hooks.append(_ChiefHookState(hook.state_key, hook.agreement()))
             elif several and hook.agreement():
                 all_hooks.append(_ChiefHookAgreement(hook.agreement()))
-    if fabric is not None:
-        all_hooks.extend(saver)  # fabric.save is a collective: every rank saves
+    if every_rank_saves:
+        all_hooks.extend(saver)
     all_hooks.extend(user_hooks)
     return MonitoredSession(
         all_hooks,
@@ -269,4 +279,14 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
         across_ranks=across_ranks,
         agreement_timeout=agreement_timeout,
         stop_on_sigterm=stop_on_sigterm,
+        checkpoint_format=checkpoint_format,
     )
+
+
+def _modules(modules: Any) -> List[torch.nn.Module]:
+    """The modules of ``modules=`` (a module, a dict or a list of them; checked later)."""
+    if isinstance(modules, torch.nn.Module):
+        return [modules]
+    items = modules.values() if isinstance(modules, Mapping) else (
+        modules if isinstance(modules, (list, tuple)) else ())
+    return [m for m in items if isinstance(m, torch.nn.Module)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from typing import Any, Callable, List, Optional, Sequence, Union
 
 from lightning_finalops.checkpoints import (
@@ -288,7 +289,10 @@ class CheckpointSaverHook(SessionRunHook):
         excess = oldest_first[: -self._max_to_keep]
         for path in excess:
             try:
-                os.remove(path)
+                if os.path.isdir(path):  # a sharded checkpoint: the whole directory
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
             except FileNotFoundError:  # removed meanwhile (by hand, or another process)
                 pass
         deleted = set(excess)

@@ -13,6 +13,7 @@ import torch
 from lightning_finalops.fetches import (
     check_fetches,
     format_path,
+    full_values,
     is_fetch_leaf,
     is_metric,
     is_scalar,
@@ -214,6 +215,9 @@ class FinalOpsHook(SessionRunHook):
             logger.warning(_DEPENDS_ON_INPUT_WARNING)
             raise
         self._check_metrics(session.global_step)
+        # a sharded value (a weight of an FSDP2 model) is recorded whole, on every rank: one
+        # collective here, at the session's end, never per step
+        values = full_values(values)
         self._final_ops_values = values
         self._final_ops_history.append(
             (session.global_step, to_host(values) if self._history_on_host else values)
