@@ -125,8 +125,8 @@ DEPARTURES = {
 # zeros), a flag summed over ranks (a finished job at creation, a changed state at the end),
 # any rank preempted; then one status slot per rank; then the hooks' declared values.
 _STOP, _CLOCK, _FLAG, _PREEMPTED, _HEADER = 0, 1, 2, 3, 4
-# timeout -> (the default group it was made for, the library's own gloo group)
-_AGREEMENT_GROUPS: Dict[float, Tuple[Any, Any]] = {}
+# (timeout, purpose) -> (the default group it was made for, the library's own gloo group)
+_AGREEMENT_GROUPS: Dict[Tuple[float, str], Tuple[Any, Any]] = {}
 _sessions = itertools.count()
 # Agreements still open, so that an interpreter exit leaves them with a message.
 _OPEN: weakref.WeakSet[RankAgreement] = weakref.WeakSet()
@@ -176,18 +176,25 @@ class Vote(NamedTuple):
     values: Tuple[float, ...]  # the declared values, summed over ranks
 
 
-def agreement_group(timeout: float) -> Any:
+def agreement_group(timeout: float, purpose: str = "agreement") -> Any:
     """The library's own gloo group (never the user's, never paired with their collectives).
 
-    Created by every rank at the same point (a session's creation), once per default group
-    and timeout; its collectives fail after ``timeout`` seconds instead of gloo's 30 minutes.
+    Created by every rank at the same point (a session's creation, its first checkpoint),
+    once per default group, timeout and purpose; its collectives fail after ``timeout``
+    seconds instead of gloo's 30 minutes.
+
+    Args:
+        timeout: seconds any of its collectives may wait.
+        purpose: ``"agreement"`` (the votes, in the loop's thread) or ``"checkpoint"``
+            (checkpoint saves, which may run in a background thread: never one group for
+            collectives of two threads).
     """
     world = dist.group.WORLD
-    entry = _AGREEMENT_GROUPS.get(timeout)
+    entry = _AGREEMENT_GROUPS.get((timeout, purpose))
     if entry is None or entry[0] is not world:  # a group re-created after a destroy
         entry = (world, dist.new_group(backend="gloo",
                                        timeout=datetime.timedelta(seconds=timeout)))
-        _AGREEMENT_GROUPS[timeout] = entry
+        _AGREEMENT_GROUPS[(timeout, purpose)] = entry
     return entry[1]
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import types
+from concurrent.futures import Future
 from typing import Any, Mapping, Optional, Tuple
 
 from lightning_finalops.distributed import RankAgreement
@@ -77,6 +78,22 @@ class Engine(abc.ABC):
             NotImplementedError: the engine cannot write checkpoints (the default).
         """
         raise NotImplementedError(f"{type(self).__name__} cannot write checkpoints.")
+
+    def write_checkpoint_async(self, path: str) -> Future:
+        """Start writing a checkpoint to ``path`` in the background; a future of its end.
+
+        The state is copied before this returns (the loop may change it at once); the file
+        or directory appears under ``path`` only once complete. Every rank calls it. The
+        default writes at once (:meth:`write_checkpoint`) and returns a completed future.
+        """
+        future: Future = Future()
+        try:
+            self.write_checkpoint(path)
+        except BaseException as e:
+            future.set_exception(e)
+        else:
+            future.set_result(None)
+        return future
 
     def checkpointed_state(self) -> Any:
         """The state a checkpoint written now holds beyond modules and optimizers, or ``None``.

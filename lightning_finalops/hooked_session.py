@@ -312,6 +312,7 @@ class HookedSession:
                         self._apply_vote(vote, ended=True)  # raises
                     changed = vote.flags > 0
             raw.flush_checkpoint(changed)  # the last step's, with what every end() recorded
+            raw.wait_for_save()  # a background save completes before the session ends
         except BaseException as e:
             self.abandon(e)  # the clock restored; the others told, if this rank failed
             raise
@@ -502,6 +503,8 @@ class HookedSession:
             # the previous step's checkpoint, written now that it is final (an engine whose
             # steps are final only at the next run): its listener's stop lands after this run
             context._stop_requested = True
+        if self.raw_session.in_flight is not None and self.raw_session.poll_save():
+            context._stop_requested = True  # a background save completed: its listeners
         # A run gets a PendingRun of its own once it has something to record (the user's
         # feeds or options, a hook's request); until then it is the session's plain run.
         pending = (

@@ -7,6 +7,7 @@ import logging
 import os
 import types
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type
 
 import torch
@@ -42,6 +43,7 @@ from lightning_finalops.fetches import (
     format_path,
     is_metric,
     leaves,
+    map_structure,
 )
 from lightning_finalops.hook_state import hook_state_keys
 from lightning_finalops.hooked_session import HookedSession
@@ -140,6 +142,7 @@ class _PlainEngine(Engine):
                                  "its key, which must be non-empty and hold no '.'.")
         self._checkpoint_format = checkpoint_format
         self._timeout = timeout
+        self._executor: Optional[ThreadPoolExecutor] = None
         self._session_state = session_state
         self._global_step = 0
 
@@ -226,7 +229,39 @@ class _PlainEngine(Engine):
     def _container(self) -> torch.nn.ModuleDict:
         return torch.nn.ModuleDict(self._named_modules)
 
-    def _write_sharded(self, path: str) -> None:
+    def write_checkpoint_async(self, path: str) -> Future:
+        """Copy the state now, write it in a background thread; a future of the commit.
+
+        Sharded state goes through DCP's ``async_save`` (staged in host memory first), the
+        file format through a host copy of every tensor written by the chief's thread.
+        Either is committed (renamed to ``path``) only once complete. Under Fabric the
+        write is synchronous (``fabric.save`` is a collective of the loop's thread).
+        """
+        if self.fabric is not None:
+            return super().write_checkpoint_async(path)
+        if self._checkpoint_format == "dcp" or (
+                self._checkpoint_format is None and self._sharded()):
+            return self._write_sharded(path, asynchronous=True)
+        session = self._session_state()
+        _refuse_sharded(session, "the hooks' state")
+        if self._across_ranks and not self.is_chief:
+            return _completed()
+        state = _host_copy({
+            "global_step": self.global_step,
+            "modules": {k: m.state_dict() for k, m in self._named_modules.items()},
+            "optimizers": {k: o.state_dict() for k, o in self._named_optimizers.items()},
+            "session": session,
+        })
+        return self._background().submit(atomic_torch_save, state, path)
+
+    def _background(self) -> ThreadPoolExecutor:
+        """The one thread that writes this session's checkpoints in the background."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="lightning_finalops-checkpoint")
+        return self._executor
+
+    def _write_sharded(self, path: str, asynchronous: bool = False) -> Future:
         """A directory every rank writes its shards into (DCP), committed by one rename.
 
         Every rank saves its shards of every module and optimizer with
@@ -249,27 +284,41 @@ class _PlainEngine(Engine):
         if self._named_optimizers:
             state["optimizers"] = get_optimizer_state_dict(
                 container, list(self._named_optimizers.values()))
-        self._dcp(dcp.save, state, tmp)
-        if self._across_ranks and not self.is_chief:
-            return
         meta = {"format": "dcp", "global_step": self.global_step, "session": session,
                 "modules": sorted(self._named_modules),
                 "optimizers": sorted(self._named_optimizers)}
-        atomic_write(path, lambda t: torch.save(meta, os.path.join(t, SESSION_FILE)), tmp=tmp)
+        chief = self.is_chief or not self._across_ranks
 
-    def _dcp(self, save_or_load: Callable[..., Any], state: Dict[str, Any], path: str) -> None:
+        def commit() -> None:
+            if chief:  # every rank wrote (DCP's save returned): one rename commits it all
+                atomic_write(path, lambda t: torch.save(meta, os.path.join(t, SESSION_FILE)),
+                             tmp=tmp)
+
+        if not asynchronous:
+            self._dcp(dcp.save, state, tmp)
+            commit()
+            return _completed()
+        saving = self._dcp(dcp.async_save, state, tmp)  # staged in host memory: returns
+        upload = getattr(saving, "upload_completion", saving)
+
+        def finish() -> None:
+            upload.result()
+            commit()
+
+        return self._background().submit(finish)
+
+    def _dcp(self, save_or_load: Callable[..., Any], state: Dict[str, Any], path: str) -> Any:
         """``dcp.save`` or ``dcp.load`` of ``state`` at ``path``, coordinated by every rank.
 
         On the library's own gloo group (bounded by the agreement timeout), or, for a
         session of this process alone, in this process.
         """
         if self._across_ranks:
-            save_or_load(state, checkpoint_id=path,
-                         process_group=agreement_group(self._timeout))
-            return
+            return save_or_load(state, checkpoint_id=path,
+                                process_group=agreement_group(self._timeout, "checkpoint"))
         with warnings.catch_warnings():  # DCP warns that it runs in one process: we know
             warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
-            save_or_load(state, checkpoint_id=path, no_dist=True)
+            return save_or_load(state, checkpoint_id=path, no_dist=True)
 
     def _apply_sharded(self, checkpoint: Mapping[str, Any], path: str,
                        strict: bool) -> List[str]:
@@ -389,6 +438,20 @@ class _PlainEngine(Engine):
                 )
             skipped += [f"{kind}[{name!r}]" for name in extra]
         return skipped
+
+
+def _completed() -> Future:
+    future: Future = Future()
+    future.set_result(None)
+    return future
+
+
+def _host_copy(state: Any) -> Any:
+    """``state`` with every tensor copied to host memory (what a background write holds)."""
+    return map_structure(
+        lambda value, _: value.detach().to("cpu", copy=True)
+        if isinstance(value, torch.Tensor) else value, state,
+    )
 
 
 def _refuse_sharded(state: Any, what: str) -> None:

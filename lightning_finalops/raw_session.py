@@ -17,6 +17,8 @@ a name lookup returns a detached copy.
 
 from __future__ import annotations
 
+import logging
+from concurrent.futures import Future
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from lightning_finalops.engine import EMPTY, Engine
@@ -30,6 +32,8 @@ from lightning_finalops.fetches import (
     split_feeds,
 )
 from lightning_finalops.session_run_hook import RawSession
+
+logger = logging.getLogger("lightning_finalops")
 
 __all__ = ["EngineRawSession"]
 
@@ -55,7 +59,9 @@ class EngineRawSession(RawSession):
         self.step_outputs_fresh = False
         # The checkpoints hooks asked for that wait until the step is final, {path:
         # (callback, only if changed)} in the order asked; whether the core runs hooks.
-        self._due: Dict[str, Tuple[Optional[Callable[[], Optional[bool]]], bool]] = {}
+        self._due: Dict[str, Tuple[Optional[Callable[[], Optional[bool]]], bool, bool]] = {}
+        #: the save in flight, ``(future, callback, path)``: at most one
+        self.in_flight: Optional[Tuple[Future, Optional[Callable[[], Optional[bool]]], str]] = None
         self.deferring = False
         self.saves_wait = _Deferring(self)
         self._state_digest = state_digest
@@ -96,6 +102,7 @@ class EngineRawSession(RawSession):
         on_written: Optional[Callable[[], Optional[bool]]] = None,
         *,
         only_if_changed: bool = False,
+        asynchronous: bool = False,
     ) -> None:
         """Write a checkpoint of this step to ``path``, once the step is final.
 
@@ -105,21 +112,26 @@ class EngineRawSession(RawSession):
 
         Args:
             path: the checkpoint's path.
-            on_written: called right after the write.
+            on_written: called right after the write (once it is complete, for an
+                asynchronous one).
             only_if_changed: asked for in ``end()`` for the file of this step: write it
                 again only if it was written with no run since and what it holds changed
                 since (on any rank of a session whose ranks agree).
+            asynchronous: copy the state now and write it in the background while the
+                loop goes on (:meth:`Engine.write_checkpoint_async`); at most one save is
+                in flight (the next one, the session's end and a failure wait for it).
 
         Raises:
             NotImplementedError: the engine cannot write checkpoints.
         """
         if not self.deferring:
-            self._write(path, on_written)
+            self._write(path, on_written, asynchronous)
         elif path in self._due:
-            callback, conditional = self._due[path]
-            self._due[path] = (_chained(callback, on_written), conditional and only_if_changed)
+            callback, conditional, background = self._due[path]
+            self._due[path] = (_chained(callback, on_written), conditional and only_if_changed,
+                               background and asynchronous)
         else:
-            self._due[path] = (on_written, only_if_changed)
+            self._due[path] = (on_written, only_if_changed, asynchronous)
 
     @property
     def checkpoint_due(self) -> bool:
@@ -136,15 +148,45 @@ class EngineRawSession(RawSession):
         stop = False
         while self._due:
             path = next(iter(self._due))
-            callback, only_if_changed = self._due.pop(path)
+            callback, only_if_changed, asynchronous = self._due.pop(path)
             if changed or not only_if_changed:
-                stop = self._write(path, callback) or stop
+                stop = self._write(path, callback, asynchronous) or stop
         return stop
 
     def drop_checkpoint(self) -> List[str]:
-        """Forget the checkpoints that wait (the session failed); return their paths."""
+        """Forget the checkpoints that wait (the session failed); return their paths.
+
+        A save in flight is waited for (it commits only if it completes), without its
+        callback.
+        """
         dropped, self._due = list(self._due), {}
+        in_flight, self.in_flight = self.in_flight, None
+        if in_flight is not None:
+            try:
+                in_flight[0].result()
+            except Exception as e:  # noqa: BLE001 - the session's own exception is raised
+                logger.warning("The checkpoint save in flight to %s failed too: %r",
+                               in_flight[2], e)
         return dropped
+
+    def wait_for_save(self) -> bool:
+        """Wait for the save in flight, then call its callback; whether that asks to stop.
+
+        Raises:
+            Exception: what the background write raised (nothing was committed).
+        """
+        in_flight, self.in_flight = self.in_flight, None
+        if in_flight is None:
+            return False
+        future, callback, _ = in_flight
+        future.result()
+        return bool(callback()) if callback is not None else False
+
+    def poll_save(self) -> bool:
+        """Finish the save in flight if it is complete (no wait); whether it asks to stop."""
+        if self.in_flight is not None and self.in_flight[0].done():
+            return self.wait_for_save()
+        return False
 
     def changed_since_current_step_written(self) -> bool:
         """Whether this step's file, written with no run since, no longer holds the state.
@@ -156,10 +198,17 @@ class EngineRawSession(RawSession):
         return (last is not None and last[:2] == (self._engine.global_step, self.runs)
                 and last[2] != self._state_digest())
 
-    def _write(self, path: str, on_written: Optional[Callable[[], Optional[bool]]]) -> bool:
+    def _write(self, path: str, on_written: Optional[Callable[[], Optional[bool]]],
+               asynchronous: bool = False) -> bool:
+        stop = self.wait_for_save()  # at most one save in flight
+        if asynchronous:
+            future = self._engine.write_checkpoint_async(path)
+            self._last_write = (self._engine.global_step, self.runs, self._state_digest())
+            self.in_flight = (future, on_written, path)
+            return stop
         self._engine.write_checkpoint(path)
         self._last_write = (self._engine.global_step, self.runs, self._state_digest())
-        return bool(on_written()) if on_written is not None else False
+        return bool(on_written() if on_written is not None else False) or stop
 
     def namespaces(self) -> Tuple[Namespace, ...]:
         """Where names resolve now, first match wins (see the module docstring)."""

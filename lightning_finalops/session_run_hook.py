@@ -561,6 +561,7 @@ class RawSession(abc.ABC):
         on_written: Optional[Callable[[], Optional[bool]]] = None,
         *,
         only_if_changed: bool = False,
+        asynchronous: bool = False,
     ) -> None:
         """Write a checkpoint that resumes the whole run to ``path``, atomically.
 
@@ -579,8 +580,21 @@ class RawSession(abc.ABC):
             only_if_changed: asked for in ``end()`` for this step's file, already written
                 with no run since: write it again only if the hooks' ``end()`` changed
                 their state (a plain loop whose data ran out after a saving run).
+            asynchronous: copy the state when the step is final and write it in the
+                background while the loop goes on (``on_written`` fires once it is
+                complete); at most one save is in flight, and the session's end and a
+                failure wait for it. An engine that cannot write in the background writes
+                at once.
 
         Raises:
             NotImplementedError: the engine cannot write checkpoints.
         """
         raise NotImplementedError(f"{type(self).__name__} cannot write checkpoints.")
+
+    def wait_for_save(self) -> bool:
+        """Wait for a background save in flight (``asynchronous=True``); call its callback.
+
+        Returns:
+            Whether that callback asks to stop. The default has nothing in flight: False.
+        """
+        return False

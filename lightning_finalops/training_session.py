@@ -94,6 +94,7 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
     agreement_timeout: float = 300.0,
     stop_on_sigterm: Optional[bool] = None,
     checkpoint_format: Optional[str] = None,
+    async_save: bool = False,
 ) -> MonitoredSession:
     """A :class:`MonitoredSession` with TF's default training hooks, restored from a checkpoint.
 
@@ -144,6 +145,8 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
         checkpoint_format: see :class:`MonitoredSession`. A sharded checkpoint (``"dcp"``,
             the default for sharded modules) is written by every rank: each runs the
             saver (only the chief deletes old checkpoints).
+        async_save: the :class:`CheckpointSaverHook` writes in the background (see its
+            ``async_save``).
 
     With several ranks, every rank must pass the same hooks and ``chief_only_hooks``: the
     chief runs the latter, and the other ranks vote in the session's agreement for what
@@ -232,6 +235,7 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
                 save_secs=save_checkpoint_secs,
                 save_steps=save_checkpoint_steps,
                 max_to_keep=max_to_keep,
+                async_save=async_save,
             )
         )
     # The chief's hooks, built on every rank: the others vote for what they declare.

@@ -15,6 +15,8 @@ MODE:
     kill_first: train to step 8 in ``OUT/killed``; rank 1 is SIGKILLed in the middle of
         the third save (step 4): its shards are not written, rank 0's are.
     kill_resume: relaunch in ``OUT/killed`` and train to step 8.
+    async_first / async_resume: ``first`` and ``resume`` with ``async_save=True``, in
+        ``OUT/async``.
 """
 
 import os
@@ -58,8 +60,9 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     model, optimizer = build(world)
     directory = {"first": "ckpt", "resume": "ckpt", "straight": "straight", "restore1": "ckpt1",
-                 "restore4": "ckpt1", "kill_first": "killed", "kill_resume": "killed"}[mode]
-    last = 4 if mode in ("first", "restore1", "restore4") else 8
+                 "restore4": "ckpt1", "kill_first": "killed", "kill_resume": "killed",
+                 "async_first": "async", "async_resume": "async"}[mode]
+    last = 4 if mode in ("first", "restore1", "restore4", "async_first") else 8
     if mode == "kill_first":
         real_save, saves = monitored_session.dcp.save, [0]
 
@@ -75,6 +78,7 @@ def main() -> None:
     with MonitoredTrainingSession(
         checkpoint_dir=os.path.join(out, directory), save_checkpoint_steps=2,
         hooks=[StopAtStepHook(last_step=last), final], modules=model, optimizers=optimizer,
+        async_save=mode.startswith("async"),
     ) as sess:
         seen["restored_step"] = sess.global_step
         seen["restored"] = [full(p) for p in model.parameters()]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import threading
+import time
 from typing import Any, Dict, List
 
 import pytest
@@ -13,7 +15,13 @@ from conftest import make_batches
 from lightning_models import make_module_class, make_trainer
 
 import lightning_finalops.hooks.timers as timers
-from lightning_finalops import FinalOpsHook, HookCallback, MonitoredSession, SessionRunHook
+from lightning_finalops import (
+    FinalOpsHook,
+    HookCallback,
+    MonitoredSession,
+    SessionRunHook,
+    StopAtStepHook,
+)
 from lightning_finalops.checkpoints import latest_checkpoint, list_checkpoints
 from lightning_finalops.hooks.checkpoint import CheckpointSaverHook, CheckpointSaverListener
 from lightning_finalops.session_run_hook import (
@@ -729,3 +737,62 @@ def test_a_single_process_that_is_not_the_chief_still_writes_its_checkpoints(tmp
 def test_across_ranks_needs_several_ranks():
     with pytest.raises(ValueError, match="across_ranks=True needs torch.distributed"):
         MonitoredSession(across_ranks=True)
+
+
+# -- background saves ------------------------------------------------------------------------
+
+
+class Recording(CheckpointSaverListener):
+    def __init__(self, log) -> None:
+        self.log = log
+
+    def after_save(self, session, global_step_value):
+        self.log.append(("after_save", global_step_value, threading.current_thread().name))
+
+    def end(self, session, global_step_value):
+        self.log.append(("end", global_step_value))
+
+
+def test_an_async_save_holds_its_step_while_the_loop_goes_on(tmp_path, monkeypatch):
+    from lightning_finalops import monitored_session
+
+    writes = []
+    real = monitored_session.atomic_torch_save
+
+    def slow(obj, path):  # a write that takes a while, in the background thread
+        time.sleep(0.05)
+        writes.append(threading.current_thread().name)
+        real(obj, path)
+
+    monkeypatch.setattr(monitored_session, "atomic_torch_save", slow)
+    net = torch.nn.Linear(2, 1)
+    log = []
+    weights = {}
+    saver = CheckpointSaverHook(tmp_path, save_steps=2, async_save=True,
+                                listeners=[Recording(log)])
+    with MonitoredSession([saver, StopAtStepHook(last_step=6)], modules=net) as sess:
+        weights[0] = net.weight.detach().clone()
+        while not sess.should_stop():
+            def step():
+                with torch.no_grad():
+                    net.weight.add_(1.0)  # the weights change right after each save is asked
+            sess.run(step)
+            weights[sess.global_step] = net.weight.detach().clone()
+    for step in (0, 2, 4, 6):
+        saved = torch.load(tmp_path / f"model.ckpt-{step}", weights_only=False)
+        assert torch.equal(saved["modules"]["module"]["weight"], weights[step])  # a copy
+    assert writes and all(name.startswith("lightning_finalops-checkpoint") for name in writes)
+    # listeners hear of each save once it is complete, in the loop's thread, in order; the
+    # session's end waits for the last one before the listeners' end
+    assert log == [("after_save", s, "MainThread") for s in (0, 2, 4, 6)] + [("end", 6)]
+
+
+def test_a_failure_waits_for_the_save_in_flight_which_commits(tmp_path):
+    net = torch.nn.Linear(2, 1)
+    saver = CheckpointSaverHook(tmp_path, save_steps=1, async_save=True)
+    with pytest.raises(ZeroDivisionError):
+        with MonitoredSession([saver], modules=net) as sess:
+            sess.run(lambda: None)
+            sess.run(lambda: 1 / 0)
+    assert sorted(os.listdir(tmp_path)) == ["model.ckpt-0", "model.ckpt-1"]
+    assert torch.load(tmp_path / "model.ckpt-1", weights_only=False)["global_step"] == 1

@@ -36,7 +36,7 @@ def out(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded")
     _launch(out, "first")
     shutil.copytree(out / "ckpt", out / "ckpt1")
-    for mode in ("resume", "straight"):
+    for mode in ("resume", "straight", "async_first", "async_resume"):
         _launch(out, mode)
     _launch(out, "restore1", ranks=1)
     _launch(out, "restore4", ranks=4)
@@ -99,6 +99,16 @@ def test_a_sharded_checkpoint_restores_into_an_unsharded_model_in_one_process(ou
     with MonitoredSession(modules=evaluation, checkpoint_dir=str(out / "ckpt1")) as sess:
         assert sess.global_step == 4  # the model alone: weights and step, optimizers skipped
     assert _equal(list(evaluation.parameters()), first["params"])
+
+
+def test_async_sharded_saves_resume_bit_exact_too(out) -> None:
+    assert sorted(os.listdir(out / "async")) == [f"model.ckpt-{s}" for s in (0, 2, 4, 6, 8)]
+    for rank in (0, 1):
+        resumed, straight = _load(out, "async_resume", rank), _load(out, "straight", rank)
+        assert resumed["restored_step"] == 4
+        assert _equal(resumed["restored"], _load(out, "first", rank)["params"])
+        assert _equal(resumed["params"], straight["params"])
+        assert _equal(resumed["momentum"], straight["momentum"])
 
 
 def test_a_kill_during_a_sharded_save_leaves_the_previous_checkpoint_the_latest(out) -> None:

@@ -106,6 +106,13 @@ class CheckpointSaverHook(SessionRunHook):
             save the chief deletes the older ``<checkpoint_basename>-<step>`` files of
             ``checkpoint_dir``. Files found there before this hook saved count as older
             than the ones it wrote, oldest step first. ``None`` or 0 keeps every file.
+        async_save: the state is copied when the step is final and written in the
+            background while training goes on (a sharded model: DCP's ``async_save``);
+            at most one save is in flight (the next waits for it), the listeners'
+            ``after_save`` fire once it is complete and committed, and the session's end
+            and a failure wait for it. A crash during it never leaves a committed partial
+            checkpoint. An engine that cannot write in the background (Lightning: use its
+            ``AsyncCheckpointIO`` plugin) writes at once.
 
     Raises:
         ValueError: ``"You cannot provide both saver and scaffold."``, the timer's
@@ -129,6 +136,8 @@ class CheckpointSaverHook(SessionRunHook):
         listeners: Optional[Sequence[CheckpointSaverListener]] = None,
         save_graph_def: bool = True,
         max_to_keep: Optional[int] = 5,
+        *,
+        async_save: bool = False,
     ) -> None:
         if saver is not None and scaffold is not None:
             raise ValueError("You cannot provide both saver and scaffold.")
@@ -155,6 +164,7 @@ class CheckpointSaverHook(SessionRunHook):
         self._save_path = os.path.join(self._checkpoint_dir, checkpoint_basename)
         self._save_graph_def = check_bool(save_graph_def, "save_graph_def")
         self._max_to_keep = max_to_keep
+        self._async = check_bool(async_save, "async_save")
         self._written: List[str] = []  # paths this hook saved and kept, oldest first
         self._written_step: Optional[int] = None  # the step of the latest file on disk
 
@@ -210,6 +220,8 @@ class CheckpointSaverHook(SessionRunHook):
         """
         if session is None:
             return
+        if self._async:
+            session.wait_for_save()  # the last save in flight completes: its after_save fire
         last_step = session.global_step
 
         def listeners_end() -> None:
@@ -225,11 +237,10 @@ class CheckpointSaverHook(SessionRunHook):
             listeners_end()
             # written again only if what it holds changed since, with no run since (the
             # session decides): the listeners then hear of it again
-            session.save_checkpoint(
-                path, lambda: self._after_write(session, last_step, path), only_if_changed=True
-            )
+            self._ask(session, path, lambda: self._after_write(session, last_step, path),
+                      only_if_changed=True)
         else:  # asked for in the last run and still waiting: that one write
-            session.save_checkpoint(path, listeners_end)
+            self._ask(session, path, listeners_end)
 
     def _save(self, session: RawSession, step: int,
               then: Optional[Callable[[], None]] = None) -> bool:
@@ -253,10 +264,17 @@ class CheckpointSaverHook(SessionRunHook):
             return stop
 
         if self._saver is None:
-            session.save_checkpoint(path, written)
+            self._ask(session, path, written)
             return False
         self._saver(session, path)
         return written()
+
+    def _ask(self, session: RawSession, path: str, written: Callable[[], Any],
+             **kwargs: Any) -> None:
+        """``session.save_checkpoint``, in the background with ``async_save``."""
+        if self._async:
+            kwargs["asynchronous"] = True  # (a RawSession of the user's may predate it)
+        session.save_checkpoint(path, written, **kwargs)
 
     def _after_write(self, session: RawSession, step: int, path: str) -> bool:
         """The checkpoint of ``step`` is on disk: prune old ones, call every ``after_save``."""
