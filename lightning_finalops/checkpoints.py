@@ -190,18 +190,39 @@ def atomic_write(path: str, write: Callable[[str], Any], tmp: Optional[str] = No
     try:
         write(tmp)
         if os.path.isdir(tmp):
-            if os.path.isdir(path):
-                shutil.rmtree(path)
+            if os.path.isdir(path):  # a rewrite: the old one moves aside, never missing
+                old = path + ".old.tmp"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+                _fsync_directory(directory)
+                return
         else:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_directory(directory)
     except BaseException:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
         elif os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make a rename in ``directory`` durable (where the platform allows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:

@@ -125,7 +125,8 @@ DEPARTURES = {
 # zeros), a flag summed over ranks (a finished job at creation, a changed state at the end),
 # any rank preempted; then one status slot per rank; then the hooks' declared values.
 _STOP, _CLOCK, _FLAG, _PREEMPTED, _HEADER = 0, 1, 2, 3, 4
-# (timeout, purpose) -> (the default group it was made for, the library's own gloo group)
+# (timeout, purpose) -> weak references to (the default group it was made for, the
+# library's own gloo group)
 _AGREEMENT_GROUPS: Dict[Tuple[float, str], Tuple[Any, Any]] = {}
 _sessions = itertools.count()
 # Agreements still open, so that an interpreter exit leaves them with a message.
@@ -191,11 +192,13 @@ def agreement_group(timeout: float, purpose: str = "agreement") -> Any:
     """
     world = dist.group.WORLD
     entry = _AGREEMENT_GROUPS.get((timeout, purpose))
-    if entry is None or entry[0] is not world:  # a group re-created after a destroy
-        entry = (world, dist.new_group(backend="gloo",
-                                       timeout=datetime.timedelta(seconds=timeout)))
-        _AGREEMENT_GROUPS[(timeout, purpose)] = entry
-    return entry[1]
+    group = entry[1]() if entry is not None and entry[0]() is world else None
+    if group is None:  # none yet, or the default group was destroyed and made anew
+        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
+        # weak references: torch.distributed owns its groups, and frees them when
+        # destroy_process_group() destroys them, not at interpreter exit (gloo may abort)
+        _AGREEMENT_GROUPS[(timeout, purpose)] = (weakref.ref(world), weakref.ref(group))
+    return group
 
 
 def _store() -> Any:
@@ -350,6 +353,7 @@ class RankAgreement:
     def _close(self) -> None:
         self.done = True
         self._pending = None
+        self._group = None  # torch.distributed owns it (see agreement_group)
         _OPEN.discard(self)
 
     # -- the protocol ------------------------------------------------------------------------

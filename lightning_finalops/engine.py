@@ -84,15 +84,12 @@ class Engine(abc.ABC):
 
         The state is copied before this returns (the loop may change it at once); the file
         or directory appears under ``path`` only once complete. Every rank calls it. The
-        default writes at once (:meth:`write_checkpoint`) and returns a completed future.
+        default writes at once (:meth:`write_checkpoint`, whose errors are raised here)
+        and returns a completed future.
         """
+        self.write_checkpoint(path)
         future: Future = Future()
-        try:
-            self.write_checkpoint(path)
-        except BaseException as e:
-            future.set_exception(e)
-        else:
-            future.set_result(None)
+        future.set_result(None)
         return future
 
     def checkpointed_state(self) -> Any:

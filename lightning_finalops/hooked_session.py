@@ -503,8 +503,6 @@ class HookedSession:
             # the previous step's checkpoint, written now that it is final (an engine whose
             # steps are final only at the next run): its listener's stop lands after this run
             context._stop_requested = True
-        if self.raw_session.in_flight is not None and self.raw_session.poll_save():
-            context._stop_requested = True  # a background save completed: its listeners
         # A run gets a PendingRun of its own once it has something to record (the user's
         # feeds or options, a hook's request); until then it is the session's plain run.
         pending = (

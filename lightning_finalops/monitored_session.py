@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
+import io
 import logging
 import os
 import types
@@ -11,6 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -190,10 +193,10 @@ class _PlainEngine(Engine):
     def write_checkpoint(self, path: str) -> None:
         """Write modules, optimizers, global step and hook state to ``path``, atomically.
 
-        Only the chief writes (every rank calls it): the ranks hold the same state.
-
-        The file holds ``{"global_step", "modules", "optimizers", "session"}`` (state dicts by
-        name); ``MonitoredSession(checkpoint_dir=...)`` restores the latest one.
+        Unsharded state: only the chief writes one file (every rank calls it; the ranks
+        hold the same state), ``{"global_step", "modules", "optimizers", "session"}``
+        (state dicts by name). Sharded state: see :meth:`_write_sharded`.
+        ``MonitoredSession(checkpoint_dir=...)`` restores the latest one.
         """
         if self.fabric is not None:
             # fabric.save: every rank calls it, Fabric writes the file (DDP: rank 0); one
@@ -204,55 +207,69 @@ class _PlainEngine(Engine):
                 os.replace(tmp, path)
             self.fabric.barrier()
             return
-        if self._checkpoint_format == "dcp" or (
-                self._checkpoint_format is None and self._sharded()):
-            self._write_sharded(path)
+        if self._writes_directories():
+            self._write_sharded(path).result()
             return
+        state = self._file_state()
+        if state is not None:
+            atomic_torch_save(state, path)
+
+    def write_checkpoint_async(self, path: str) -> Future:
+        """Copy the state now, write it in a background thread; a future of the commit.
+
+        Sharded state goes through DCP's ``async_save`` (staged in host memory first), the
+        file format through a copy of the state (tensors in host memory) written by one
+        background thread of the chief's. Either is committed (renamed to ``path``) only
+        once complete; under several ranks every rank's future completes after the commit.
+        Under Fabric the write happens at once (``fabric.save`` is a collective of the
+        loop's thread).
+        """
+        if self.fabric is not None:
+            return super().write_checkpoint_async(path)
+        if self._writes_directories():
+            return self._write_sharded(path, asynchronous=True)
+        state = self._file_state()
+        if state is None:
+            return _completed()
+        return self._background().submit(atomic_torch_save, _host_copy(state), path)
+
+    def _writes_directories(self) -> bool:
+        """Whether checkpoints are sharded directories (``checkpoint_format``, or DTensors)."""
+        if self._checkpoint_format == "dcp":
+            return True
+        sharded = self._sharded()
+        if sharded and self._checkpoint_format == "file":
+            raise ValueError(
+                "checkpoint_format='file' with sharded modules: the chief's file would hold "
+                "its own shards only; use checkpoint_format='dcp' (or None). Nothing was "
+                "written."
+            )
+        return sharded
+
+    def _file_state(self) -> Optional[Dict[str, Any]]:
+        """What the file format holds (the chief's), or ``None`` on the other ranks.
+
+        Raises:
+            ValueError: the hooks' state holds a sharded value.
+        """
         session = self._session_state()
         _refuse_sharded(session, "the hooks' state")
         if self._across_ranks and not self.is_chief:
-            return  # the chief writes what every rank holds
-        atomic_torch_save(
-            {
-                "global_step": self.global_step,
-                "modules": {k: m.state_dict() for k, m in self._named_modules.items()},
-                "optimizers": {k: o.state_dict() for k, o in self._named_optimizers.items()},
-                "session": session,
-            },
-            path,
-        )
+            return None  # the chief writes what every rank holds
+        return {
+            "global_step": self.global_step,
+            "modules": {k: m.state_dict() for k, m in self._named_modules.items()},
+            "optimizers": {k: o.state_dict() for k, o in self._named_optimizers.items()},
+            "session": session,
+        }
 
     def _sharded(self) -> bool:
         """Whether a module's parameters or buffers are sharded (DTensor: FSDP2, TP)."""
         return holds_sharded_tensors(self._named_modules.values())
 
     def _container(self) -> torch.nn.ModuleDict:
+        """The modules under their names: the one module DCP's state-dict helpers take."""
         return torch.nn.ModuleDict(self._named_modules)
-
-    def write_checkpoint_async(self, path: str) -> Future:
-        """Copy the state now, write it in a background thread; a future of the commit.
-
-        Sharded state goes through DCP's ``async_save`` (staged in host memory first), the
-        file format through a host copy of every tensor written by the chief's thread.
-        Either is committed (renamed to ``path``) only once complete. Under Fabric the
-        write is synchronous (``fabric.save`` is a collective of the loop's thread).
-        """
-        if self.fabric is not None:
-            return super().write_checkpoint_async(path)
-        if self._checkpoint_format == "dcp" or (
-                self._checkpoint_format is None and self._sharded()):
-            return self._write_sharded(path, asynchronous=True)
-        session = self._session_state()
-        _refuse_sharded(session, "the hooks' state")
-        if self._across_ranks and not self.is_chief:
-            return _completed()
-        state = _host_copy({
-            "global_step": self.global_step,
-            "modules": {k: m.state_dict() for k, m in self._named_modules.items()},
-            "optimizers": {k: o.state_dict() for k, o in self._named_optimizers.items()},
-            "session": session,
-        })
-        return self._background().submit(atomic_torch_save, state, path)
 
     def _background(self) -> ThreadPoolExecutor:
         """The one thread that writes this session's checkpoints in the background."""
@@ -264,12 +281,18 @@ class _PlainEngine(Engine):
     def _write_sharded(self, path: str, asynchronous: bool = False) -> Future:
         """A directory every rank writes its shards into (DCP), committed by one rename.
 
-        Every rank saves its shards of every module and optimizer with
-        ``torch.distributed.checkpoint`` into ``<path>.tmp/``; once that save returns (every
-        rank wrote, rank 0 wrote the metadata), the chief adds ``session.pt`` (global step,
-        hook state, the names saved) and renames the directory to ``path``: a directory
-        under a checkpoint's name is complete. Raises before anything is written when the
-        hooks' state holds a sharded value (one rank's file would hold its shard only).
+        Every rank saves its shards of every module (and of every optimizer, once they
+        all have state: reading an optimizer's state dict before its first step would
+        make one) with ``torch.distributed.checkpoint`` into ``<path>.tmp/``; once that
+        save returns (every rank wrote, rank 0 wrote the metadata), the chief adds
+        ``session.pt`` (global step, hook state, the names saved; serialised before this
+        returns) and renames the directory to ``path``, and the ranks meet on the
+        checkpoint group: a directory under a checkpoint's name is complete, and every
+        rank's future completes after the commit.
+
+        Raises:
+            ValueError: before anything is written, when the hooks' state holds a sharded
+                value, or a session of this process alone holds sharded modules.
         """
         session = self._session_state()
         _refuse_sharded(session, "the hooks' state")
@@ -280,25 +303,34 @@ class _PlainEngine(Engine):
             )
         tmp = path + ".tmp"
         container = self._container()
+        optimizers = list(self._named_optimizers.values())
+        with_optimizers = bool(optimizers) and all(o.state for o in optimizers)
         state: Dict[str, Any] = {"modules": get_model_state_dict(container)}
-        if self._named_optimizers:
-            state["optimizers"] = get_optimizer_state_dict(
-                container, list(self._named_optimizers.values()))
-        meta = {"format": "dcp", "global_step": self.global_step, "session": session,
-                "modules": sorted(self._named_modules),
-                "optimizers": sorted(self._named_optimizers)}
+        if with_optimizers:
+            state["optimizers"] = get_optimizer_state_dict(container, optimizers)
         chief = self.is_chief or not self._across_ranks
+        meta = io.BytesIO()  # serialised now: the hooks' state moves on with the loop
+        if chief:
+            torch.save({"format": "dcp", "global_step": self.global_step, "session": session,
+                        "modules": sorted(self._named_modules),
+                        "optimizers": sorted(self._named_optimizers),
+                        "optimizer_state": with_optimizers}, meta)
 
         def commit() -> None:
             if chief:  # every rank wrote (DCP's save returned): one rename commits it all
-                atomic_write(path, lambda t: torch.save(meta, os.path.join(t, SESSION_FILE)),
-                             tmp=tmp)
+                atomic_write(path, lambda t: _write_bytes(os.path.join(t, SESSION_FILE),
+                                                          meta.getvalue()), tmp=tmp)
+            if self._across_ranks:  # every rank's save ends once it is committed
+                dist.barrier(group=agreement_group(self._timeout, "checkpoint"))
 
         if not asynchronous:
             self._dcp(dcp.save, state, tmp)
             commit()
             return _completed()
-        saving = self._dcp(dcp.async_save, state, tmp)  # staged in host memory: returns
+        saving = self._dcp(dcp.async_save, state, tmp)
+        staging = getattr(saving, "staging_completion", None)
+        if staging is not None:
+            staging.result()  # the state is copied before the loop changes it
         upload = getattr(saving, "upload_completion", saving)
 
         def finish() -> None:
@@ -308,10 +340,11 @@ class _PlainEngine(Engine):
         return self._background().submit(finish)
 
     def _dcp(self, save_or_load: Callable[..., Any], state: Dict[str, Any], path: str) -> Any:
-        """``dcp.save`` or ``dcp.load`` of ``state`` at ``path``, coordinated by every rank.
+        """``dcp.save``/``async_save``/``load`` of ``state`` at ``path``, by every rank.
 
-        On the library's own gloo group (bounded by the agreement timeout), or, for a
-        session of this process alone, in this process.
+        Coordinated on the library's checkpoint group (bounded by the agreement timeout;
+        never the votes' group: a background save's collectives run in another thread),
+        or, for a session of this process alone, in this process.
         """
         if self._across_ranks:
             return save_or_load(state, checkpoint_id=path,
@@ -324,17 +357,20 @@ class _PlainEngine(Engine):
                        strict: bool) -> List[str]:
         """Load a sharded checkpoint directory into the modules and optimizers, resharded.
 
-        Works on any number of ranks, and into unsharded modules in one process.
+        Works on any number of ranks, and into unsharded modules in one process. A
+        checkpoint saved before the optimizers' first step holds no optimizer state: the
+        optimizers stay as they are (as fresh as they were then).
         """
         skipped = self._check_names(checkpoint, path, strict)
         container = self._container()
         state: Dict[str, Any] = {"modules": get_model_state_dict(container)}
         optimizers = list(self._named_optimizers.values())
-        if optimizers:
+        with_optimizers = bool(optimizers) and checkpoint.get("optimizer_state", True)
+        if with_optimizers:
             state["optimizers"] = get_optimizer_state_dict(container, optimizers)
         self._dcp(dcp.load, state, path)
         set_model_state_dict(container, state["modules"])
-        if optimizers:
+        if with_optimizers:
             set_optimizer_state_dict(container, optimizers, state["optimizers"])
         return skipped
 
@@ -365,9 +401,10 @@ class _PlainEngine(Engine):
         def load(path: str) -> Any:
             if os.path.isdir(path):  # a sharded checkpoint: its session file here, shards later
                 session_file = os.path.join(path, SESSION_FILE)
-                if not os.path.isfile(session_file):
-                    raise ValueError(f"{path} is a directory without {SESSION_FILE}: not a "
-                                     "checkpoint this library committed")
+                if not (os.path.isfile(session_file)
+                        and os.path.isfile(os.path.join(path, ".metadata"))):
+                    raise ValueError(f"{path} is a directory without {SESSION_FILE} and "
+                                     "DCP's .metadata: not a checkpoint this library committed")
                 return torch.load(session_file, map_location="cpu", weights_only=False)
             return torch.load(path, map_location="cpu", weights_only=False)
 
@@ -441,17 +478,28 @@ class _PlainEngine(Engine):
 
 
 def _completed() -> Future:
+    """A future that is already done (a write that happened at once, or not here)."""
     future: Future = Future()
     future.set_result(None)
     return future
 
 
 def _host_copy(state: Any) -> Any:
-    """``state`` with every tensor copied to host memory (what a background write holds)."""
+    """``state`` as it is now, for a background write (the loop moves on at once).
+
+    Tensors are copied to host memory, containers rebuilt, other values deep-copied.
+    """
     return map_structure(
         lambda value, _: value.detach().to("cpu", copy=True)
-        if isinstance(value, torch.Tensor) else value, state,
+        if isinstance(value, torch.Tensor) else copy.deepcopy(value), state,
     )
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _refuse_sharded(state: Any, what: str) -> None:

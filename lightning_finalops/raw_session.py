@@ -112,8 +112,9 @@ class EngineRawSession(RawSession):
 
         Args:
             path: the checkpoint's path.
-            on_written: called right after the write (once it is complete, for an
-                asynchronous one).
+            on_written: called right after the write; for an asynchronous one, once it is
+                committed, when the next save starts or the session ends (so at the same
+                step on every rank, whenever each rank's write happened to end).
             only_if_changed: asked for in ``end()`` for the file of this step: write it
                 again only if it was written with no run since and what it holds changed
                 since (on any rank of a session whose ranks agree).
@@ -182,11 +183,7 @@ class EngineRawSession(RawSession):
         future.result()
         return bool(callback()) if callback is not None else False
 
-    def poll_save(self) -> bool:
-        """Finish the save in flight if it is complete (no wait); whether it asks to stop."""
-        if self.in_flight is not None and self.in_flight[0].done():
-            return self.wait_for_save()
-        return False
+
 
     def changed_since_current_step_written(self) -> bool:
         """Whether this step's file, written with no run since, no longer holds the state.

@@ -581,10 +581,10 @@ class RawSession(abc.ABC):
                 with no run since: write it again only if the hooks' ``end()`` changed
                 their state (a plain loop whose data ran out after a saving run).
             asynchronous: copy the state when the step is final and write it in the
-                background while the loop goes on (``on_written`` fires once it is
-                complete); at most one save is in flight, and the session's end and a
-                failure wait for it. An engine that cannot write in the background writes
-                at once.
+                background while the loop goes on; at most one save is in flight, and the
+                next save, the session's end and a failure wait for it (``on_written``
+                fires then, once it is committed: the same step on every rank). An engine
+                that cannot write in the background writes at once.
 
         Raises:
             NotImplementedError: the engine cannot write checkpoints.
@@ -596,5 +596,8 @@ class RawSession(abc.ABC):
 
         Returns:
             Whether that callback asks to stop. The default has nothing in flight: False.
+
+        Raises:
+            Exception: what the background write raised (nothing was committed).
         """
         return False

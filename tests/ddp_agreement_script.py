@@ -35,7 +35,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 warnings.filterwarnings("ignore")
 
 import torchmetrics  # noqa: E402
-from lightning_models import dataset, make_module_class, make_trainer  # noqa: E402
+from lightning_models import (  # noqa: E402
+    ResumableBatches,
+    dataset,
+    make_module_class,
+    make_trainer,
+)
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 from lightning_finalops import (  # noqa: E402
@@ -287,33 +292,10 @@ class SigtermRankOne(SessionRunHook):
             os.kill(os.getpid(), signal.SIGTERM)  # as a spot instance's notice would
 
 
-class ResumableBatches:
-    """This rank's training batches, resumable mid-epoch: its state is its position."""
-
-    def __init__(self) -> None:
-        x, y = dataset(16, 0).tensors
-        self.batches = [(x[i:i + 1], y[i:i + 1]) for i in range(rank(), 16, 2)]
-        self.start = self.pos = 0
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self):
-        self.pos, self.start = self.start, 0
-        while self.pos < len(self.batches):
-            self.pos += 1
-            yield self.batches[self.pos - 1]
-
-    def state_dict(self) -> dict:
-        return {"pos": self.pos}
-
-    def load_state_dict(self, state) -> None:
-        self.start = state["pos"]
-
-
 class ResumableModule(Module):
     def train_dataloader(self):
-        return ResumableBatches()
+        x, y = dataset(16, 0).tensors  # this rank's batches, resumable mid-epoch
+        return ResumableBatches([(x[i:i + 1], y[i:i + 1]) for i in range(rank(), 16, 2)])
 
 
 def sigterm(out_dir: str) -> dict:

@@ -23,6 +23,30 @@ def dataset(n: int, seed: int) -> TensorDataset:
     return TensorDataset(x, x.sum(1, keepdim=True))
 
 
+class ResumableBatches:
+    """Batches Lightning can resume mid-epoch (its loops save and load a loader's state):
+    its state is its position."""
+
+    def __init__(self, batches: list) -> None:
+        self.batches = list(batches)
+        self.start = self.pos = 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        self.pos, self.start = self.start, 0
+        while self.pos < len(self.batches):
+            self.pos += 1
+            yield self.batches[self.pos - 1]
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start = state["pos"]
+
+
 class DictDataset(Dataset):
     """Yields ``{"x": ..., "y": ...}`` so str feeds can be set on the batch."""
 

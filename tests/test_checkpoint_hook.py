@@ -796,3 +796,39 @@ def test_a_failure_waits_for_the_save_in_flight_which_commits(tmp_path):
             sess.run(lambda: 1 / 0)
     assert sorted(os.listdir(tmp_path)) == ["model.ckpt-0", "model.ckpt-1"]
     assert torch.load(tmp_path / "model.ckpt-1", weights_only=False)["global_step"] == 1
+
+
+def test_a_directory_checkpoint_in_one_process_round_trips_and_leaves_adam_untouched(tmp_path):
+    import shutil
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    initial = net.weight.detach().clone()
+    adam = torch.optim.Adam(net.parameters(), lr=0.1)
+    saver = CheckpointSaverHook(tmp_path, save_steps=2)
+    with MonitoredSession([saver, StopAtStepHook(last_step=3)], modules=net, optimizers=adam,
+                          checkpoint_format="dcp") as sess:
+        assert adam.state == {}  # saving at creation made no optimizer state (no fake step)
+        while not sess.should_stop():
+            def step():
+                adam.zero_grad()
+                net(torch.ones(1, 3)).sum().backward()
+                adam.step()
+            sess.run(step)
+    assert sorted(os.listdir(tmp_path)) == ["model.ckpt-0", "model.ckpt-2", "model.ckpt-3"]
+    assert int(adam.state[net.weight]["step"]) == 3
+    torch.manual_seed(1)
+    other = torch.nn.Linear(3, 2)
+    other_adam = torch.optim.Adam(other.parameters(), lr=0.1)
+    MonitoredSession(modules=other, optimizers=other_adam, checkpoint_dir=str(tmp_path),
+                     strict=False).close()
+    assert torch.equal(other.weight, net.weight)
+    assert torch.equal(other_adam.state[other.weight]["exp_avg"], adam.state[net.weight]["exp_avg"])
+    # the creation checkpoint holds no optimizer state, and restores as such
+    shutil.copytree(tmp_path / "model.ckpt-0", tmp_path / "creation" / "model.ckpt-0")
+    fresh = torch.nn.Linear(3, 2)
+    fresh_adam = torch.optim.Adam(fresh.parameters(), lr=0.1)
+    with MonitoredSession(modules=fresh, optimizers=fresh_adam, strict=False,
+                          checkpoint_dir=str(tmp_path / "creation")) as sess:
+        assert sess.global_step == 0
+    assert torch.equal(fresh.weight, initial) and fresh_adam.state == {}

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from lightning_models import make_module_class, make_trainer
+from lightning_models import ResumableBatches, make_module_class, make_trainer
 from torch import nn
 
 from lightning_finalops import (
@@ -236,31 +236,12 @@ def test_monitored_training_session_names_a_fabric_that_is_not_one():
         MonitoredTrainingSession(fabric=42)
 
 
-class _Resumable:
-    """A batch iterable Lightning can resume mid-epoch: its state is its position."""
+def _resumable(n: int = 16, batch_size: int = 2) -> ResumableBatches:
+    from lightning_models import dataset
 
-    def __init__(self, n=16, batch_size=2):
-        from lightning_models import dataset
-
-        x, y = dataset(n, 0).tensors
-        self.batches = [(x[i:i + batch_size], y[i:i + batch_size])
-                        for i in range(0, n, batch_size)]
-        self.start = self.pos = 0
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __iter__(self):
-        self.pos, self.start = self.start, 0
-        while self.pos < len(self.batches):
-            self.pos += 1
-            yield self.batches[self.pos - 1]
-
-    def state_dict(self):
-        return {"pos": self.pos}
-
-    def load_state_dict(self, state):
-        self.start = state["pos"]
+    x, y = dataset(n, 0).tensors
+    return ResumableBatches([(x[i:i + batch_size], y[i:i + batch_size])
+                             for i in range(0, n, batch_size)])
 
 
 @pytest.mark.parametrize("val_check_interval", [None, 3, 4])
@@ -271,7 +252,7 @@ def test_a_lightning_resume_from_a_mid_epoch_checkpoint_equals_the_uninterrupted
     batch restarts at the next batch: the weights end where an uninterrupted run's do."""
     class Module(make_module_class()):
         def train_dataloader(self):
-            return _Resumable()
+            return _resumable()
 
     def run(max_steps, directory, ckpt_path=None):
         torch.manual_seed(0)

@@ -108,11 +108,11 @@ class CheckpointSaverHook(SessionRunHook):
             than the ones it wrote, oldest step first. ``None`` or 0 keeps every file.
         async_save: the state is copied when the step is final and written in the
             background while training goes on (a sharded model: DCP's ``async_save``);
-            at most one save is in flight (the next waits for it), the listeners'
-            ``after_save`` fire once it is complete and committed, and the session's end
-            and a failure wait for it. A crash during it never leaves a committed partial
-            checkpoint. An engine that cannot write in the background (Lightning: use its
-            ``AsyncCheckpointIO`` plugin) writes at once.
+            at most one save is in flight: the next save, the session's end and a failure
+            wait for it, and the listeners' ``after_save`` fire then, once it is
+            committed (the same step on every rank). A crash during it never leaves a
+            committed partial checkpoint. An engine that cannot write in the background
+            (Lightning: use its ``AsyncCheckpointIO`` plugin) writes at once.
 
     Raises:
         ValueError: ``"You cannot provide both saver and scaffold."``, the timer's
@@ -250,6 +250,9 @@ class CheckpointSaverHook(SessionRunHook):
         (and ``then``); a stop a listener asks for there reaches the session through it. A
         ``saver`` of the user's writes at once, so its listeners' answer is returned here.
         """
+        stop = False
+        if self._async:  # the save in flight ends first: its .tmp is no crashed save's
+            stop = session.wait_for_save()
         for listener in self._listeners:
             listener.before_save(session, step)
         logger.info("Saving checkpoints for %d into %s.", step, self._save_path)
@@ -265,7 +268,7 @@ class CheckpointSaverHook(SessionRunHook):
 
         if self._saver is None:
             self._ask(session, path, written)
-            return False
+            return stop
         self._saver(session, path)
         return written()
 
