@@ -2,8 +2,9 @@
 
 ``sharded_script.py`` runs under ``torch.distributed.run``: a first launch to step 4, a
 relaunch to step 8, an uninterrupted run to step 8, restores of the step-4 checkpoint on 1
-and on 4 ranks, and a run whose rank 1 is SIGKILLed in the middle of its third save, then
-relaunched. Every launch has a timeout that kills all its processes.
+and on 4 ranks, the same with background saves, and a run whose rank 1 is SIGKILLed in the
+middle of its third save, then relaunched. ``lightning_fsdp_script.py`` does the first three
+under Lightning's ``ModelParallelStrategy`` with ``HookCallback``. Every launch has a timeout that kills all its processes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from conftest import run_launch
 from lightning_finalops import MonitoredSession, latest_checkpoint
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharded_script.py")
+LIGHTNING_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                "lightning_fsdp_script.py")
 
 
 def _launch(out, mode: str, ranks: int = 2) -> None:
@@ -130,3 +133,24 @@ def test_final_ops_over_a_sharded_weight_give_the_full_value_on_every_rank(out) 
         assert type(final["w0"]) is torch.Tensor and torch.equal(final["w0"], full)
         assert torch.allclose(final["norm"], full.norm())
 
+
+
+@pytest.fixture(scope="module")
+def lightning_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lightning_sharded")
+    for mode in ("first", "resume", "straight"):
+        run_launch(LIGHTNING_SCRIPT, str(out), mode)
+    return out
+
+
+def test_lightning_sharded_checkpoints_resume_bit_exact_with_fit_ckpt_path(lightning_out):
+    for rank in (0, 1):
+        resumed = _load(lightning_out, "resume", rank)
+        straight = _load(lightning_out, "straight", rank)
+        assert resumed["restored_step"] == 4 and resumed["global_step"] == 8
+        assert resumed["files"] == [f"model.ckpt-{s}" for s in (0, 2, 4, 6, 8)]
+        assert resumed["weights"].keys() == straight["weights"].keys()
+        for key, value in resumed["weights"].items():
+            assert torch.equal(value, straight["weights"][key]), key
+    shards = sorted(os.listdir(lightning_out / "ckpt" / "model.ckpt-4"))
+    assert "__0_0.distcp" in shards and "__1_0.distcp" in shards  # every rank wrote its own
