@@ -4,7 +4,8 @@
 relaunch to step 8, an uninterrupted run to step 8, restores of the step-4 checkpoint on 1
 and on 4 ranks, the same with background saves, and a run whose rank 1 is SIGKILLed in the
 middle of its third save, then relaunched. ``lightning_fsdp_script.py`` does the first three
-under Lightning's ``ModelParallelStrategy`` with ``HookCallback``. Every launch has a timeout that kills all its processes.
+under Lightning's ``ModelParallelStrategy`` with ``HookCallback``. Every launch has a
+timeout that kills all its processes.
 """
 
 from __future__ import annotations
