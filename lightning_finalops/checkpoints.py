@@ -23,6 +23,7 @@ from lightning_finalops.validation import check_path
 
 __all__ = [
     "SESSION_FILE",
+    "commit",
     "holds_sharded_tensors",
     "check_basename",
     "atomic_torch_save",
@@ -189,26 +190,37 @@ def atomic_write(path: str, write: Callable[[str], Any], tmp: Optional[str] = No
         os.close(fd)
     try:
         write(tmp)
-        if os.path.isdir(tmp):
-            if os.path.isdir(path):  # a rewrite: the old one moves aside, never missing
-                old = path + ".old.tmp"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-                _fsync_directory(directory)
-                return
-        else:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_directory(directory)
+        commit(tmp, path)
     except BaseException:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
         elif os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def commit(tmp: str, path: str) -> None:
+    """Move a finished file or directory ``tmp`` to ``path`` in one rename, durably.
+
+    A file is flushed to disk first. A directory replacing an earlier one of the same name
+    moves that one aside first (a directory cannot be renamed over a full one), so the
+    name never holds a partial checkpoint, and is removed after.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(tmp):
+        if os.path.isdir(path):  # a rewrite: the old one moves aside
+            old = path + ".old.tmp"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+            _fsync_directory(directory)
+            return
+    else:
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_directory(directory)
 
 
 def _fsync_directory(directory: str) -> None:

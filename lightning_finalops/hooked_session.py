@@ -400,22 +400,29 @@ class HookedSession:
         self._previous_handler = signal.getsignal(signal.SIGTERM)
 
         def on_sigterm(signum: int, frame: Any) -> None:  # the handler that _release checks
-            if not self.received_sigterm:
-                logger.warning("lightning_finalops: SIGTERM received: %s stops %s; every "
-                               "hook's end() runs, then the signal's previous handler.",
-                               self.name, "on every rank one run later" if self._agreement
-                               else "after the run in flight")
+            if self.received_sigterm:  # a second one: no more waiting, the previous handler
+                logger.warning("lightning_finalops: a second SIGTERM: %s passes it on now.",
+                               self.name)
+                self._release_sigterm_handler(now=True)
+                return
+            logger.warning("lightning_finalops: SIGTERM received: %s stops %s; every "
+                           "hook's end() runs, then the signal's previous handler (a second "
+                           "SIGTERM passes it on at once).", self.name,
+                           "on every rank one run later" if self._agreement
+                           else "after the run in flight")
             self.received_sigterm = True
 
         self._handler = on_sigterm
         signal.signal(signal.SIGTERM, on_sigterm)
 
     def _release_sigterm_handler(self, ended: bool = False,
-                                 error: Optional[BaseException] = None) -> None:
+                                 error: Optional[BaseException] = None,
+                                 now: bool = False) -> None:
         """Restore the previous SIGTERM handler; call it if the signal came meanwhile.
 
         Only a handler still in place is replaced (sessions may end out of order). After an
-        exception (``error``), the signal is passed on once the exception is logged.
+        exception (``error``), the signal is passed on once the exception is logged; with
+        ``now`` (a second SIGTERM), at once.
         """
         previous, self._previous_handler = self._previous_handler, _NOT_INSTALLED
         if previous is _NOT_INSTALLED:
@@ -423,7 +430,7 @@ class HookedSession:
         restored = signal.SIG_DFL if previous is None else previous
         if signal.getsignal(signal.SIGTERM) is self._handler:
             signal.signal(signal.SIGTERM, restored)
-        if self._on_preempted is not None and error is None:
+        if self._on_preempted is not None and error is None and not now:
             if ended and self.preempted:
                 self._on_preempted()
             return

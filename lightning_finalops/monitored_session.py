@@ -29,6 +29,7 @@ from lightning_finalops.checkpoints import (
     atomic_write,
     check_basename,
     check_checkpoint_dir,
+    commit,
     holds_sharded_tensors,
     load_latest,
 )
@@ -203,8 +204,8 @@ class _PlainEngine(Engine):
             # temporary name on every rank, renamed by rank 0
             tmp = path + ".tmp"
             self.fabric.save(tmp, self._fabric_state())
-            if self.fabric.is_global_zero:
-                os.replace(tmp, path)
+            if self.fabric.is_global_zero:  # a file, or the directory of a sharded strategy
+                commit(tmp, path)
             self.fabric.barrier()
             return
         if self._writes_directories():
@@ -400,11 +401,15 @@ class _PlainEngine(Engine):
         """
         def load(path: str) -> Any:
             if os.path.isdir(path):  # a sharded checkpoint: its session file here, shards later
+                if not os.path.isfile(os.path.join(path, ".metadata")):
+                    raise ValueError(f"{path} is a directory without DCP's .metadata: not a "
+                                     "checkpoint this library committed")
+                if self.fabric is not None:
+                    return {}  # a sharded Fabric checkpoint: fabric.load reads it below
                 session_file = os.path.join(path, SESSION_FILE)
-                if not (os.path.isfile(session_file)
-                        and os.path.isfile(os.path.join(path, ".metadata"))):
-                    raise ValueError(f"{path} is a directory without {SESSION_FILE} and "
-                                     "DCP's .metadata: not a checkpoint this library committed")
+                if not os.path.isfile(session_file):
+                    raise ValueError(f"{path} is a directory without {SESSION_FILE}: not a "
+                                     "checkpoint this library committed")
                 return torch.load(session_file, map_location="cpu", weights_only=False)
             return torch.load(path, map_location="cpu", weights_only=False)
 
@@ -577,8 +582,9 @@ class MonitoredSession:
         fabric: a launched ``lightning.fabric.Fabric`` the loop runs on (modules and
             optimizers from ``fabric.setup``): checkpoints are written with ``fabric.save``
             and restored with ``fabric.load`` (every rank calls them, so every rank must run
-            the saver), and hooks find it as ``session.fabric``. Checkpoints are files: a
-            strategy that saves directories (sharded FSDP, DeepSpeed) is not supported.
+            the saver), and hooks find it as ``session.fabric``. A sharded strategy
+            (``ModelParallelStrategy``) saves a directory from every rank, which rank 0
+            commits by one rename.
         across_ranks: whether the ranks of ``torch.distributed`` run this session together
             (agree on stops and time, restore one checkpoint, the chief writes): ``None``
             means yes when it is initialized with several ranks. Then every rank must build
@@ -601,6 +607,10 @@ class MonitoredSession:
             (``CheckpointSaverHook`` writes that step), then restores the previous handler
             and calls it (the default one ends the process, as the signal asked). ``None``:
             yes when a hook asks for it, as ``CheckpointSaverHook`` does. Main thread only.
+            A second SIGTERM goes to the previous handler at once. Python runs a handler
+            between bytecodes: a rank blocked inside a collective handles the signal when
+            that returns (launchers that follow SIGTERM with SIGKILL, as torchrun, SLURM
+            and Kubernetes do, end it then).
         checkpoint_format: how checkpoints are written: ``"file"`` (one file, written by
             the chief: every rank holds the same state), ``"dcp"`` (a directory
             ``<basename>-<step>/`` into which every rank writes its shards with

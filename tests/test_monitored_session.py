@@ -1314,3 +1314,16 @@ def test_sigterm_handling_is_off_with_one_argument_and_without_a_checkpoint(
         assert sess.global_step == 4 and calls.pop() == signal.SIGTERM
     with pytest.raises(TypeError, match="stop_on_sigterm"):
         MonitoredSession(stop_on_sigterm="yes")
+
+
+def test_a_second_sigterm_goes_to_the_previous_handler_at_once(tmp_path, sigterm_calls):
+    calls, handler = sigterm_calls
+    net = torch.nn.Linear(2, 1)
+    with MonitoredSession([CheckpointSaverHook(tmp_path, save_steps=100)], modules=net) as sess:
+        def twice():
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)  # the user insists: no more waiting
+
+        sess.run(twice)
+        assert calls == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is handler
+    assert calls == [signal.SIGTERM]  # passed on once, not again at the session's end

@@ -24,6 +24,8 @@ from lightning_finalops import MonitoredSession, latest_checkpoint
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharded_script.py")
 LIGHTNING_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 "lightning_fsdp_script.py")
+FABRIC_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                             "fabric_sharded_script.py")
 
 
 def _launch(out, mode: str, ranks: int = 2) -> None:
@@ -136,15 +138,18 @@ def test_final_ops_over_a_sharded_weight_give_the_full_value_on_every_rank(out) 
 
 
 
-@pytest.fixture(scope="module")
-def lightning_out(tmp_path_factory):
-    out = tmp_path_factory.mktemp("lightning_sharded")
+@pytest.fixture(scope="module", params=["lightning", "fabric"])
+def framework_out(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"{request.param}_sharded")
     for mode in ("first", "resume", "straight"):
-        run_launch(LIGHTNING_SCRIPT, str(out), mode)
+        run_launch(LIGHTNING_SCRIPT if request.param == "lightning" else FABRIC_SCRIPT,
+                   str(out), mode)
     return out
 
 
-def test_lightning_sharded_checkpoints_resume_bit_exact_with_fit_ckpt_path(lightning_out):
+def test_lightning_and_fabric_sharded_checkpoints_resume_bit_exact(framework_out):
+    """Lightning's ModelParallelStrategy (fit(ckpt_path=...)) and Fabric's (fabric.load)."""
+    lightning_out = framework_out
     for rank in (0, 1):
         resumed = _load(lightning_out, "resume", rank)
         straight = _load(lightning_out, "straight", rank)
