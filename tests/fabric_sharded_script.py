@@ -60,6 +60,8 @@ def main() -> None:
     torch.save({"restored_step": restored, "global_step": sess.global_step, "weights": weights,
                 "files": sorted(os.listdir(directory))},
                os.path.join(out, f"{mode}-rank{fabric.global_rank}.pt"))
+    fabric.barrier()
+    torch.distributed.destroy_process_group()  # avoids gloo's abort at interpreter exit
 
 
 if __name__ == "__main__":

@@ -80,6 +80,7 @@ def main() -> None:
     torch.save({"restored_step": restored.step, "global_step": trainer.global_step,
                 "weights": full, "files": sorted(os.listdir(directory))},
                os.path.join(out, f"{mode}-rank{trainer.global_rank}.pt"))
+    dist.destroy_process_group()  # avoids gloo's abort at interpreter exit
 
 
 if __name__ == "__main__":
