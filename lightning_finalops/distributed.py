@@ -22,6 +22,8 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 import torch
 import torch.distributed as dist
 
+from lightning_finalops.sync_audit import host_values
+
 __all__ = [
     "DEPARTURES",
     "EXITED",
@@ -301,7 +303,8 @@ class RankAgreement:
                 f"at global step {step}.")
 
     def _read(self, vector: torch.Tensor) -> Vote:
-        row = vector.tolist()
+        with host_values():  # a CPU vector by design: reading it waits for no device
+            row = vector.tolist()
         statuses = row[_HEADER:_HEADER + self.world]
         departed = {r: int(s) for r, s in enumerate(statuses) if s}
         failures: Dict[int, str] = {}

@@ -8,6 +8,7 @@ not grow with the number of runs.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import Counter
 from lightning_models import make_module_class, make_trainer
@@ -121,3 +122,71 @@ def test_nan_tensor_hook_syncs_once_per_run_and_not_at_all_with_non_blocking():
                 while not sess.should_stop():
                     sess.run(lambda: {"loss": torch.tensor(1.0)})
         assert audit.of("NanTensorHook") == expected
+
+
+# -- positive controls: one counted operator, once per run, charged to the hook doing it -----
+
+_T = torch.tensor([1.0, 2.0, 0.0])
+_MASK = _T > 0.5
+SYNCING = {
+    "item": lambda: _T[0].item(),
+    "float": lambda: float(_T[0]),
+    "bool": lambda: bool(_T[0]),
+    "int": lambda: int(_T[0]),
+    "str": lambda: str(_T),
+    "f-string": lambda: f"{_T}",
+    "format spec": lambda: f"{_T[0]:.2f}",
+    "torch.equal": lambda: torch.equal(_T, _T),
+    "torch.allclose": lambda: torch.allclose(_T, _T),
+    "torch.where(cond)": lambda: torch.where(_MASK),
+    "nonzero": lambda: _T.nonzero(),
+    "torch.unique": lambda: torch.unique(_T),
+    "masked_select": lambda: _T.masked_select(_MASK),
+    "boolean index": lambda: _T[_MASK],
+    "boolean assignment": lambda: _T.clone().__setitem__(_MASK, 0.0),
+    "repeat_interleave": lambda: _T.repeat_interleave(torch.tensor([1, 2, 1])),
+    "tolist": lambda: _T.tolist(),
+    "numpy": lambda: _T.numpy(),
+    "cpu": lambda: _T.cpu(),
+    "to('cpu')": lambda: _T.to("cpu"),
+}
+
+
+class Does(SessionRunHook):
+    def __init__(self, operation) -> None:
+        self.operation = operation
+
+    def after_run(self, run_context, run_values):
+        self.operation()
+
+
+def _audited_runs(hook, runs: int = 3, step=lambda: {"loss": torch.tensor(1.0)}):
+    with audit_syncs(log=False) as audit:
+        with MonitoredSession([hook]) as sess:
+            for _ in range(runs):
+                sess.run(step)
+    return audit
+
+
+@pytest.mark.parametrize("name", sorted(SYNCING))
+def test_each_counted_operator_is_charged_to_the_hook_that_does_it_once_per_run(name):
+    audit = _audited_runs(Does(SYNCING[name]))
+    assert audit.of("Does", "after_run") == 3, audit.table()
+    assert sum(audit.counts.values()) == 3, audit.table()  # and nowhere else
+
+
+def test_device_side_work_in_a_hook_is_charged_nothing():
+    audit = _audited_runs(Does(lambda: (torch.isnan(_T).any(), (_T * 2).sum(),
+                                        _T.repeat_interleave(2), _T[torch.tensor([0, 2])])))
+    assert audit.counts == {}, audit.table()
+
+
+def test_the_users_own_step_syncs_are_charged_to_the_user_not_the_package():
+    def step():
+        loss = torch.tensor(2.0)
+        print_me = loss.item()  # the user's own sync
+        return {"loss": loss, "printed": print_me}
+
+    audit = _audited_runs(StopAtStepHook(last_step=100), runs=4, step=step)
+    assert audit.of("user code", "step") == 4, audit.table()
+    assert audit.of("lightning_finalops") == 0, audit.table()
