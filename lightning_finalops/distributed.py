@@ -37,6 +37,7 @@ __all__ = [
     "Vote",
     "agreed_time",
     "agreement_group",
+    "rank_failed",
     "broadcast_from_rank_zero",
     "is_rank_zero",
     "local_clock",
@@ -167,6 +168,23 @@ class RankFailedError(AgreementError):
         self.global_step = global_step
 
 
+def rank_failed(name: str, failures: Dict[int, str], step: int,
+                detail: str = "") -> RankFailedError:
+    """The error a rank raises when other ranks of the session ``name`` failed.
+
+    Args:
+        name: the session, as errors name it.
+        failures: ``{rank: "ExceptionType: message"}`` of the ranks that failed.
+        step: this rank's global step.
+        detail: appended to the message (what this rank ran, or not).
+    """
+    failed = "; ".join(f"rank {r} failed with {text}" for r, text in failures.items())
+    return RankFailedError(
+        f"lightning_finalops: {failed}. {name} stops on this rank too, at global step "
+        f"{step}{detail}.", dict(failures), step,
+    )
+
+
 class Vote(NamedTuple):
     """What the ranks of a session agreed in one vote."""
 
@@ -284,8 +302,7 @@ class RankAgreement:
             self._close()
             failures = self._failures(range(self.world))
             if failures:  # a rank that failed and exited before the others read its vote
-                raise RankFailedError(self._failed_message(failures, step), failures,
-                                      step) from e
+                raise rank_failed(self.name, failures, step) from e
             missing = self._unanswered()
             raise AgreementTimeoutError(
                 f"lightning_finalops: {self.name} on rank {self.rank}, at global step {step}: "
@@ -296,11 +313,6 @@ class RankAgreement:
                 missing, step,
             ) from e
         return self._read(vector)
-
-    def _failed_message(self, failures: Dict[int, str], step: int) -> str:
-        failed = "; ".join(f"rank {r} failed with {text}" for r, text in failures.items())
-        return (f"lightning_finalops: {failed}. {self.name} stops on rank {self.rank} too, "
-                f"at global step {step}.")
 
     def _read(self, vector: torch.Tensor) -> Vote:
         with host_values():  # a CPU vector by design: reading it waits for no device

@@ -22,9 +22,17 @@ from lightning_finalops.distributed import RankAgreement
 __all__ = [
     "EMPTY",
     "Engine",
+    "completed_future",
 ]
 
 EMPTY: Mapping[Any, Any] = types.MappingProxyType({})
+
+
+def completed_future() -> Future:
+    """A future that is already done: a write that happened at once (or not on this rank)."""
+    future: Future = Future()
+    future.set_result(None)
+    return future
 
 
 class Engine(abc.ABC):
@@ -88,9 +96,7 @@ class Engine(abc.ABC):
         and returns a completed future.
         """
         self.write_checkpoint(path)
-        future: Future = Future()
-        future.set_result(None)
-        return future
+        return completed_future()
 
     def checkpointed_state(self) -> Any:
         """The state a checkpoint written now holds beyond modules and optimizers, or ``None``.

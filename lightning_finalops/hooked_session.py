@@ -34,10 +34,10 @@ from lightning_finalops.distributed import (
     LEFT,
     AgreementError,
     RankAgreement,
-    RankFailedError,
     Vote,
     agreed_time,
     local_clock,
+    rank_failed,
     set_agreed_time,
 )
 from lightning_finalops.engine import EMPTY, Engine
@@ -684,8 +684,8 @@ class HookedSession:
                         self._carried_stop = True  # in the next run's vote
             if agreement is None:
                 self.should_stop = self.should_stop or requested or self.received_sigterm
-            else:
-                self.should_stop = self.should_stop or agreed_stop or consistent
+            else:  # (an agreed stop was applied when its vote was read)
+                self.should_stop = self.should_stop or consistent
         finally:
             raw.step_outputs_fresh = False
             self._run = None
@@ -749,13 +749,9 @@ class HookedSession:
             if self._deferred is not None:  # every rank read this rank's failure: raise it
                 error, self._deferred = self._deferred, None
                 raise error
-            failed = "; ".join(f"rank {r} failed with {text}" for r, text in vote.failures.items())
-            raise RankFailedError(
-                f"lightning_finalops: {failed}. {self.name} stops on this rank too, at global "
-                f"step {step}" + (" (its hooks' end() ran before it heard)." if ended else
-                                  " (no hook's end() runs, as after an exception here)."),
-                dict(vote.failures), step,
-            )
+            raise rank_failed(self.name, vote.failures, step,
+                              " (its hooks' end() ran before it heard)" if ended else
+                              " (no hook's end() runs, as after an exception here)")
         agreement = self._agreement
         me = agreement.rank if agreement is not None else -1
         others = {r: why for r, why in vote.departed.items() if r != me}

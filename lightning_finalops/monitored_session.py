@@ -40,7 +40,7 @@ from lightning_finalops.distributed import (
     is_rank_zero,
     world_size,
 )
-from lightning_finalops.engine import Engine
+from lightning_finalops.engine import Engine, completed_future
 from lightning_finalops.fetches import (
     check_fetches,
     evaluate,
@@ -59,7 +59,7 @@ from lightning_finalops.session_run_hook import (
 )
 from lightning_finalops.validation import check_bool
 
-__all__ = ["MonitoredSession", "StepContext", "check_fabric"]
+__all__ = ["MonitoredSession", "StepContext", "check_fabric", "named_objects"]
 
 logger = logging.getLogger("lightning_finalops")
 
@@ -67,7 +67,7 @@ logger = logging.getLogger("lightning_finalops")
 _STEP_TYPES = (types.FunctionType, types.MethodType)
 
 
-def _named(objects: Any, argument: str, kind: type) -> Dict[str, Any]:
+def named_objects(objects: Any, argument: str, kind: type) -> Dict[str, Any]:
     """``{name: object}`` for one object, a mapping of them, or a list of them."""
     if objects is None:
         return {}
@@ -134,17 +134,17 @@ class _PlainEngine(Engine):
         #: the Lightning Fabric the loop runs on, or ``None``
         self.fabric = fabric
         self._modules = modules
-        self._named_modules = _named(modules, "modules", torch.nn.Module)
-        self._named_optimizers = _named(optimizers, "optimizers", torch.optim.Optimizer)
+        self._named_modules = named_objects(modules, "modules", torch.nn.Module)
+        self._named_optimizers = named_objects(optimizers, "optimizers", torch.optim.Optimizer)
         if checkpoint_format not in (None, "file", "dcp"):
             raise ValueError("checkpoint_format must be None (by the state: 'dcp' when it is "
                              "sharded), 'file' or 'dcp', got " f"{checkpoint_format!r}.")
-        if checkpoint_format == "dcp" or self._sharded():
+        self._checkpoint_format = checkpoint_format
+        if self._writes_directories():  # ('file' with sharded modules is refused here)
             bad = [name for name in self._named_modules if not name or "." in name]
             if bad:
                 raise ValueError(f"modules {bad}: a sharded checkpoint names each module by "
                                  "its key, which must be non-empty and hold no '.'.")
-        self._checkpoint_format = checkpoint_format
         self._timeout = timeout
         self._executor: Optional[ThreadPoolExecutor] = None
         self._session_state = session_state
@@ -231,7 +231,7 @@ class _PlainEngine(Engine):
             return self._write_sharded(path, asynchronous=True)
         state = self._file_state()
         if state is None:
-            return _completed()
+            return completed_future()
         return self._background().submit(atomic_torch_save, _host_copy(state), path)
 
     def _writes_directories(self) -> bool:
@@ -327,7 +327,7 @@ class _PlainEngine(Engine):
         if not asynchronous:
             self._dcp(dcp.save, state, tmp)
             commit()
-            return _completed()
+            return completed_future()
         saving = self._dcp(dcp.async_save, state, tmp)
         staging = getattr(saving, "staging_completion", None)
         if staging is not None:
@@ -480,13 +480,6 @@ class _PlainEngine(Engine):
                 )
             skipped += [f"{kind}[{name!r}]" for name in extra]
         return skipped
-
-
-def _completed() -> Future:
-    """A future that is already done (a write that happened at once, or not here)."""
-    future: Future = Future()
-    future.set_result(None)
-    return future
 
 
 def _host_copy(state: Any) -> Any:

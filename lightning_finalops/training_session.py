@@ -14,7 +14,7 @@ from lightning_finalops.hook_state import check_hooks, has_state
 from lightning_finalops.hooks.checkpoint import CheckpointSaverHook
 from lightning_finalops.hooks.stop import StopAtStepHook
 from lightning_finalops.hooks.summary import StepCounterHook, SummarySaverHook
-from lightning_finalops.monitored_session import MonitoredSession, check_fabric
+from lightning_finalops.monitored_session import MonitoredSession, check_fabric, named_objects
 from lightning_finalops.session_run_hook import Agreement, SessionRunHook
 from lightning_finalops.validation import check_bool, check_int, check_number, check_path
 
@@ -257,7 +257,8 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
             )
     # fabric.save and sharded saves are collectives: every rank runs the saver
     every_rank_saves = fabric is not None or checkpoint_format == "dcp" or (
-        checkpoint_format is None and holds_sharded_tensors(_modules(modules)))
+        checkpoint_format is None and holds_sharded_tensors(
+            named_objects(modules, "modules", torch.nn.Module).values()))
     if not every_rank_saves:
         chief_side.extend(saver)
     all_hooks: List[SessionRunHook] = []
@@ -286,11 +287,3 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
         checkpoint_format=checkpoint_format,
     )
 
-
-def _modules(modules: Any) -> List[torch.nn.Module]:
-    """The modules of ``modules=`` (a module, a dict or a list of them; checked later)."""
-    if isinstance(modules, torch.nn.Module):
-        return [modules]
-    items = modules.values() if isinstance(modules, Mapping) else (
-        modules if isinstance(modules, (list, tuple)) else ())
-    return [m for m in items if isinstance(m, torch.nn.Module)]
