@@ -18,6 +18,7 @@ from torch import nn
 
 from lightning_finalops.fetches import accepted_keywords
 from lightning_finalops.hooked_session import HookedSession
+from lightning_finalops.sync_audit import USER, charging
 from lightning_finalops.validation import describe
 
 __all__ = ["evaluating", "modules_of", "run_evaluation"]
@@ -106,7 +107,8 @@ def run_evaluation(
                     break
                 pending = session.start_run(step)
                 try:
-                    outputs = step(batch, **_accepted(step, pending.str_feeds))
+                    with charging(*USER):  # the user's step: its syncs are the user's
+                        outputs = step(batch, **_accepted(step, pending.str_feeds))
                 except StopIteration:
                     session.abort_run()
                     break

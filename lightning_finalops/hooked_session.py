@@ -28,6 +28,7 @@ import signal
 import threading
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
+import lightning_finalops.sync_audit as sync_audit
 from lightning_finalops.distributed import (
     DEPARTURES,
     FAILED,
@@ -61,6 +62,7 @@ from lightning_finalops.session_run_hook import (
     SessionRunHook,
     SessionRunValues,
 )
+from lightning_finalops.sync_audit import charged
 from lightning_finalops.validation import check_bool, check_seconds
 
 __all__ = ["HookedSession", "STOP_REQUESTED_MESSAGE"]
@@ -160,15 +162,7 @@ class HookedSession:
         self.engine = engine
         self.raw_session = EngineRawSession(engine, self._checkpointed_digest)
         self.coord = Coordinator()
-        # Bound methods, looked up once, of the hooks that override them: these loops run
-        # at every step, and skipping the base class's empty methods is invisible to hooks.
-        self._before = [
-            (i, h, h.before_run) for i, h in enumerate(self.hooks) if _overrides(h, "before_run")
-        ]
-        self._after = [
-            (i, h.after_run) for i, h in enumerate(self.hooks) if _overrides(h, "after_run")
-        ]
-        self._after_calls = [after_run for _, after_run in self._after]
+        self._build_calls()
         # called after each counted run only when the engine overrides it
         self._step_completed: Optional[Callable[[], None]] = (
             engine.step_completed
@@ -209,6 +203,31 @@ class HookedSession:
         self._agreement: Optional[RankAgreement] = None
         self._time_before: Optional[float] = None
 
+    def _build_calls(self) -> None:
+        """The hooks' per-run calls, charged to each hook while a sync audit is active.
+
+        Bound methods, looked up once, of the hooks that override them: these loops run at
+        every step, and skipping the base class's empty methods is invisible to hooks. The
+        calls are rebuilt when an audit starts or ends (the per-run cost of the check is one
+        comparison); without an audit they are the bound methods themselves.
+        """
+        self._audited = sync_audit.active()
+        self._before = [
+            (i, h, charged(h.before_run, type(h).__name__, "before_run"))
+            for i, h in enumerate(self.hooks) if _overrides(h, "before_run")
+        ]
+        self._after = [
+            (i, charged(h.after_run, type(h).__name__, "after_run"))
+            for i, h in enumerate(self.hooks) if _overrides(h, "after_run")
+        ]
+        self._after_calls = [after_run for _, after_run in self._after]
+        self._hook_fetch_results = charged(self._evaluate_hook_fetches, *sync_audit.HOOK_FETCHES)
+
+    def _call_each(self, method: str, *args: Any) -> None:
+        """Call every hook's ``method(*args)`` in order (charged to it by a sync audit)."""
+        for hook in self.hooks:
+            charged(getattr(hook, method), type(hook).__name__, method)(*args)
+
     @property
     def runs(self) -> int:
         """Runs this session finished."""
@@ -217,8 +236,7 @@ class HookedSession:
     # -- session lifecycle -------------------------------------------------------------------
     def begin(self) -> None:
         """Call every hook's ``begin()`` in order."""
-        for hook in self.hooks:
-            hook.begin()
+        self._call_each("begin")
 
     def create(self) -> None:
         """Call every hook's ``after_create_session(raw_session, coord)`` in order, once.
@@ -270,8 +288,7 @@ class HookedSession:
         if self._stop_on_sigterm:
             self._install_sigterm_handler()
         with raw.saves_wait:
-            for hook in self.hooks:
-                hook.after_create_session(raw, self.coord)
+            self._call_each("after_create_session", raw, self.coord)
         raw.flush_checkpoint()  # a stop asked for by it is ignored here (TF's rule)
 
     def end(self, *, closed: bool = False) -> None:
@@ -296,8 +313,7 @@ class HookedSession:
                 if vote is not None:
                     self._apply_vote(vote, ended=False)
             with raw.saves_wait:
-                for hook in self.hooks:
-                    hook.end(session)
+                self._call_each("end", session)
             # This step's file may be on disk already (a session that ends with no stop after
             # a saving run): written again only if the state it holds changed since.
             changed = raw.changed_since_current_step_written()
@@ -494,6 +510,8 @@ class HookedSession:
         if self.idle_per_run and feed_dict is None and options is None:
             self._run = _IDLE_RUN
             return _IDLE_RUN
+        if sync_audit._active is not self._audited:  # an audit started or ended
+            self._build_calls()
         try:
             self._run = self._start_run(fetches, feed_dict, options)
         except BaseException as e:
@@ -550,6 +568,8 @@ class HookedSession:
         pending = self.start_run(step)
         try:
             feeds = pending.str_feeds
+            if sync_audit._active is not None:  # the step's syncs are the user's
+                step = charged(step, *sync_audit.USER)
             if feeds:
                 outputs = step(**{k: feeds[k] for k in accepted_keywords(step, list(feeds))})
             else:
@@ -639,7 +659,7 @@ class HookedSession:
                 if pending.hook_fetches or pending.entered:
                     try:
                         if pending.hook_fetches:
-                            results = self._evaluate_hook_fetches(pending)
+                            results = self._hook_fetch_results(pending)
                     finally:
                         pending.exit()
             finally:

@@ -57,6 +57,7 @@ from lightning_finalops.session_run_hook import (
     RunOptions,
     SessionRunHook,
 )
+from lightning_finalops.sync_audit import USER, charging
 from lightning_finalops.validation import check_bool
 
 __all__ = ["MonitoredSession", "StepContext", "check_fabric", "named_objects"]
@@ -752,9 +753,10 @@ class MonitoredSession:
 
     def _evaluate_fetches(self, fetches: Any, str_feeds: Mapping[str, Any]) -> Any:
         """The user's fetches evaluated; names resolve against the previous run's dict."""
-        if not str_feeds and callable(fetches) and not is_metric(fetches):
-            return fetches()  # the step's own results: handed back as returned
-        return evaluate(fetches, self._session.raw_session.namespaces(), str_feeds)
+        with charging(*USER):  # the user's step and fetches: their syncs are the user's
+            if not str_feeds and callable(fetches) and not is_metric(fetches):
+                return fetches()  # the step's own results: handed back as returned
+            return evaluate(fetches, self._session.raw_session.namespaces(), str_feeds)
 
     def run_step_fn(self, step_fn: Callable[[StepContext], Any]) -> Any:
         """Run ``step_fn(step_context)``: hooks fire only for ``step_context.run_with_hooks``.

@@ -1,33 +1,38 @@
 """``audit_syncs()``: count device-to-host synchronisations by the hook and phase causing them.
 
 While the context is active, every operation that makes (or, on a CPU, would make on a GPU)
-the host wait for the device is counted and attributed to the innermost caller on the Python
-stack that is a hook's method (``before_run``, ``after_run``, ``end``...), the evaluation of
-the hooks' fetches, the rest of this package (the adapters and the core), or the user's step.
+the host wait for the device is counted, in every thread, and charged to what the session's
+core says it is running: a hook's method (``begin``, ``after_create_session``,
+``before_run``, ``after_run``, ``end``), the evaluation of the hooks' fetches, or the user's
+step (the step, a run's own fetches, an evaluation's step). A sync inside torch, Lightning or
+torchmetrics code called from one of these is charged to it. Outside them a sync is the
+package's own bookkeeping when this package's code is running, else the user's.
 
-What is counted:
+What is counted, on CPU and CUDA tensors alike:
 
-- Without CUDA, the operators that make a host wait for a GPU, seen where torch dispatches
-  them (a ``TorchDispatchMode``), so also inside torch, Lightning or torchmetrics code a hook
-  calls: :data:`SYNCING_OPERATORS` (``_local_scalar_dense``: ``item()``, ``float/int/bool``
-  of a tensor, ``torch.allclose`` on CUDA; ``nonzero`` and what is built on it, one-argument
-  ``torch.where``; ``equal``, ``allclose``, ``is_nonzero``; ``unique``; ``masked_select``;
-  boolean-mask ``index``/``index_put``; ``repeat_interleave`` with a tensor of repeats and no
-  ``output_size``), plus the host reads that never reach the dispatcher, caught where Python
-  calls them (:data:`HOST_READS`: ``tolist``, ``numpy``, ``.cpu()``/``.to("cpu")``,
-  ``repr``/``str``/formatting of a tensor). Each is what the PyTorch docs list as
-  synchronising (``torch.cuda.set_sync_debug_mode``, and the "synchronizes" notes of
-  ``nonzero``, ``masked_select``, ``unique``, ``repeat_interleave``). Nothing really waits on
-  a CPU: they are counted as what would wait on a GPU (reads of values that ``to_host``
-  already brought to the host, inside :func:`host_values`, are not).
+- The ATen operators that make the host wait for a device, seen where torch dispatches them
+  (a ``TorchDispatchMode``, so also inside code a hook calls): :data:`SYNCING_OPERATORS`,
+  each with its source in :data:`_WHY`. The operators whose result's value or shape is read
+  on the host are the ones PyTorch itself tags ``data_dependent_output`` or
+  ``dynamic_output_shape``; ``equal``, ``allclose`` and ``is_nonzero`` read one bool; a
+  copy from a device to the host waits for it (``non_blocking`` copies do not).
+- The host reads that never reach the dispatcher, counted where Python calls them
+  (:data:`HOST_READS`: ``tolist``, ``numpy``, ``.cpu()``/``.to("cpu")``, ``repr``/``str``/
+  formatting of a tensor): on a CPU tensor they dispatch nothing, on a GPU they wait.
 - :func:`~lightning_finalops.to_host`, the package's one explicit transfer (one wait).
-- On CUDA, every synchronisation torch itself reports (``torch.cuda.set_sync_debug_mode``),
-  which includes the ones inside torch, Lightning or torchmetrics code that a hook called.
+- When CUDA is initialised as the audit starts: every synchronisation torch itself reports
+  (``torch.cuda.set_sync_debug_mode("warn")``) that the two lists above did not already
+  count. The audit never initialises CUDA itself.
 
-Each sync is charged to the innermost hook method on the stack, else to the evaluation of
-the hooks' fetches, else to the user's step when the package called it (``run_step``, a
-run's fetches, an evaluation step) or when no frame of the package is on the stack, else to
-the package itself.
+``one_hot`` (tagged too) reaches the dispatcher as the reads it makes: on a CPU its range
+checks count two ``_local_scalar_dense``, which CUDA's kernel skips unless ``num_classes``
+is -1.
+
+Not counted: reads of values ``to_host`` already brought to the host (inside
+:func:`host_values`); collectives of ``torch.distributed`` (they wait for other ranks, not for
+this device; torch's debug mode does not cover them either); anything in a thread that was
+already running when the audit started (the dispatcher's modes are per thread: threads
+started inside the audit count, and are charged to what started them).
 """
 
 from __future__ import annotations
@@ -37,20 +42,24 @@ import logging
 import os
 import re
 import sys
+import threading
 import warnings
 from collections import Counter
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_finalops.session_run_hook import SessionRunHook
-
 __all__ = [
+    "HOOK_FETCHES",
     "HOST_READS",
     "SYNCING_OPERATORS",
+    "USER",
+    "active",
     "audit_syncs",
+    "charged",
+    "charging",
     "host_values",
     "note_sync",
     "SyncAudit",
@@ -59,44 +68,114 @@ __all__ = [
 logger = logging.getLogger("lightning_finalops")
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
-_HOOK_METHODS = {"begin", "after_create_session", "before_run", "after_run", "end"}
+_THIS_FILE = os.path.abspath(__file__)
+Where = Tuple[str, str]
+#: (who, phase) of the user's own code: the step, its fetches, an evaluation's step.
+USER: Where = ("user code", "step")
+#: (who, phase) of the evaluation of the hooks' fetches.
+HOOK_FETCHES: Where = ("hooks' fetches", "fetch evaluation")
+
 #: Host reads that never reach torch's dispatcher: counted where Python calls them.
 HOST_READS = frozenset({"tolist", "numpy", "cpu", "__repr__", "__format__"})
+# Why each counted operator makes the host wait, and the source that says so.
+_TAGGED = "PyTorch tags it torch.Tag.{} (the host reads the result to size or return it)"
+_WHY: Dict[str, str] = {
+    "_local_scalar_dense": _TAGGED.format("data_dependent_output") + "; item(), float(), "
+    "int(), bool() and formatting of one value; torch.cuda.set_sync_debug_mode warns on it",
+    "nonzero": _TAGGED.format("dynamic_output_shape") + "; torch.nonzero's docs: 'When "
+    "input is on CUDA, this function causes host-device synchronization' (also one-argument "
+    "torch.where, argwhere)",
+    "masked_select": _TAGGED.format("dynamic_output_shape"),
+    "_unique": _TAGGED.format("dynamic_output_shape"),
+    "_unique2": _TAGGED.format("dynamic_output_shape") + " (torch.unique)",
+    "unique_dim": _TAGGED.format("dynamic_output_shape"),
+    "unique_consecutive": _TAGGED.format("dynamic_output_shape"),
+    "bincount": _TAGGED.format("dynamic_output_shape") + " (its length is the input's max)",
+    "index": _TAGGED.format("dynamic_output_shape") + ", with a boolean mask (nonzero)",
+    "index_put": "a boolean-mask assignment: the mask goes through nonzero",
+    "index_put_": "a boolean-mask assignment: the mask goes through nonzero",
+    "_index_put_impl_": "a boolean-mask assignment: the mask goes through nonzero",
+    "repeat_interleave": _TAGGED.format("dynamic_output_shape") + ", with a tensor of "
+    "repeats and no output_size (its docs: output_size 'will avoid stream synchronization')",
+    "equal": "reads one bool (CUDA's kernel ends in .item())",
+    "allclose": "reads one bool (.all().item())",
+    "is_nonzero": "reads one value (bool(tensor))",
+    "_to_copy": "a blocking copy from a device to the host",
+    "copy_": "a blocking copy from a device into a host tensor",
+}
 #: ATen operators that make the host wait for a device (always, or with the arguments
-#: :func:`_syncs` checks).
-SYNCING_OPERATORS = frozenset({
-    "_local_scalar_dense", "nonzero", "nonzero_static", "equal", "allclose", "is_nonzero",
-    "_unique", "_unique2", "unique_dim", "unique_consecutive", "masked_select",
-    "index", "index_put", "index_put_", "_index_put_impl_", "repeat_interleave",
-})
-# The package's frames that call the user's step: a sync below one is the user's.
-_STEP_SITES = {"run_step", "_evaluate_fetches", "run_evaluation"}
+#: :func:`_syncs` checks); why each does: ``_WHY``.
+SYNCING_OPERATORS = frozenset(_WHY)
 
-# The audit in progress (one at a time per process): to_host reports to it.
+# The audit in progress (one at a time per process).
 _active: Optional[SyncAudit] = None
 _SYNC_WARNING = "called a synchronizing CUDA operation"
-_paused = False
 
 
-def _where(frame: Any) -> Tuple[str, str]:
-    """(who, phase) of a sync: the innermost hook method, fetch evaluation, package, or user."""
-    in_package = None
-    while frame is not None:
-        code = frame.f_code
-        owner = frame.f_locals.get("self")
-        if code.co_name in _HOOK_METHODS and isinstance(owner, SessionRunHook):
-            return type(owner).__name__, code.co_name
-        if code.co_name == "_evaluate_hook_fetches":
-            return "hooks' fetches", "fetch evaluation"
-        if in_package is None and code.co_filename.startswith(_PACKAGE) and \
-                not code.co_filename.endswith("sync_audit.py"):
-            if code.co_name in _STEP_SITES:  # the package called the user's step
-                return "user code", "step"
-            in_package = code.co_name
+class _ThreadState(threading.local):
+    """Per thread: what the core says runs, reads already paid for, a count in progress."""
+
+    charge: Optional[Where] = None
+    paused = False  # inside host_values(), or inside an operation already counted
+
+
+_state = _ThreadState()
+
+
+def _where(frame: Any) -> Where:
+    """(who, phase) of a sync: the core's charge, else the package's code, else the user."""
+    charge = _state.charge
+    if charge is not None:
+        return charge
+    while frame is not None:  # no charge: whose code is running decides package or user
+        filename = frame.f_code.co_filename
+        if filename.startswith(_PACKAGE) and filename != _THIS_FILE:
+            return "lightning_finalops", frame.f_code.co_name
         frame = frame.f_back
-    if in_package is not None:
-        return "lightning_finalops", in_package
-    return "user code", "step"
+    return USER
+
+
+class _Charged:
+    """``fn`` whose syncs are charged to ``where`` (the core wraps hook methods in it)."""
+
+    __slots__ = ("fn", "where")
+
+    def __init__(self, fn: Callable[..., Any], where: Where) -> None:
+        self.fn = fn
+        self.where = where
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        state = _state
+        before, state.charge = state.charge, self.where
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            state.charge = before
+
+
+def charged(fn: Callable[..., Any], who: str, phase: str) -> Callable[..., Any]:
+    """``fn``, charging its syncs to ``(who, phase)`` while an audit is active.
+
+    The core calls what it runs through this: without an audit it is ``fn`` itself (nothing
+    added to a run); the session rebuilds its calls when an audit starts or ends.
+    """
+    return fn if _active is None else _Charged(fn, (who, phase))
+
+
+@contextlib.contextmanager
+def charging(who: str, phase: str) -> Iterator[None]:
+    """Charge the syncs of the block to ``(who, phase)`` (for calls off the per-run path)."""
+    state = _state
+    before, state.charge = state.charge, (who, phase)
+    try:
+        yield
+    finally:
+        state.charge = before
+
+
+def active() -> Optional[SyncAudit]:
+    """The audit in progress, or None."""
+    return _active
 
 
 class SyncAudit:
@@ -110,10 +189,13 @@ class SyncAudit:
 
     def __init__(self) -> None:
         self.counts: Counter = Counter()
+        self._lock = threading.Lock()  # threads count together
 
     def record(self, skip: int = 1) -> None:
-        """Count one sync, attributed from the caller's stack."""
-        self.counts[_where(sys._getframe(skip))] += 1
+        """Count one sync, charged to what runs in this thread (see the module's rules)."""
+        where = _where(sys._getframe(skip))
+        with self._lock:
+            self.counts[where] += 1
 
     def of(self, who: str, phase: Optional[str] = None) -> int:
         """Syncs attributed to ``who`` (in ``phase``, or in every phase)."""
@@ -128,6 +210,17 @@ class SyncAudit:
         return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _counted() -> Iterator[None]:
+    """One sync counted: what the operation does inside is not counted again."""
+    state = _state
+    paused, state.paused = state.paused, True
+    try:
+        yield
+    finally:
+        state.paused = paused
+
+
 class _Reads(TorchFunctionMode):
     """The host reads that never reach the dispatcher (:data:`HOST_READS`)."""
 
@@ -139,10 +232,11 @@ class _Reads(TorchFunctionMode):
                            kwargs: Optional[Dict[str, Any]] = None) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if _paused or not (name in HOST_READS or (name == "to" and _to_cpu(args, kwargs))):
+        if (_state.paused or _active is not self._audit
+                or not (name in HOST_READS or (name == "to" and _to_cpu(args, kwargs)))):
             return func(*args, **kwargs)
         self._audit.record(skip=2)
-        with host_values():  # one read: what it dispatches inside is not counted again
+        with _counted():
             return func(*args, **kwargs)
 
 
@@ -156,9 +250,15 @@ class _Syncs(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Optional[Dict[str, Any]] = None) -> Any:
         kwargs = kwargs or {}
-        if not _paused and _syncs(func, args, kwargs):
-            self._audit.record(skip=2)
-        return func(*args, **kwargs)
+        if _state.paused or _active is not self._audit or not _syncs(func, args, kwargs):
+            return func(*args, **kwargs)
+        self._audit.record(skip=2)
+        with _counted():  # CUDA's own report of this one sync is not counted again
+            return func(*args, **kwargs)
+
+
+def _is_bool(index: Any) -> bool:
+    return isinstance(index, torch.Tensor) and index.dtype in (torch.bool, torch.uint8)
 
 
 def _syncs(func: Any, args: Any, kwargs: Dict[str, Any]) -> bool:
@@ -167,17 +267,30 @@ def _syncs(func: Any, args: Any, kwargs: Dict[str, Any]) -> bool:
         return False
     if name in ("index", "index_put", "index_put_", "_index_put_impl_"):
         indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
-        return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
-                   for i in indices or ())
+        return any(_is_bool(i) for i in indices or ())
     if name == "repeat_interleave":  # a tensor of repeats, no output size: its sum is read
-        repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
-        if len(args) == 1 and isinstance(args[0], torch.Tensor) and not kwargs:
-            repeats = args[0]  # repeat_interleave(repeats) alone
-        return isinstance(repeats, torch.Tensor) and kwargs.get("output_size") is None
+        if kwargs.get("output_size") is not None:
+            return False
+        # (self, repeats, ...) or, for repeat_interleave(repeats) alone, (repeats,)
+        repeats = args[1] if len(args) > 1 else args[0] if args else kwargs.get("repeats")
+        return isinstance(repeats, torch.Tensor)
+    if name == "_to_copy":  # device to host, blocking
+        device = kwargs.get("device")
+        return (_on_device(args[0]) and device is not None and torch.device(device).type
+                == "cpu" and not kwargs.get("non_blocking", False))
+    if name == "copy_":
+        blocking = not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False))
+        return blocking and args[0].device.type == "cpu" and _on_device(args[1])
     return True
 
 
+def _on_device(tensor: Any) -> bool:
+    return isinstance(tensor, torch.Tensor) and tensor.device.type not in ("cpu", "meta")
+
+
 def _to_cpu(args: Any, kwargs: Dict[str, Any]) -> bool:
+    if kwargs.get("non_blocking", False):
+        return False  # a copy that does not wait (to_host counts its one wait itself)
     device = kwargs.get("device", args[1] if len(args) > 1 else None)
     return (isinstance(device, str) and device.startswith("cpu")) or (
         isinstance(device, torch.device) and device.type == "cpu"
@@ -187,18 +300,43 @@ def _to_cpu(args: Any, kwargs: Dict[str, Any]) -> bool:
 @contextlib.contextmanager
 def host_values() -> Iterator[None]:
     """Reads inside are of values already on the host (pinned copies): never counted."""
-    global _paused
-    paused, _paused = _paused, True
-    try:
+    with _counted():
         yield
-    finally:
-        _paused = paused
 
 
 def note_sync() -> None:
     """Count one sync in the audit in progress, if any (``to_host`` calls it)."""
-    if _active is not None:
-        _active.record(skip=2)
+    audit = _active
+    if audit is not None and not _state.paused:
+        audit.record(skip=2)
+
+
+@contextlib.contextmanager
+def _counting(audit: SyncAudit) -> Iterator[None]:
+    """Count this thread's syncs into ``audit`` (the dispatcher's modes are per thread)."""
+    with _Reads(audit), _Syncs(audit):
+        yield
+
+
+_thread_start = threading.Thread.start
+
+
+def _start_counted(thread: threading.Thread) -> None:
+    """``Thread.start`` during an audit: the thread counts too, charged to its starter."""
+    audit = _active
+    if audit is not None:
+        where = _where(sys._getframe(1))
+        run = thread.run
+
+        def counted_run() -> None:
+            _state.charge = where
+            if _active is not audit:  # the audit ended before the thread ran
+                return run()
+            with _counting(audit):
+                return run()
+
+        thread.run = counted_run  # type: ignore[method-assign]
+    _thread_start(thread)
 
 
 @contextlib.contextmanager
@@ -211,6 +349,9 @@ def audit_syncs(log: bool = True) -> Iterator[SyncAudit]:
     print(audit.table())
     assert audit.of("NanTensorHook", "after_run") == trainer.global_step  # one per run
     ```
+
+    Threads started inside the block count too (``threading.Thread.start`` is wrapped while
+    the block runs), charged to what started them.
 
     Args:
         log: log the table at INFO on the ``lightning_finalops`` logger at the end.
@@ -225,22 +366,21 @@ def audit_syncs(log: bool = True) -> Iterator[SyncAudit]:
     if _active is not None:
         raise RuntimeError("audit_syncs() is already active; audits do not nest.")
     audit = SyncAudit()
-    _active = audit
-    cuda = torch.cuda.is_available()
-    previous_mode = torch.cuda.get_sync_debug_mode() if cuda else 0
+    # CUDA's own report only where CUDA is in use already: the audit never initialises it.
+    cuda = torch.cuda.is_initialized()
     show = warnings.showwarning
 
     def counting_show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
-        if _SYNC_WARNING in str(message):  # torch's sync debug warning
+        if _SYNC_WARNING not in str(message):
+            show(message, category, *args, **kwargs)
+        elif not _state.paused:  # a sync neither list counted
             audit.record(skip=2)
-            return
-        show(message, category, *args, **kwargs)
 
-    # On CUDA torch reports every real sync; the would-be syncs of a CPU are counted here.
-    reads = contextlib.nullcontext() if cuda else _Reads(audit)
-    syncs = contextlib.nullcontext() if cuda else _Syncs(audit)
+    _active = audit
+    threading.Thread.start = _start_counted  # type: ignore[method-assign]
+    previous_mode = torch.cuda.get_sync_debug_mode() if cuda else 0
     try:
-        with reads, syncs, warnings.catch_warnings():
+        with _counting(audit), warnings.catch_warnings():
             if cuda:
                 # every sync warning, each time; the user's other filters stay as they are
                 warnings.filterwarnings("always", message=".*" + re.escape(_SYNC_WARNING))
@@ -250,6 +390,7 @@ def audit_syncs(log: bool = True) -> Iterator[SyncAudit]:
     finally:
         if cuda:
             torch.cuda.set_sync_debug_mode(previous_mode)
+        threading.Thread.start = _thread_start  # type: ignore[method-assign]
         _active = None
         if log:
             logger.info("Device-to-host synchronisations:\n%s", audit.table())

@@ -47,7 +47,12 @@ def make_batches(n: int = 8, batch_size: int = 4, features: int = 3, seed: int =
     return out
 
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+_no_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def requires_cuda(test):
+    """Mark ``test`` ``gpu`` (``benchmarks/gpu_check.py`` runs those); skip it without CUDA."""
+    return pytest.mark.gpu(_no_cuda(test))
 
 
 class Counter(SessionRunHook):

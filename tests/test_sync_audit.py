@@ -8,9 +8,15 @@ not grow with the number of runs.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
-from conftest import Counter
+from conftest import Counter, requires_cuda
 from lightning_models import make_module_class, make_trainer
 
 from lightning_finalops import (
@@ -32,6 +38,7 @@ from lightning_finalops import (
     audit_syncs,
     stop_if_no_decrease_hook,
 )
+from lightning_finalops.sync_audit import SYNCING_OPERATORS
 
 
 class ReadsTheLoss(SessionRunHook):
@@ -127,29 +134,40 @@ def test_nan_tensor_hook_syncs_once_per_run_and_not_at_all_with_non_blocking():
 # -- positive controls: one counted operator, once per run, charged to the hook doing it -----
 
 _T = torch.tensor([1.0, 2.0, 0.0])
-_MASK = _T > 0.5
+# Each takes a tensor of three values (on the device under test) and syncs once.
 SYNCING = {
-    "item": lambda: _T[0].item(),
-    "float": lambda: float(_T[0]),
-    "bool": lambda: bool(_T[0]),
-    "int": lambda: int(_T[0]),
-    "str": lambda: str(_T),
-    "f-string": lambda: f"{_T}",
-    "format spec": lambda: f"{_T[0]:.2f}",
-    "torch.equal": lambda: torch.equal(_T, _T),
-    "torch.allclose": lambda: torch.allclose(_T, _T),
-    "torch.where(cond)": lambda: torch.where(_MASK),
-    "nonzero": lambda: _T.nonzero(),
-    "torch.unique": lambda: torch.unique(_T),
-    "masked_select": lambda: _T.masked_select(_MASK),
-    "boolean index": lambda: _T[_MASK],
-    "boolean assignment": lambda: _T.clone().__setitem__(_MASK, 0.0),
-    "repeat_interleave": lambda: _T.repeat_interleave(torch.tensor([1, 2, 1])),
-    "tolist": lambda: _T.tolist(),
-    "numpy": lambda: _T.numpy(),
-    "cpu": lambda: _T.cpu(),
-    "to('cpu')": lambda: _T.to("cpu"),
+    "item": lambda t: t[0].item(),
+    "float": lambda t: float(t[0]),
+    "bool": lambda t: bool(t[0]),
+    "int": lambda t: int(t[0]),
+    "str": lambda t: str(t),
+    "f-string": lambda t: f"{t}",
+    "format spec": lambda t: f"{t[0]:.2f}",
+    "torch.equal": lambda t: torch.equal(t, t),
+    "torch.allclose": lambda t: torch.allclose(t, t),
+    "torch.where(cond)": lambda t: torch.where(t > 0.5),
+    "nonzero": lambda t: t.nonzero(),
+    "torch.unique": lambda t: torch.unique(t),
+    "masked_select": lambda t: t.masked_select(t > 0.5),
+    "boolean index": lambda t: t[t > 0.5],
+    "boolean assignment": lambda t: t.clone().__setitem__(t > 0.5, 0.0),
+    "repeat_interleave": lambda t: t.repeat_interleave(torch.tensor([1, 2, 1],
+                                                                     device=t.device)),
+    "bincount": lambda t: torch.bincount(t.long()),
+    "tolist": lambda t: t.tolist(),
+    "numpy": lambda t: t.numpy(force=True),
+    "cpu": lambda t: t.cpu(),
+    "to('cpu')": lambda t: t.to("cpu"),
 }
+# Each takes the same tensor and queues work on its device only.
+DEVICE_SIDE = [
+    lambda t: torch.isnan(t).any(),
+    lambda t: (t * 2).sum(),
+    lambda t: t.repeat_interleave(2),
+    lambda t: t[torch.tensor([0, 2], device=t.device)],
+    lambda t: t.repeat_interleave(torch.tensor([1, 2, 1], device=t.device), output_size=4),
+    lambda t: torch.where(t > 0.5, t, 0.0),
+]
 
 
 class Does(SessionRunHook):
@@ -160,9 +178,9 @@ class Does(SessionRunHook):
         self.operation()
 
 
-def _audited_runs(hook, runs: int = 3, step=lambda: {"loss": torch.tensor(1.0)}):
+def _audited_runs(hooks, runs: int = 3, step=lambda: {"loss": torch.tensor(1.0)}):
     with audit_syncs(log=False) as audit:
-        with MonitoredSession([hook]) as sess:
+        with MonitoredSession(hooks if isinstance(hooks, list) else [hooks]) as sess:
             for _ in range(runs):
                 sess.run(step)
     return audit
@@ -170,14 +188,13 @@ def _audited_runs(hook, runs: int = 3, step=lambda: {"loss": torch.tensor(1.0)})
 
 @pytest.mark.parametrize("name", sorted(SYNCING))
 def test_each_counted_operator_is_charged_to_the_hook_that_does_it_once_per_run(name):
-    audit = _audited_runs(Does(SYNCING[name]))
+    audit = _audited_runs(Does(lambda: SYNCING[name](_T)))
     assert audit.of("Does", "after_run") == 3, audit.table()
     assert sum(audit.counts.values()) == 3, audit.table()  # and nowhere else
 
 
 def test_device_side_work_in_a_hook_is_charged_nothing():
-    audit = _audited_runs(Does(lambda: (torch.isnan(_T).any(), (_T * 2).sum(),
-                                        _T.repeat_interleave(2), _T[torch.tensor([0, 2])])))
+    audit = _audited_runs(Does(lambda: [work(_T) for work in DEVICE_SIDE]))
     assert audit.counts == {}, audit.table()
 
 
@@ -190,3 +207,129 @@ def test_the_users_own_step_syncs_are_charged_to_the_user_not_the_package():
     audit = _audited_runs(StopAtStepHook(last_step=100), runs=4, step=step)
     assert audit.of("user code", "step") == 4, audit.table()
     assert audit.of("lightning_finalops") == 0, audit.table()
+
+
+def test_every_operator_torch_tags_as_reading_its_result_on_the_host_is_counted():
+    tagged = set()
+    for name in dir(torch.ops.aten):
+        packet = getattr(torch.ops.aten, name, None)
+        for overload in getattr(packet, "overloads", lambda: [])():
+            tags = getattr(packet, overload).tags
+            if torch.Tag.data_dependent_output in tags or torch.Tag.dynamic_output_shape in tags:
+                tagged.add(name)
+    # composite: they reach the dispatcher as the _local_scalar_dense reads they make
+    tagged -= {"item", "one_hot"}
+    assert tagged <= SYNCING_OPERATORS, tagged - SYNCING_OPERATORS
+
+
+class Fetches(SessionRunHook):
+    def before_run(self, run_context):
+        return SessionRunArgs(lambda: _T[0].item())
+
+
+def test_a_hooks_fetch_is_charged_to_the_fetch_evaluation_and_begin_end_to_their_hook():
+    class AtTheEnds(SessionRunHook):
+        def begin(self):
+            _T[0].item()
+
+        def end(self, session):
+            _T.tolist()
+
+    audit = _audited_runs([Fetches(), AtTheEnds()], runs=4)
+    assert audit.counts == {("hooks' fetches", "fetch evaluation"): 4,
+                            ("AtTheEnds", "begin"): 1, ("AtTheEnds", "end"): 1}, audit.table()
+
+
+def test_a_hooks_worker_threads_are_counted_and_charged_to_the_hook():
+    class Threads(SessionRunHook):
+        def __init__(self):
+            self.pending = None
+
+        def before_run(self, run_context):
+            if self.pending is not None:  # started in the last after_run, joined now
+                self.pending.join()
+
+        def after_run(self, run_context, run_values):
+            with ThreadPoolExecutor(2) as pool:  # a pool of its own, joined here
+                list(pool.map(lambda i: _T[i].item(), range(2)))
+            self.pending = threading.Thread(target=lambda: bool(_T[0]))
+            self.pending.start()
+
+    hook = Threads()
+    audit = _audited_runs(hook, runs=3)
+    hook.pending.join()
+    assert audit.counts == {("Threads", "after_run"): 9}, audit.table()
+
+
+def test_the_user_step_is_the_users_whatever_hooks_run_and_the_audit_starts_cuda_never():
+    class EndOnly(SessionRunHook):
+        def end(self, session):
+            pass
+
+    def step():
+        return {"loss": torch.tensor(1.0).item()}
+
+    assert _audited_runs(EndOnly(), runs=2, step=step).counts == {("user code", "step"): 2}
+    # a run with fetch structures: its callables are the user's too
+    with audit_syncs(log=False) as audit:
+        with MonitoredSession([Fetches()]) as sess:
+            sess.run({"a": lambda: _T[1].item()})
+    assert audit.counts == {("user code", "step"): 1,
+                            ("hooks' fetches", "fetch evaluation"): 1}, audit.table()
+    assert not torch.cuda.is_initialized()
+
+
+def test_an_evaluations_step_is_the_users_and_its_hooks_are_theirs():
+    def eval_step(batch):
+        return {"x": batch * batch.item()}
+
+    evaluator = InMemoryEvaluatorHook(eval_step, lambda: [torch.ones(()), torch.ones(())],
+                                      hooks=[Does(lambda: _T[0].item())], every_n_iter=1,
+                                      modules=[torch.nn.Linear(1, 1)])
+    audit = _audited_runs(evaluator, runs=2)
+    # evaluations at creation, after each run and at the end: 4, of 2 batches each
+    assert audit.counts == {("user code", "step"): 8, ("Does", "after_run"): 8}, audit.table()
+
+
+# -- on CUDA (benchmarks/gpu_check.py runs these): the same controls, checked against torch ---
+
+@requires_cuda
+@pytest.mark.parametrize("name", sorted(SYNCING))
+def test_on_cuda_each_control_is_counted_once_per_run_and_torch_reports_it_syncing(name):
+    on_cuda = _T.cuda()
+    audit = _audited_runs(Does(lambda: SYNCING[name](on_cuda)))
+    assert audit.of("Does", "after_run") == 3, audit.table()
+    assert sum(audit.counts.values()) == 3, audit.table()  # torch's own report not again
+    assert _torch_reported_syncs(lambda: SYNCING[name](on_cuda)) >= 1  # it really syncs
+
+
+@requires_cuda
+def test_on_cuda_device_side_work_is_charged_nothing_and_torch_agrees():
+    on_cuda = _T.cuda()
+    audit = _audited_runs(Does(lambda: [work(on_cuda) for work in DEVICE_SIDE]))
+    assert audit.counts == {}, audit.table()
+    assert _torch_reported_syncs(lambda: [work(on_cuda) for work in DEVICE_SIDE]) == 0
+
+
+def _torch_reported_syncs(operation) -> int:
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            operation()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
+
+
+@requires_cuda
+def test_an_audit_of_cpu_tensors_leaves_cuda_uninitialised():
+    code = ("import torch\n"
+            "from lightning_finalops import audit_syncs\n"
+            "with audit_syncs(log=False) as audit:\n"
+            "    torch.ones(2).sum().item()\n"
+            "assert audit.of('user code') == 1, audit.table()\n"
+            "assert not torch.cuda.is_initialized()\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
