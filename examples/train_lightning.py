@@ -11,6 +11,7 @@ Run: ``python examples/train_lightning.py`` (about 15 s on a laptop CPU).
 from __future__ import annotations
 
 import argparse
+import logging
 import warnings
 
 import pytorch_lightning as pl
@@ -85,6 +86,9 @@ def main() -> None:
         "val_ce": "val_ce",                               # a name: trainer.callback_metrics
         "weight_norm": lambda: model.net[0].weight.norm(),  # a callable
     })
+    # Lightning's start-up lines (accelerators, tips) are INFO: the demo prints its values only
+    for name in ("pytorch_lightning", "lightning.pytorch"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator="auto", devices=1, callbacks=[collect],
         logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -5,13 +5,18 @@ hooks until the input ended; :func:`run_evaluation` is that loop over a
 :class:`~lightning_finalops.HookedSession`, used by ``InMemoryEvaluatorHook``. An evaluation
 always runs with its modules in eval mode (dropout off, BatchNorm's running statistics
 untouched) under ``torch.no_grad()``, and puts them back as they were.
+
+TF initialised every metric variable when an evaluation's session was created;
+:class:`EvaluationMetrics` does that for the torchmetrics metrics an evaluation reaches
+(:func:`metrics_reached`), for every evaluation this package runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, Iterable, Iterator, List, Mapping, Optional
+import logging
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -21,7 +26,16 @@ from lightning_finalops.hooked_session import HookedSession
 from lightning_finalops.sync_audit import USER, charging
 from lightning_finalops.validation import describe
 
-__all__ = ["evaluating", "modules_of", "run_evaluation"]
+__all__ = [
+    "EvaluationMetrics",
+    "evaluating",
+    "hooks_final_ops",
+    "metrics_reached",
+    "modules_of",
+    "run_evaluation",
+]
+
+logger = logging.getLogger("lightning_finalops")
 
 
 def modules_of(modules: Any, argument: str) -> List[nn.Module]:
@@ -134,3 +148,118 @@ def _accepted(step: Callable[..., Any], feeds: Mapping[str, Any]) -> Mapping[str
     if not feeds:
         return feeds
     return {k: feeds[k] for k in accepted_keywords(functools.partial(step, None), list(feeds))}
+
+
+def _is_counted_metric(obj: Any) -> bool:
+    """A torchmetrics ``Metric`` (it counts its updates and resets)."""
+    return isinstance(getattr(obj, "update_count", None), int) and callable(
+        getattr(obj, "reset", None)
+    )
+
+
+def metrics_reached(*roots: Any) -> List[Any]:
+    """The torchmetrics metrics reachable from ``roots``, each once, in the order found.
+
+    A root is a module (its submodules are searched: metrics registered on a model), a fetch
+    structure (its metric leaves), or a callable: the metrics its closure holds, the globals
+    its code names, a ``functools.partial``'s function and arguments, a bound method's
+    object; one level deep for lists, tuples and dicts held there. A ``MetricCollection`` is
+    reached through its metrics.
+    """
+    found: Dict[int, Any] = {}
+    seen: Set[int] = set()
+
+    def visit(obj: Any, depth: int) -> None:
+        if id(obj) in seen or depth > 3:
+            return
+        seen.add(id(obj))
+        if _is_counted_metric(obj):
+            found.setdefault(id(obj), obj)
+            return
+        if isinstance(obj, nn.Module):
+            for sub in obj.modules():
+                if _is_counted_metric(sub):
+                    found.setdefault(id(sub), sub)
+            return
+        if isinstance(obj, Mapping):
+            for value in list(obj.values()):
+                visit(value, depth + 1)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                visit(value, depth + 1)
+        elif isinstance(obj, functools.partial):
+            for value in (obj.func, *obj.args, *obj.keywords.values()):
+                visit(value, depth + 1)
+        elif callable(obj):
+            visit(getattr(obj, "__self__", None), depth + 1)
+            function = getattr(obj, "__func__", obj)
+            for cell in getattr(function, "__closure__", None) or ():
+                try:
+                    visit(cell.cell_contents, depth + 1)
+                except ValueError:  # an empty cell
+                    pass
+            code, names = getattr(function, "__code__", None), getattr(function, "__globals__", {})
+            for name in getattr(code, "co_names", ()):
+                if name in names:
+                    visit(names[name], depth + 1)
+
+    for root in roots:
+        visit(root, 0)
+    return list(found.values())
+
+
+def hooks_final_ops(hooks: Iterable[Any]) -> List[Any]:
+    """What the hooks evaluate at their end (``FinalOpsHook.final_ops`` and its like)."""
+    return [hook.final_ops for hook in hooks if getattr(hook, "final_ops", None) is not None]
+
+
+class EvaluationMetrics:
+    """Resets the metrics an evaluation reaches when it starts, as TF re-initialised them.
+
+    A metric that an evaluation updated, and nothing else since, is reset when the next
+    evaluation starts (its update count is the one that evaluation ended with). A metric no
+    evaluation updated (a training metric of the evaluated model) is left alone, and so is
+    one that something else updated too. A metric updated in an evaluation that started with
+    updates it did not reset accumulates across evaluations: a warning names it, once.
+    """
+
+    def __init__(self, owner: str) -> None:
+        self._owner = owner
+        # update count at the end of the last evaluation that updated the metric
+        self._at_end: Dict[int, int] = {}
+        self._at_start: Dict[int, Tuple[Any, int]] = {}
+        self._warned: Set[int] = set()
+
+    def start(self, metrics: Iterable[Any], hooks: Iterable[Any] = ()) -> None:
+        """An evaluation starts: reset what only evaluations updated.
+
+        Args:
+            metrics: the metrics the evaluation reaches.
+            hooks: its hooks: a metric their final ops read is named by them if it
+                accumulates (``FinalOpsHook`` warns), not again here.
+        """
+        self._at_start = {}
+        self._warned.update(id(m) for m in metrics_reached(*hooks_final_ops(hooks)))
+        for metric in metrics:
+            count = metric.update_count
+            if count and self._at_end.get(id(metric)) == count:
+                metric.reset()
+                count = metric.update_count
+            self._at_start[id(metric)] = (metric, count)
+
+    def end(self) -> None:
+        """The evaluation ended: remember the counts; warn about what accumulates."""
+        for key, (metric, before) in self._at_start.items():
+            count = metric.update_count
+            if count > before:  # an evaluation metric: reset next time if nothing else adds
+                self._at_end[key] = count
+            if before and count > before and key not in self._warned:
+                self._warned.add(key)
+                logger.warning(
+                    "%s: the metric %s had %d updates when this evaluation started and was "
+                    "updated in it: its value accumulates across evaluations. Reset it when "
+                    "an evaluation starts (TF re-initialised metrics for each evaluation), or "
+                    "keep it out of the training step.", self._owner, type(metric).__name__,
+                    before,
+                )
+        self._at_start = {}

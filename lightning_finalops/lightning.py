@@ -23,6 +23,7 @@ import torch.distributed as dist
 from lightning_finalops.checkpoints import atomic_write
 from lightning_finalops.distributed import RankAgreement
 from lightning_finalops.engine import Engine
+from lightning_finalops.evaluation_loop import EvaluationMetrics, hooks_final_ops, metrics_reached
 from lightning_finalops.hook_state import (
     check_hooks,
     has_state,
@@ -33,6 +34,7 @@ from lightning_finalops.hook_state import (
     new_results,
 )
 from lightning_finalops.hooked_session import HookedSession
+from lightning_finalops.hooks.early_stopping import EarlyStoppingHook
 from lightning_finalops.hooks.final_ops import FinalOpsHook, ResultsExportHook
 from lightning_finalops.run import PendingRun
 from lightning_finalops.session_run_hook import SessionRunHook
@@ -136,10 +138,13 @@ class _LightningEngine(Engine):
         renames it to ``path``.
         """
         tmp = path + ".tmp"
+        # a full checkpoint (callbacks, optimizers, loops), said explicitly: Lightning logs a
+        # line at every save that leaves weights_only unset
+        save = functools.partial(self.trainer.save_checkpoint, weights_only=False)
         if self.trainer.is_global_zero:
-            atomic_write(path, self.trainer.save_checkpoint, tmp=tmp)
+            atomic_write(path, save, tmp=tmp)
         else:
-            self.trainer.save_checkpoint(tmp)  # a collective: returns once every rank wrote
+            save(tmp)  # a collective: returns once every rank wrote
         # every rank returns once the checkpoint is in place under its final name
         self.trainer.strategy.barrier("lightning_finalops.save_checkpoint")
 
@@ -204,9 +209,18 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             :class:`~lightning_finalops.AgreementTimeoutError` naming the ranks that did
             not answer.
 
+    Evaluations: every torchmetrics metric an evaluation reaches (on the LightningModule,
+    among the evaluation hooks' final ops) that evaluations alone update is reset when each
+    validation or test starts, the sanity check's included, as TF re-initialised metric
+    variables; a metric that accumulates across evaluations all the same is named in a
+    warning. A metric logged with ``self.log(name, metric)`` is Lightning's to reset.
+
     Raises:
         TypeError: a hook list holds something else than :class:`SessionRunHook`, or
             ``final_ops`` is not a valid fetch structure.
+        ValueError: an early-stopping hook is among ``evaluation_hooks`` or
+            ``prediction_hooks`` (it stops training: it belongs in ``training_hooks``), or
+            two stateful hooks share a state key.
     """
 
     def __init__(
@@ -224,6 +238,16 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         training = list(check_hooks(training_hooks, "training_hooks"))
         evaluation = list(check_hooks(evaluation_hooks, "evaluation_hooks"))
         prediction = list(check_hooks(prediction_hooks, "prediction_hooks"))
+        for argument, hooks in (("evaluation_hooks", evaluation),
+                                ("prediction_hooks", prediction)):
+            stoppers = [h for h in hooks if isinstance(h, EarlyStoppingHook)]
+            if stoppers:  # it would stop that evaluation, never training
+                raise ValueError(
+                    f"{argument} holds an early-stopping hook ({stoppers[0]!r}): there it "
+                    "could only cut an evaluation short, while training runs on. Put it in "
+                    "training_hooks: it reads the evaluations' results (an evaluator's "
+                    "history, or eval_dir) and stops training, as in TF."
+                )
         self.final_ops_hook: Optional[FinalOpsHook] = None
         if final_ops is not None:
             self.final_ops_hook = FinalOpsHook(final_ops)
@@ -241,6 +265,9 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         self.name = name
         self.agreement_timeout = check_seconds(agreement_timeout, "agreement_timeout")
         self._sessions: Dict[str, HookedSession] = {}
+        # the metrics of the model and the evaluation hooks' final ops, reset at each
+        # evaluation's start when only evaluations update them (TF's fresh metric variables)
+        self._evaluation_metrics = EvaluationMetrics(type(self).__name__)
         self._warned_continue = False
         # (global step, values) of every evaluation session's FinalOpsHooks (its state)
         self._evaluations: List[Tuple[int, Any]] = []
@@ -525,6 +552,11 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
 
     # -- evaluation sessions ---------------------------------------------------------------
     def _eval_start(self, trainer: Any, pl_module: Any, prefix: str) -> None:
+        if self.evaluation_hooks:  # the sanity check too: its updates count as an evaluation's
+            hooks = self.evaluation_hooks
+            self._evaluation_metrics.start(
+                metrics_reached(pl_module, *hooks_final_ops(hooks)), hooks
+            )
         if not self._is_session(trainer):
             return
         extra: List[SessionRunHook] = []
@@ -560,6 +592,7 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         here resumes exactly); a stop its listeners ask for stops ``fit``.
         """
         self._close(EVALUATION)
+        self._evaluation_metrics.end()
         training = self._sessions.get(TRAINING)
         if training is not None and training.created and training.flush_checkpoint():
             trainer.should_stop = True
@@ -584,6 +617,7 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
     def on_test_end(self, trainer: Any, pl_module: Any) -> None:
         """Evaluation session: every hook's ``end()``, then the values to the loggers."""
         self._close(EVALUATION)
+        self._evaluation_metrics.end()
 
     # -- prediction session ----------------------------------------------------------------
     def on_predict_start(self, trainer: Any, pl_module: Any) -> None:

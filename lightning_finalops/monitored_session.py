@@ -107,6 +107,27 @@ def check_fabric(fabric: Any) -> Any:
     return fabric
 
 
+def _checked(checkpoint: Any, path: str) -> Any:
+    """``checkpoint`` if it is what this library writes, else a ``TypeError`` naming ``path``.
+
+    A file another program wrote under a checkpoint's name loads; restoring it would fail
+    later with a bare ``KeyError``, or start fresh beside it.
+    """
+    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("session"), Mapping):
+        return checkpoint
+    if isinstance(checkpoint, Mapping) and "pytorch-lightning_version" in checkpoint:
+        what = ("a Lightning checkpoint (HookCallback's CheckpointSaverHook writes those): "
+                "resume it with trainer.fit(model, ckpt_path=...)")
+    else:
+        keys = sorted(map(str, checkpoint))[:8] if isinstance(checkpoint, Mapping) else None
+        what = f"a {type(checkpoint).__name__}" + (f" with keys {keys}" if keys else "")
+    raise TypeError(
+        f"{path} is named like a checkpoint but holds {what}, not a MonitoredSession "
+        "checkpoint (a dict with a 'session' entry, written by CheckpointSaverHook). Move it "
+        "out of checkpoint_dir or pass another checkpoint_basename."
+    )
+
+
 class _PlainEngine(Engine):
     """The engine of a :class:`MonitoredSession`: the hooks' raw session in a plain loop.
 
@@ -411,8 +432,9 @@ class _PlainEngine(Engine):
                 if not os.path.isfile(session_file):
                     raise ValueError(f"{path} is a directory without {SESSION_FILE}: not a "
                                      "checkpoint this library committed")
-                return torch.load(session_file, map_location="cpu", weights_only=False)
-            return torch.load(path, map_location="cpu", weights_only=False)
+                return _checked(torch.load(session_file, map_location="cpu",
+                                           weights_only=False), session_file)
+            return _checked(torch.load(path, map_location="cpu", weights_only=False), path)
 
         if not self._across_ranks:
             found = load_latest(checkpoint_dir, basename, load)
@@ -594,7 +616,7 @@ class MonitoredSession:
         agreement_timeout: with several ranks, the seconds any wait of the session's
             agreement may last (a rank killed, hung or far behind) before it fails with an
             :class:`~lightning_finalops.AgreementTimeoutError` naming the step and the
-            ranks that did not answer. See "When a rank fails" in the README.
+            ranks that did not answer. See "When a rank fails" in docs/many-processes.md.
         stop_on_sigterm: whether a SIGTERM (a preemption: a spot instance, SLURM,
             Kubernetes) received while the session is open stops it after the run in flight
             (with several ranks, at one step on every rank), runs every hook's ``end()``

@@ -265,7 +265,7 @@ class SessionRunArgs(NamedTuple):
     """What a hook asks for in ``before_run``: fetches, feeds and run options.
 
     Attributes:
-        fetches: a fetch structure (see the README's fetch rules) or ``None``.
+        fetches: a fetch structure (see the fetch rules in docs/concepts.md) or ``None``.
         feed_dict: ``{tensor: value}`` overrides a tensor for this run only;
             ``{"name": value}`` passes ``name=value`` to the step (and to fetched callables
             that accept it). ``None`` or ``{}`` for no feeds.

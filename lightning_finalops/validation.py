@@ -7,14 +7,16 @@ wrong value) naming the argument, the value given and what was expected.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import operator
 import os
-from typing import Any, List, Mapping, Optional, Type, TypeVar
+from typing import Any, Callable, List, Mapping, Optional, Type, TypeVar
 
 __all__ = [
     "check_bool",
+    "check_callable",
     "check_int",
     "check_number",
     "check_path",
@@ -155,3 +157,36 @@ def check_sequence_of(items: Any, kind: Type[T], argument: str) -> List[T]:
                 f"{argument}[{i}] must be a {kind.__name__}, got {describe(item)}."
             )
     return checked
+
+
+def check_callable(
+    fn: Any, argument: str, expected: str, positional: int
+) -> Optional[Callable[..., Any]]:
+    """``fn`` if it is ``None`` or a callable that takes ``positional`` positional arguments.
+
+    Args:
+        fn: the value given.
+        argument: its name, for the message.
+        expected: how it is called, for the message (``"saver(session, path)"``).
+        positional: how many positional arguments it is called with.
+
+    Raises:
+        TypeError: ``fn`` is not callable, or its signature cannot take those arguments.
+    """
+    if fn is None:
+        return None
+    if not callable(fn):
+        raise TypeError(f"{argument} must be None or a callable {expected}, got {describe(fn)}.")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without a signature: called as it is
+        return fn
+    try:
+        signature.bind(*range(positional))
+    except TypeError as e:
+        raise TypeError(
+            f"{argument} must be a callable {expected}, called with {positional} positional "
+            f"argument{'s' if positional != 1 else ''}; {describe(fn)} has the signature "
+            f"{signature} ({e})."
+        ) from None
+    return fn

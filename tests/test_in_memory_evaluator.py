@@ -202,6 +202,74 @@ def test_metrics_are_reset_when_each_evaluation_starts() -> None:
     assert [v["total"] for _, v in history(evaluator)] == [3.0, 3.0, 3.0, 3.0]
 
 
+# The NER tagger's pattern: an F1 computed from a confusion matrix inside a function, the
+# matrix updated by the eval step; neither is itself a fetch.
+_confusion = torchmetrics.ConfusionMatrix(task="binary")
+
+
+def _f1() -> torch.Tensor:
+    (_, fp), (fn, tp) = _confusion.compute().float()
+    return 2 * tp / (2 * tp + fp + fn)
+
+
+def test_a_metric_reached_only_through_functions_is_reset_when_each_evaluation_starts() -> None:
+    predictions = iter([1, 1, 0, 0, 1, 0, 0, 0] * 4)
+
+    def eval_step(batch):
+        _confusion.update(torch.tensor([next(predictions)]), torch.tensor([1]))
+
+    evaluator = InMemoryEvaluatorHook(eval_step, lambda: [0, 1], every_n_iter=1,
+                                      hooks=[FinalOpsHook({"f1": _f1})])
+    train([evaluator], 3)
+    # each evaluation (at creation, after each run, at the end) sees its own two predictions:
+    # (1, 1), (0, 0), (1, 0), (0, 0), (1, 1)
+    assert [v["f1"] for _, v in history(evaluator)] == pytest.approx([1, 0, 2 / 3, 0, 1])
+    assert _confusion.update_count == 2
+
+
+def test_a_training_metric_of_the_evaluated_model_is_left_alone_and_a_shared_one_named(
+        caplog) -> None:
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.train_total = torchmetrics.SumMetric()
+            self.eval_total = torchmetrics.SumMetric()
+
+    model = Model()
+
+    def step():
+        model.train_total.update(1.0)
+
+    evaluator = InMemoryEvaluatorHook(lambda b: model.eval_total.update(b), lambda: [1.0],
+                                      every_n_iter=1, modules=model)
+    with caplog.at_level("WARNING", logger="lightning_finalops"):
+        train([evaluator], 3, modules=model, step=step)
+    assert model.train_total.update_count == 3  # training's updates: never reset
+    assert model.eval_total.update_count == 1  # reset at each evaluation's start
+    assert "accumulates" not in caplog.text
+    shared = InMemoryEvaluatorHook(lambda b: model.train_total.update(b), lambda: [1.0],
+                                   every_n_iter=1, modules=model)
+    with caplog.at_level("WARNING", logger="lightning_finalops"):
+        train([shared], 3, modules=model, step=step)
+    assert caplog.text.count("accumulates across evaluations") == 1
+    assert "InMemoryEvaluatorHook: the metric SumMetric had" in caplog.text
+
+
+def test_a_new_final_ops_hook_per_evaluation_session_names_a_metric_never_reset(caplog) -> None:
+    total = torchmetrics.SumMetric()
+    values = []
+    with caplog.at_level("WARNING", logger="lightning_finalops"):
+        for _ in range(3):  # Estimator.evaluate called three times, the metric never reset
+            hook = FinalOpsHook({"total": total})
+            with MonitoredSession([hook, StopAtStepHook(num_steps=2)]) as sess:
+                while not sess.should_stop():
+                    sess.run(lambda: total.update(1.0))
+            values.append(float(hook.final_ops_values["total"]))
+    assert values == [2.0, 4.0, 6.0]  # a plain session does not know it evaluates: named
+    assert caplog.text.count("it was not reset, so its value accumulates") == 1
+    assert "final_ops['total'] (SumMetric) had 2 updates when this session began" in caplog.text
+
+
 def test_an_exception_in_an_evaluation_propagates_without_end() -> None:
     recorder = Recorder()
     model = nn.Linear(1, 1)

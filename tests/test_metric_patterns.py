@@ -18,7 +18,7 @@ import torchmetrics
 from lightning_models import make_trainer, pl_package
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_finalops import HookCallback
+from lightning_finalops import FinalOpsHook, HookCallback
 
 pl = pl_package()
 
@@ -96,16 +96,56 @@ def test_each_validation_reports_its_own_value_and_the_end_of_fit_the_last_one()
     assert end_of_fit["acc"] > 0
 
 
-def test_a_metric_that_is_never_reset_is_reported_by_name(caplog) -> None:
+@pytest.mark.parametrize("sanity", [0, 2])
+def test_a_metric_never_reset_is_reset_when_each_validation_starts(caplog, sanity) -> None:
     with caplog.at_level(logging.WARNING, logger="lightning_finalops"):
-        fit(Classifier(log_metric=False))
+        never = fit(Classifier(log_metric=False), num_sanity_val_steps=sanity)
+    torch.manual_seed(0)
+    reset = fit(Classifier(log_metric=False, reset="start"), num_sanity_val_steps=sanity)
+    assert "accumulates" not in caplog.text
+    for (_, got), (_, expected) in zip(never.final_ops_hook.final_ops_history,
+                                       reset.final_ops_hook.final_ops_history):
+        assert got["acc"].item() == pytest.approx(expected["acc"].item())
+
+
+def test_a_metric_the_training_step_updates_too_is_left_alone_and_named(caplog) -> None:
+    class Shared(Classifier):  # one metric for training and validation: it accumulates
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            logits = self.layer(x)
+            self.val_acc.update(logits, y)
+            return F.cross_entropy(logits, y)
+
+    with caplog.at_level(logging.WARNING, logger="lightning_finalops"):
+        fit(Shared(log_metric=False))
     warnings_ = [r.getMessage() for r in caplog.records if "accumulates" in r.getMessage()]
-    assert len(warnings_) == 1
-    assert warnings_[0].startswith(
-        "FinalOpsHook: final_ops['acc'] (MulticlassAccuracy) has 8 updates at the end of this "
-        "session after 4 at the end of the previous one: it is never reset"
-    )
-    assert "reset()" in warnings_[0]
+    assert len(warnings_) == 1, warnings_  # by the hook that reads it, once
+    assert warnings_[0].startswith("FinalOpsHook: final_ops['acc'] (MulticlassAccuracy) had 4 "
+                                   "updates when this session began")
+
+
+def test_a_model_metric_no_hook_reads_is_reset_or_named_by_the_callback(caplog) -> None:
+    class Unread(Classifier):
+        def __init__(self, shared: bool) -> None:
+            super().__init__(log_metric=False)
+            self.shared = shared
+
+        def training_step(self, batch, batch_idx):
+            if self.shared:
+                x, y = batch
+                self.val_acc.update(self.layer(x), y)
+            return super().training_step(batch, batch_idx)
+
+    for shared in (False, True):
+        model = Unread(shared)
+        with caplog.at_level(logging.WARNING, logger="lightning_finalops"):
+            make_trainer(max_epochs=2, callbacks=[HookCallback(
+                evaluation_hooks=[FinalOpsHook({"loss": "val_loss"})])]).fit(model)
+        named = [r.getMessage() for r in caplog.records if "accumulates" in r.getMessage()]
+        assert len(named) == shared, named
+        if not shared:  # reset at the second validation's start: 4 updates, not 8
+            assert model.val_acc.update_count == 4
+        caplog.clear()
 
 
 @pytest.mark.parametrize("sanity", [0, 2])

@@ -321,7 +321,7 @@ def test_hooks_writing_to_one_output_dir_share_one_events_file(tmp_path):
 def test_missing_tensorboard_raises_an_import_error_with_the_install_hint(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     hook = SummarySaverHook(save_steps=1, output_dir=tmp_path, summary_op={"x": counter()})
-    with pytest.raises(ImportError, match=r"pip install 'lightning_finalops\[tensorboard\]'"):
+    with pytest.raises(ImportError, match="this environment lacks: pip install tensorboard"):
         MonitoredSession([hook])
     counter_hook = StepCounterHook(output_dir=tmp_path)
     with pytest.raises(ImportError, match="needs the tensorboard package"):

@@ -23,7 +23,12 @@ from lightning_finalops.session_run_hook import (
     SessionRunHook,
     SessionRunValues,
 )
-from lightning_finalops.validation import check_bool, check_int, check_sequence_of
+from lightning_finalops.validation import (
+    check_bool,
+    check_callable,
+    check_int,
+    check_sequence_of,
+)
 
 __all__ = ["CheckpointSaverHook", "CheckpointSaverListener"]
 
@@ -152,11 +157,7 @@ class CheckpointSaverHook(SessionRunHook):
                 f"scaffold must be None, got {type(scaffold).__name__}: there is no Scaffold "
                 "without a graph; pass saver=callable(session, path) to choose how to save."
             )
-        if saver is not None and not callable(saver):
-            raise TypeError(
-                "saver must be None or a callable saver(session, path), got "
-                f"{type(saver).__name__}."
-            )
+        check_callable(saver, "saver", "saver(session, path)", 2)
         max_to_keep = check_int(max_to_keep, "max_to_keep", minimum=0, allow_none=True)
         self._listeners = check_sequence_of(listeners, CheckpointSaverListener, "listeners")
         self._saver = saver

@@ -71,18 +71,18 @@ def read_eval_metrics(eval_dir: str) -> collections.OrderedDict[int, Dict[str, f
     Raises:
         TypeError: ``eval_dir`` is not a str or ``os.PathLike``.
         ValueError: ``eval_dir`` is empty.
-        ImportError: the ``tensorboard`` package (``pip install
-            lightning-finalops[tensorboard]``) is not installed.
+        ImportError: the ``tensorboard`` package (a dependency) is not installed.
     """
     eval_dir = check_path(eval_dir, "eval_dir")
     try:
         from tensorboard.compat.proto import event_pb2
         from tensorboard.compat.tensorflow_stub import errors
         from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
-    except ImportError as e:  # pragma: no cover - tensorboard is a test dependency
+    except ImportError as e:  # pragma: no cover - tensorboard is a dependency
         raise ImportError(
             "read_eval_metrics reads TensorBoard event files and needs the tensorboard "
-            "package: pip install lightning-finalops[tensorboard]"
+            "package, a dependency of lightning_finalops that this environment lacks: "
+            "pip install tensorboard"
         ) from e
     results: Dict[int, Dict[str, float]] = collections.defaultdict(dict)
     for path in sorted(glob.glob(os.path.join(glob.escape(eval_dir), "events.out.tfevents.*"))):

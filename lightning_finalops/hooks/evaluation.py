@@ -9,11 +9,16 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 
 from lightning_finalops.engine import Engine
-from lightning_finalops.evaluation_loop import modules_of, run_evaluation
-from lightning_finalops.fetches import is_metric, is_scalar, leaves, to_host
+from lightning_finalops.evaluation_loop import (
+    EvaluationMetrics,
+    hooks_final_ops,
+    metrics_reached,
+    modules_of,
+    run_evaluation,
+)
+from lightning_finalops.fetches import is_scalar, to_host
 from lightning_finalops.hook_state import check_hooks, latest_results, new_results
 from lightning_finalops.hooked_session import HookedSession
-from lightning_finalops.hooks.final_ops import FinalOpsHook
 from lightning_finalops.hooks.summary import SummaryWriterCache
 from lightning_finalops.hooks.timers import SecondOrStepTimer
 from lightning_finalops.session_run_hook import (
@@ -71,10 +76,12 @@ class InMemoryEvaluatorHook(SessionRunHook):
     rules, and their raw session's ``global_step`` fixed at the training step evaluated. A
     hook's ``request_stop()`` ends that evaluation after the current batch, and so does the
     end of the data (a ``StopIteration`` from ``eval_step`` too: it never reaches the training
-    loop; one raised by a hook is a ``RuntimeError``). The torchmetrics
-    (objects with ``compute`` and ``reset``) that the ``FinalOpsHook`` s of ``hooks`` evaluate
-    are reset when each evaluation starts, as TF's evaluation started from fresh metric
-    variables.
+    loop; one raised by a hook is a ``RuntimeError``). Every torchmetrics metric the
+    evaluation reaches (on ``modules``, among the final ops of ``hooks``, in the closures or
+    globals of ``eval_step`` and of the fetched callables) is reset when each evaluation
+    starts, as TF's evaluation started from fresh metric variables, unless something else
+    than evaluations updated it since the last one (a training metric of the same model);
+    a metric that accumulates across evaluations all the same is named in a warning.
 
     The results of an evaluation are ``{name: value}``: the mean over its batches of every
     scalar tensor or number in the dict ``eval_step`` returns (kept on the device: no host
@@ -149,6 +156,7 @@ class InMemoryEvaluatorHook(SessionRunHook):
         if modules is not None:
             modules_of(modules, "modules")
         self._eval_step = eval_step
+        self._metrics = EvaluationMetrics(type(self).__name__)
         self._input_fn = input_fn
         self._steps = None if steps is None else int(steps)
         self._hooks = hooks
@@ -246,7 +254,11 @@ class InMemoryEvaluatorHook(SessionRunHook):
         modules = self._modules_in(training)
         global_step = training.global_step
         engine = _EvaluationEngine(training, global_step, modules)
-        self._reset_metrics()
+        listed = modules_of(modules, "the session's modules")
+        self._metrics.start(
+            metrics_reached(*listed, *hooks_final_ops(self._hooks), self._eval_step),
+            self._hooks,
+        )
         before = latest_results(self._hooks)
         sums: Dict[str, Any] = {}
         counts: Dict[str, int] = {}
@@ -257,9 +269,9 @@ class InMemoryEvaluatorHook(SessionRunHook):
 
         run_evaluation(
             HookedSession(self._hooks, engine, "hooks"), self._eval_step, self._input_fn(),
-            modules_of(modules, "the session's modules"), max_batches=self._steps,
-            on_outputs=accumulate,
+            listed, max_batches=self._steps, on_outputs=accumulate,
         )
+        self._metrics.end()
         results: Dict[str, Any] = {name: total / counts[name] for name, total in sums.items()}
         for _, (_, recorded) in new_results(self._hooks, before):  # recorded in this one
             results.update(recorded)
@@ -269,13 +281,6 @@ class InMemoryEvaluatorHook(SessionRunHook):
             logger.info("Saving dict for global step %d: %s", global_step, _describe(results))
         if self._eval_dir is not None and training.is_chief:
             self._write_summary(results, global_step)
-
-    def _reset_metrics(self) -> None:
-        for hook in self._hooks:
-            if isinstance(hook, FinalOpsHook):
-                for _, leaf in leaves(hook.final_ops):
-                    if is_metric(leaf) and callable(getattr(leaf, "reset", None)):
-                        leaf.reset()
 
     def _write_summary(self, results: Mapping[str, Any], global_step: int) -> None:
         assert self._eval_dir is not None

@@ -6,10 +6,12 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+import weakref
+from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
 
 import torch
 
+from lightning_finalops.evaluation_loop import metrics_reached
 from lightning_finalops.fetches import (
     check_fetches,
     format_path,
@@ -30,6 +32,11 @@ from lightning_finalops.sync_audit import host_values
 from lightning_finalops.validation import check_bool, check_int, describe
 
 __all__ = ["FinalOpsHook", "ResultsExportHook"]
+
+# ids of the live metrics a warning already named as accumulating across sessions (one new
+# hook per evaluation session names a metric never reset once, not in every session); by id:
+# a torchmetrics metric's hash follows its state
+_NAMED_ACCUMULATING: Set[int] = set()
 
 logger = logging.getLogger("lightning_finalops")
 
@@ -149,12 +156,18 @@ class FinalOpsHook(SessionRunHook):
         self._has_names = any(
             isinstance(leaf, str) for _, leaf in leaves(final_ops, ("final_ops",), is_fetch_leaf)
         )
-        self._updates_at_end: Dict[int, int] = {}
+        # every metric the final ops use (also inside callables): see _check_metrics
+        self._reached = metrics_reached(final_ops)
+        self._updates_at_start: Dict[int, int] = {}
         self._warned: set = set()
 
     def agreement(self) -> Agreement:
         """Nothing to agree on: it reads its values at the session's end."""
         return Agreement()
+
+    def begin(self) -> None:
+        """Note how many updates each metric it reads has, to tell one never reset at ``end``."""
+        self._updates_at_start = {id(m): m.update_count for m in self._reached}
 
     @property
     def final_ops(self) -> Any:
@@ -277,12 +290,9 @@ class FinalOpsHook(SessionRunHook):
         """Warn about an empty metric and one whose updates pile up across sessions."""
         recorded_now = bool(self._final_ops_history) and \
             self._final_ops_history[-1][0] == global_step
+        positions = {id(metric): format_path(path) for path, metric in self._metrics}
         for path, metric in self._metrics:
-            updates, before = metric.update_count, self._updates_at_end.get(id(metric))
-            self._updates_at_end[id(metric)] = updates
-            if id(metric) in self._warned:
-                continue
-            if updates == 0 and not recorded_now:
+            if metric.update_count == 0 and not recorded_now and id(metric) not in self._warned:
                 self._warned.add(id(metric))
                 logger.warning(
                     "FinalOpsHook: %s (%s) has no update at the end of the session (reset "
@@ -291,16 +301,21 @@ class FinalOpsHook(SessionRunHook):
                     "rather than at its end, or fetch the value you logged by name.",
                     format_path(path), type(metric).__name__,
                 )
-            elif before and updates > before:
-                self._warned.add(id(metric))
+        for metric in self._reached:
+            updates, before = metric.update_count, self._updates_at_start.get(id(metric))
+            if before and updates > before and id(metric) not in _NAMED_ACCUMULATING:
+                _NAMED_ACCUMULATING.add(id(metric))  # once per metric, whichever hook reads it
+                weakref.finalize(metric, _NAMED_ACCUMULATING.discard, id(metric))
                 logger.warning(
-                    "FinalOpsHook: %s (%s) has %d updates at the end of this session after "
-                    "%d at the end of the previous one: it is never reset, so its value "
-                    "accumulates across sessions (every validation, and the sanity check). "
-                    "Log it with self.log(name, metric), which makes Lightning reset it after "
-                    "each epoch, or call its reset() when an evaluation starts "
+                    "FinalOpsHook: %s (%s) had %d updates when this session began and %d at "
+                    "its end: it was not reset, so its value accumulates across sessions "
+                    "(every validation, the sanity check, earlier evaluations; TF "
+                    "re-initialised metrics with each session). Log it with "
+                    "self.log(name, metric), which makes Lightning reset it after each epoch, "
+                    "or call its reset() when an evaluation starts "
                     "(on_validation_epoch_start).",
-                    format_path(path), type(metric).__name__, updates, before,
+                    positions.get(id(metric), "a metric its final ops use"),
+                    type(metric).__name__, before, updates,
                 )
 
     def state_dict(self) -> Dict[str, Any]:

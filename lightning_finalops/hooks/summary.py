@@ -1,8 +1,8 @@
 """``SummarySaverHook`` and ``StepCounterHook``: TensorBoard summaries on a step schedule.
 
-Both write through ``torch.utils.tensorboard.SummaryWriter``. TensorBoard is an optional
-dependency (``pip install 'lightning_finalops[tensorboard]'``): it is imported only when a hook
-is given an ``output_dir`` to write to, never when this module is imported. Both hooks also send
+Both write through ``torch.utils.tensorboard.SummaryWriter`` (TensorBoard is a dependency of
+the package), imported only when a hook is given an ``output_dir`` to write to, never when
+this module is imported. Both hooks also send
 their scalars to the engine's loggers through ``session.log_metrics`` (Lightning's
 ``trainer.loggers``; nothing in a plain loop), so they are useful under Lightning without a
 TensorBoard directory of their own.
@@ -42,9 +42,6 @@ logger = logging.getLogger("lightning_finalops")
 
 PathType = Union[str, "os.PathLike[str]"]
 
-_INSTALL_HINT = "pip install 'lightning_finalops[tensorboard]'"
-
-
 def _summary_writer_class() -> type:
     """``torch.utils.tensorboard.SummaryWriter``, imported on first need.
 
@@ -55,9 +52,11 @@ def _summary_writer_class() -> type:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
         raise ImportError(
-            "Writing summaries to an output_dir needs the tensorboard package: "
-            f"{_INSTALL_HINT} (or pip install tensorboard). Alternatively pass your own "
-            f"summary_writer, or no output_dir to send scalars only to the loggers. ({e})"
+            "Writing TensorBoard summaries needs the tensorboard package, a dependency of "
+            "lightning_finalops that this environment lacks: pip install tensorboard. "
+            "(MonitoredTrainingSession writes summaries by default, as TF did: "
+            "save_summaries_steps=None and save_summaries_secs=None turn that off.) "
+            f"({e})"
         ) from e
     return SummaryWriter
 

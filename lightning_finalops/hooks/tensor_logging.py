@@ -19,7 +19,7 @@ from lightning_finalops.session_run_hook import (
     SessionRunValues,
 )
 from lightning_finalops.sync_audit import host_values
-from lightning_finalops.validation import check_bool, check_int, check_seconds
+from lightning_finalops.validation import check_bool, check_callable, check_int, check_seconds
 
 __all__ = ["LoggingTensorHook"]
 
@@ -139,11 +139,8 @@ class LoggingTensorHook(SessionRunHook):
         if every_n_iter is not None and every_n_iter <= 0:
             raise ValueError(f"invalid every_n_iter={every_n_iter}.")
         check_seconds(every_n_secs, "every_n_secs", allow_none=True, allow_zero=True)
-        if formatter is not None and not callable(formatter):
-            raise TypeError(
-                f"formatter must be a callable taking the dict of values, or None; got "
-                f"{type(formatter).__name__}."
-            )
+        check_callable(formatter, "formatter", "formatter(values) -> str, taking the dict "
+                       "of values", 1)
         self._tensors, self._tag_order = self._tags(tensors)
         self._formatter = formatter
         self._log_at_end = at_end
