@@ -11,7 +11,7 @@ import lightning_finalops
 
 PACKAGE = pathlib.Path(lightning_finalops.__file__).parent
 
-# The README's layer table, lowest first: a module imports only from its layer and below.
+# The layer table of docs/concepts.md, lowest first: a module imports only from its layer and below.
 LAYERS: List[Tuple[str, ...]] = [
     ("session_run_hook", "validation", "sync_audit"),
     ("fetches", "checkpoints", "distributed"),
@@ -46,7 +46,7 @@ def _layer(module: str) -> int:
     for i, layer in enumerate(LAYERS):
         if top in layer or module in layer:
             return i
-    raise AssertionError(f"{module} is in no layer of the README's table")
+    raise AssertionError(f"{module} is in no layer of the table in docs/concepts.md")
 
 
 def test_every_name_a_module_takes_from_another_is_in_that_modules_all():
