@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
+import itertools
 import logging
+import weakref
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
 
 import torch
@@ -150,11 +153,35 @@ def _accepted(step: Callable[..., Any], feeds: Mapping[str, Any]) -> Mapping[str
     return {k: feeds[k] for k in accepted_keywords(functools.partial(step, None), list(feeds))}
 
 
+# torchmetrics classes that keep values across evaluations by design: a best-so-far
+# (``MaxMetric``/``MinMetric`` in on_validation_epoch_end) and ``MetricTracker``'s history
+_ACROSS_EVALUATIONS = frozenset({"MaxMetric", "MinMetric", "MetricTracker"})
+_MAX_ITEMS = 64  # of one list, tuple or dict searched for metrics
+
+
 def _is_counted_metric(obj: Any) -> bool:
-    """A torchmetrics ``Metric`` (it counts its updates and resets)."""
-    return isinstance(getattr(obj, "update_count", None), int) and callable(
-        getattr(obj, "reset", None)
-    )
+    """A torchmetrics ``Metric`` (it counts its updates and resets); never raises."""
+    try:
+        return isinstance(getattr(obj, "update_count", None), int) and callable(
+            getattr(obj, "reset", None)
+        )
+    except Exception:  # noqa: BLE001 - a proxy whose attribute access fails is no metric
+        return False
+
+
+def _keeps_values_across_evaluations(obj: Any) -> bool:
+    return any(cls.__name__ in _ACROSS_EVALUATIONS and cls.__module__.startswith("torchmetrics")
+               for cls in type(obj).__mro__)
+
+
+def _metrics_of_module(module: nn.Module, found: Dict[int, Any]) -> None:
+    """The metrics registered on ``module`` and below, but none a tracker keeps."""
+    if _keeps_values_across_evaluations(module):
+        return
+    if _is_counted_metric(module):
+        found.setdefault(id(module), module)
+    for child in module.children():
+        _metrics_of_module(child, found)
 
 
 def metrics_reached(*roots: Any) -> List[Any]:
@@ -163,43 +190,42 @@ def metrics_reached(*roots: Any) -> List[Any]:
     A root is a module (its submodules are searched: metrics registered on a model), a fetch
     structure (its metric leaves), or a callable: the metrics its closure holds, the globals
     its code names, a ``functools.partial``'s function and arguments, a bound method's
-    object; one level deep for lists, tuples and dicts held there. A ``MetricCollection`` is
-    reached through its metrics.
+    object; at most three levels from a root, through plain lists, tuples and dicts (their
+    first 64 items; no other container is searched, so nothing is computed or loaded). A
+    ``MetricCollection`` is reached through its metrics. ``MaxMetric``, ``MinMetric`` and
+    ``MetricTracker`` keep values across evaluations by design: they are never reached.
     """
     found: Dict[int, Any] = {}
     seen: Set[int] = set()
 
     def visit(obj: Any, depth: int) -> None:
-        if id(obj) in seen or depth > 3:
+        if obj is None or id(obj) in seen or depth > 3:
             return
         seen.add(id(obj))
-        if _is_counted_metric(obj):
-            found.setdefault(id(obj), obj)
-            return
         if isinstance(obj, nn.Module):
-            for sub in obj.modules():
-                if _is_counted_metric(sub):
-                    found.setdefault(id(sub), sub)
-            return
-        if isinstance(obj, Mapping):
-            for value in list(obj.values()):
+            _metrics_of_module(obj, found)
+        elif _is_counted_metric(obj):
+            if not _keeps_values_across_evaluations(obj):
+                found.setdefault(id(obj), obj)
+        elif type(obj) is dict:
+            for value in itertools.islice(obj.values(), _MAX_ITEMS):
                 visit(value, depth + 1)
-        elif isinstance(obj, (list, tuple)):
-            for value in obj:
+        elif type(obj) in (list, tuple):
+            for value in obj[:_MAX_ITEMS]:
                 visit(value, depth + 1)
         elif isinstance(obj, functools.partial):
             for value in (obj.func, *obj.args, *obj.keywords.values()):
                 visit(value, depth + 1)
-        elif callable(obj):
+        elif inspect.isfunction(obj) or inspect.ismethod(obj):
             visit(getattr(obj, "__self__", None), depth + 1)
             function = getattr(obj, "__func__", obj)
-            for cell in getattr(function, "__closure__", None) or ():
+            for cell in function.__closure__ or ():
                 try:
                     visit(cell.cell_contents, depth + 1)
                 except ValueError:  # an empty cell
                     pass
-            code, names = getattr(function, "__code__", None), getattr(function, "__globals__", {})
-            for name in getattr(code, "co_names", ()):
+            names = function.__globals__
+            for name in function.__code__.co_names:
                 if name in names:
                     visit(names[name], depth + 1)
 
@@ -214,52 +240,63 @@ def hooks_final_ops(hooks: Iterable[Any]) -> List[Any]:
 
 
 class EvaluationMetrics:
-    """Resets the metrics an evaluation reaches when it starts, as TF re-initialised them.
+    """Resets the metrics an evaluation's values come from when it starts, as TF did.
 
-    A metric that an evaluation updated, and nothing else since, is reset when the next
-    evaluation starts (its update count is the one that evaluation ended with). A metric no
-    evaluation updated (a training metric of the evaluated model) is left alone, and so is
-    one that something else updated too. A metric updated in an evaluation that started with
-    updates it did not reset accumulates across evaluations: a warning names it, once.
+    TF re-initialised every metric variable when an evaluation's session was created. Here
+    the metrics the evaluation's values come from (:meth:`start`'s ``values``: what its
+    hooks' final ops and its step reach) are reset when it starts, if an evaluation updated
+    them and nothing else did since (their update count is the one that evaluation ended
+    with). A metric something else updates too (training) is never reset, and neither is any
+    other metric of the evaluated model: those are only watched. A watched or value metric
+    that is updated in an evaluation which started with updates it did not reset
+    accumulates across evaluations: a warning names it, once.
     """
 
     def __init__(self, owner: str) -> None:
         self._owner = owner
-        # update count at the end of the last evaluation that updated the metric
-        self._at_end: Dict[int, int] = {}
+        # per metric id: (the metric, its update count at the end of the last evaluation that
+        # updated it); the metric is held weakly, so a new one at the same address is new
+        self._at_end: Dict[int, Tuple[Any, int]] = {}
         self._at_start: Dict[int, Tuple[Any, int]] = {}
         self._warned: Set[int] = set()
 
-    def start(self, metrics: Iterable[Any], hooks: Iterable[Any] = ()) -> None:
-        """An evaluation starts: reset what only evaluations updated.
+    def start(self, values: Iterable[Any], watched: Iterable[Any] = (),
+              named_elsewhere: Iterable[Any] = ()) -> None:
+        """An evaluation starts: reset the value metrics only evaluations updated.
 
         Args:
-            metrics: the metrics the evaluation reaches.
-            hooks: its hooks: a metric their final ops read is named by them if it
-                accumulates (``FinalOpsHook`` warns), not again here.
+            values: the metrics its values come from (reset when only evaluations update
+                them).
+            watched: the other metrics it reaches (the model's): never reset, named if they
+                accumulate.
+            named_elsewhere: metrics another warning names (a ``FinalOpsHook`` reading
+                them): not named again here.
         """
         self._at_start = {}
-        self._warned.update(id(m) for m in metrics_reached(*hooks_final_ops(hooks)))
-        for metric in metrics:
+        self._warned.update(id(m) for m in named_elsewhere)
+        for metric in values:
             count = metric.update_count
-            if count and self._at_end.get(id(metric)) == count:
+            reference, at_end = self._at_end.get(id(metric), (None, None))
+            if count and at_end == count and reference is not None and reference() is metric:
                 metric.reset()
                 count = metric.update_count
             self._at_start[id(metric)] = (metric, count)
+        for metric in watched:
+            self._at_start.setdefault(id(metric), (metric, metric.update_count))
 
     def end(self) -> None:
         """The evaluation ended: remember the counts; warn about what accumulates."""
         for key, (metric, before) in self._at_start.items():
             count = metric.update_count
-            if count > before:  # an evaluation metric: reset next time if nothing else adds
-                self._at_end[key] = count
+            if count > before:  # an evaluation updated it: reset next time if nothing else adds
+                self._at_end[key] = (weakref.ref(metric), count)
             if before and count > before and key not in self._warned:
                 self._warned.add(key)
                 logger.warning(
                     "%s: the metric %s had %d updates when this evaluation started and was "
                     "updated in it: its value accumulates across evaluations. Reset it when "
                     "an evaluation starts (TF re-initialised metrics for each evaluation), or "
-                    "keep it out of the training step.", self._owner, type(metric).__name__,
-                    before,
+                    "log it with self.log(name, metric) so that Lightning resets it.",
+                    self._owner, type(metric).__name__, before,
                 )
         self._at_start = {}

@@ -28,6 +28,7 @@ import signal
 import threading
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
+# the module, for its _active audit: read once per run (an attribute, not a call)
 import lightning_finalops.sync_audit as sync_audit
 from lightning_finalops.distributed import (
     DEPARTURES,
@@ -221,7 +222,9 @@ class HookedSession:
             for i, h in enumerate(self.hooks) if _overrides(h, "after_run")
         ]
         self._after_calls = [after_run for _, after_run in self._after]
-        self._hook_fetch_results = charged(self._evaluate_hook_fetches, *sync_audit.HOOK_FETCHES)
+        self._evaluate_hook_fetches_charged = charged(
+            self._evaluate_hook_fetches, *sync_audit.HOOK_FETCHES
+        )
 
     def _call_each(self, method: str, *args: Any) -> None:
         """Call every hook's ``method(*args)`` in order (charged to it by a sync audit)."""
@@ -659,7 +662,7 @@ class HookedSession:
                 if pending.hook_fetches or pending.entered:
                     try:
                         if pending.hook_fetches:
-                            results = self._hook_fetch_results(pending)
+                            results = self._evaluate_hook_fetches_charged(pending)
                     finally:
                         pending.exit()
             finally:

@@ -34,7 +34,7 @@ from lightning_finalops.hook_state import (
     new_results,
 )
 from lightning_finalops.hooked_session import HookedSession
-from lightning_finalops.hooks.early_stopping import EarlyStoppingHook
+from lightning_finalops.hooks.early_stopping import refuse_in_evaluation
 from lightning_finalops.hooks.final_ops import FinalOpsHook, ResultsExportHook
 from lightning_finalops.run import PendingRun
 from lightning_finalops.session_run_hook import SessionRunHook
@@ -209,11 +209,14 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             :class:`~lightning_finalops.AgreementTimeoutError` naming the ranks that did
             not answer.
 
-    Evaluations: every torchmetrics metric an evaluation reaches (on the LightningModule,
-    among the evaluation hooks' final ops) that evaluations alone update is reset when each
-    validation or test starts, the sanity check's included, as TF re-initialised metric
-    variables; a metric that accumulates across evaluations all the same is named in a
-    warning. A metric logged with ``self.log(name, metric)`` is Lightning's to reset.
+    Evaluations: with evaluation hooks, the torchmetrics metrics their final ops read
+    (directly, or inside the functions they fetch) are reset when each validation or test
+    starts, the sanity check's included, as TF re-initialised metric variables, if an
+    evaluation updated them and nothing else did since. The LightningModule's other metrics
+    are never reset (a metric logged with ``self.log(name, metric)`` is Lightning's to reset;
+    a training metric is left alone); one that accumulates across evaluations is named in a
+    warning. ``MaxMetric``, ``MinMetric`` and ``MetricTracker`` keep values across
+    evaluations by design and are never touched.
 
     Raises:
         TypeError: a hook list holds something else than :class:`SessionRunHook`, or
@@ -238,16 +241,8 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         training = list(check_hooks(training_hooks, "training_hooks"))
         evaluation = list(check_hooks(evaluation_hooks, "evaluation_hooks"))
         prediction = list(check_hooks(prediction_hooks, "prediction_hooks"))
-        for argument, hooks in (("evaluation_hooks", evaluation),
-                                ("prediction_hooks", prediction)):
-            stoppers = [h for h in hooks if isinstance(h, EarlyStoppingHook)]
-            if stoppers:  # it would stop that evaluation, never training
-                raise ValueError(
-                    f"{argument} holds an early-stopping hook ({stoppers[0]!r}): there it "
-                    "could only cut an evaluation short, while training runs on. Put it in "
-                    "training_hooks: it reads the evaluations' results (an evaluator's "
-                    "history, or eval_dir) and stops training, as in TF."
-                )
+        refuse_in_evaluation(evaluation, "evaluation_hooks")
+        refuse_in_evaluation(prediction, "prediction_hooks")
         self.final_ops_hook: Optional[FinalOpsHook] = None
         if final_ops is not None:
             self.final_ops_hook = FinalOpsHook(final_ops)
@@ -553,10 +548,8 @@ class HookCallback(*_CALLBACK_BASES):  # type: ignore[misc]
     # -- evaluation sessions ---------------------------------------------------------------
     def _eval_start(self, trainer: Any, pl_module: Any, prefix: str) -> None:
         if self.evaluation_hooks:  # the sanity check too: its updates count as an evaluation's
-            hooks = self.evaluation_hooks
-            self._evaluation_metrics.start(
-                metrics_reached(pl_module, *hooks_final_ops(hooks)), hooks
-            )
+            read = metrics_reached(*hooks_final_ops(self.evaluation_hooks))
+            self._evaluation_metrics.start(read, metrics_reached(pl_module), read)
         if not self._is_session(trainer):
             return
         extra: List[SessionRunHook] = []

@@ -805,7 +805,8 @@ class MonitoredSession:
                 "`step_context` arguments if it's an instance method. "
                 f"Got {names} instead."
             )
-        return step_fn(StepContext(self._session.raw_session, self.run))
+        with charging(*USER):  # the user's code (its run_with_hooks charges the hooks')
+            return step_fn(StepContext(self._session.raw_session, self.run))
 
     def close(self) -> None:
         """Call every hook's ``end()`` and close the session.

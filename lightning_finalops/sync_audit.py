@@ -1,18 +1,20 @@
 """``audit_syncs()``: count device-to-host synchronisations by the hook and phase causing them.
 
 While the context is active, every operation that makes (or, on a CPU, would make on a GPU)
-the host wait for the device is counted, in every thread, and charged to what the session's
-core says it is running: a hook's method (``begin``, ``after_create_session``,
-``before_run``, ``after_run``, ``end``), the evaluation of the hooks' fetches, or the user's
-step (the step, a run's own fetches, an evaluation's step). A sync inside torch, Lightning or
-torchmetrics code called from one of these is charged to it. Outside them a sync is the
-package's own bookkeeping when this package's code is running, else the user's.
+the host wait for the device is counted, in the auditing thread and the threads started inside
+the audit, and charged to what the session's core says it is running: a hook's method
+(``begin``, ``after_create_session``, ``before_run``, ``after_run``, ``end``), the
+evaluation of the hooks' fetches, or the user's step (the step, a run's own fetches, an
+evaluation's step). A sync inside torch, Lightning or torchmetrics code called from one of
+these is charged to it. Outside them a sync is the package's own bookkeeping when this
+package's code is running, else the user's. A thread started inside the audit is charged to
+what started it.
 
-What is counted, on CPU and CUDA tensors alike:
+What is counted, once per operation:
 
 - The ATen operators that make the host wait for a device, seen where torch dispatches them
   (a ``TorchDispatchMode``, so also inside code a hook calls): :data:`SYNCING_OPERATORS`,
-  each with its source in :data:`_WHY`. The operators whose result's value or shape is read
+  each with its source in ``_WHY``. The operators whose result's value or shape is read
   on the host are the ones PyTorch itself tags ``data_dependent_output`` or
   ``dynamic_output_shape``; ``equal``, ``allclose`` and ``is_nonzero`` read one bool; a
   copy from a device to the host waits for it (``non_blocking`` copies do not).
@@ -20,9 +22,10 @@ What is counted, on CPU and CUDA tensors alike:
   (:data:`HOST_READS`: ``tolist``, ``numpy``, ``.cpu()``/``.to("cpu")``, ``repr``/``str``/
   formatting of a tensor): on a CPU tensor they dispatch nothing, on a GPU they wait.
 - :func:`~lightning_finalops.to_host`, the package's one explicit transfer (one wait).
-- When CUDA is initialised as the audit starts: every synchronisation torch itself reports
-  (``torch.cuda.set_sync_debug_mode("warn")``) that the two lists above did not already
-  count. The audit never initialises CUDA itself.
+- When CUDA is initialised as the audit starts, the operators of CUDA tensors are counted
+  from torch's own report instead (``torch.cuda.set_sync_debug_mode("warn")``), which also
+  sees syncs the lists above do not (a blocking copy to the device). The audit never
+  initialises CUDA itself.
 
 ``one_hot`` (tagged too) reaches the dispatcher as the reads it makes: on a CPU its range
 checks count two ``_local_scalar_dense``, which CUDA's kernel skips unless ``num_classes``
@@ -30,9 +33,9 @@ is -1.
 
 Not counted: reads of values ``to_host`` already brought to the host (inside
 :func:`host_values`); collectives of ``torch.distributed`` (they wait for other ranks, not for
-this device; torch's debug mode does not cover them either); anything in a thread that was
-already running when the audit started (the dispatcher's modes are per thread: threads
-started inside the audit count, and are charged to what started them).
+this device; torch's debug mode does not cover them either); on a CPU, copies from the host
+to a device (there is none); anything in a thread that was already running when the audit
+started (the dispatcher's modes are per thread), or after it ended.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import re
 import sys
 import threading
 import warnings
+import weakref
 from collections import Counter
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
@@ -55,6 +59,7 @@ __all__ = [
     "HOOK_FETCHES",
     "HOST_READS",
     "SYNCING_OPERATORS",
+    "SyncAudit",
     "USER",
     "active",
     "audit_syncs",
@@ -62,12 +67,11 @@ __all__ = [
     "charging",
     "host_values",
     "note_sync",
-    "SyncAudit",
 ]
 
 logger = logging.getLogger("lightning_finalops")
 
-_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE_PREFIX = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _THIS_FILE = os.path.abspath(__file__)
 Where = Tuple[str, str]
 #: (who, phase) of the user's own code: the step, its fetches, an evaluation's step.
@@ -117,6 +121,7 @@ class _ThreadState(threading.local):
 
     charge: Optional[Where] = None
     paused = False  # inside host_values(), or inside an operation already counted
+    counting = False  # this thread's syncs count (the audit's thread, or one it started)
 
 
 _state = _ThreadState()
@@ -129,20 +134,25 @@ def _where(frame: Any) -> Where:
         return charge
     while frame is not None:  # no charge: whose code is running decides package or user
         filename = frame.f_code.co_filename
-        if filename.startswith(_PACKAGE) and filename != _THIS_FILE:
+        if filename.startswith(_PACKAGE_PREFIX) and filename != _THIS_FILE:
             return "lightning_finalops", frame.f_code.co_name
         frame = frame.f_back
     return USER
 
 
 class _Charged:
-    """``fn`` whose syncs are charged to ``where`` (the core wraps hook methods in it)."""
+    """``fn`` whose syncs are charged to ``where`` (the core wraps hook methods in it).
 
-    __slots__ = ("fn", "where")
+    ``__wrapped__`` makes ``inspect.signature`` see ``fn``'s own parameters (the str feeds a
+    step accepts are read from them).
+    """
+
+    __slots__ = ("fn", "where", "__wrapped__")
 
     def __init__(self, fn: Callable[..., Any], where: Where) -> None:
         self.fn = fn
         self.where = where
+        self.__wrapped__ = fn
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         state = _state
@@ -190,6 +200,9 @@ class SyncAudit:
     def __init__(self) -> None:
         self.counts: Counter = Counter()
         self._lock = threading.Lock()  # threads count together
+        #: torch's CUDA sync debug mode reports the syncs of device tensors in this audit
+        self.cuda_reports = False
+        self._threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
 
     def record(self, skip: int = 1) -> None:
         """Count one sync, charged to what runs in this thread (see the module's rules)."""
@@ -250,11 +263,13 @@ class _Syncs(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Optional[Dict[str, Any]] = None) -> Any:
         kwargs = kwargs or {}
-        if _state.paused or _active is not self._audit or not _syncs(func, args, kwargs):
-            return func(*args, **kwargs)
-        self._audit.record(skip=2)
-        with _counted():  # CUDA's own report of this one sync is not counted again
-            return func(*args, **kwargs)
+        audit = self._audit
+        if (not _state.paused and _active is audit and _syncs(func, args, kwargs)
+                and not (audit.cuda_reports and _on_a_device(args))):
+            # (on a device, torch's own report counts it: its warning reaches Python after
+            # this call returns, where a count made here could not tell it apart)
+            audit.record(skip=2)
+        return func(*args, **kwargs)
 
 
 def _is_bool(index: Any) -> bool:
@@ -288,6 +303,12 @@ def _on_device(tensor: Any) -> bool:
     return isinstance(tensor, torch.Tensor) and tensor.device.type not in ("cpu", "meta")
 
 
+def _on_a_device(args: Any) -> bool:
+    """Whether a tensor among ``args`` (or in a list of them, as indices) is on a device."""
+    return any(_on_device(a) or (isinstance(a, (list, tuple)) and any(map(_on_device, a)))
+               for a in args)
+
+
 def _to_cpu(args: Any, kwargs: Dict[str, Any]) -> bool:
     if kwargs.get("non_blocking", False):
         return False  # a copy that does not wait (to_host counts its one wait itself)
@@ -314,8 +335,12 @@ def note_sync() -> None:
 @contextlib.contextmanager
 def _counting(audit: SyncAudit) -> Iterator[None]:
     """Count this thread's syncs into ``audit`` (the dispatcher's modes are per thread)."""
-    with _Reads(audit), _Syncs(audit):
-        yield
+    counting, _state.counting = _state.counting, True
+    try:
+        with _Reads(audit), _Syncs(audit):
+            yield
+    finally:
+        _state.counting = counting
 
 
 _thread_start = threading.Thread.start
@@ -336,6 +361,7 @@ def _start_counted(thread: threading.Thread) -> None:
                 return run()
 
         thread.run = counted_run  # type: ignore[method-assign]
+        audit._threads.add(thread)
     _thread_start(thread)
 
 
@@ -347,7 +373,7 @@ def audit_syncs(log: bool = True) -> Iterator[SyncAudit]:
     with audit_syncs() as audit:
         trainer.fit(model)            # or a MonitoredSession loop
     print(audit.table())
-    assert audit.of("NanTensorHook", "after_run") == trainer.global_step  # one per run
+    assert audit.of("NanTensorHook", "after_run") == runs  # its one flag per run
     ```
 
     Threads started inside the block count too (``threading.Thread.start`` is wrapped while
@@ -373,9 +399,10 @@ def audit_syncs(log: bool = True) -> Iterator[SyncAudit]:
     def counting_show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
         if _SYNC_WARNING not in str(message):
             show(message, category, *args, **kwargs)
-        elif not _state.paused:  # a sync neither list counted
+        elif _state.counting and not _state.paused:  # not a read counted where it was made
             audit.record(skip=2)
 
+    audit.cuda_reports = cuda
     _active = audit
     threading.Thread.start = _start_counted  # type: ignore[method-assign]
     previous_mode = torch.cuda.get_sync_debug_mode() if cuda else 0
@@ -392,5 +419,9 @@ def audit_syncs(log: bool = True) -> Iterator[SyncAudit]:
             torch.cuda.set_sync_debug_mode(previous_mode)
         threading.Thread.start = _thread_start  # type: ignore[method-assign]
         _active = None
+        running = [t.name for t in list(audit._threads) if t.is_alive()]
+        if running:
+            logger.warning("audit_syncs: %d thread(s) it started still run (%s): their syncs "
+                           "from now on are not counted.", len(running), ", ".join(running))
         if log:
             logger.info("Device-to-host synchronisations:\n%s", audit.table())

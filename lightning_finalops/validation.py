@@ -170,6 +170,9 @@ def check_callable(
         expected: how it is called, for the message (``"saver(session, path)"``).
         positional: how many positional arguments it is called with.
 
+    Returns:
+        ``fn``.
+
     Raises:
         TypeError: ``fn`` is not callable, or its signature cannot take those arguments.
     """

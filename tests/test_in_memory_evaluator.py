@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections.abc
+
 import pytest
 import torch
 import torchmetrics
@@ -407,3 +409,38 @@ def test_a_tensor_the_eval_step_updates_in_place_is_averaged_by_value() -> None:
     evaluator = InMemoryEvaluatorHook(eval_step, lambda: [0, 1, 2], every_n_iter=100)
     train([evaluator], 1)
     assert history(evaluator)[0] == (0, {"x": 2.0})
+
+
+class _LazyTable(collections.abc.Mapping):  # a dataset-like mapping: reading loads
+    reads = 0
+
+    def __getitem__(self, key):
+        _LazyTable.reads += 1
+        return key
+
+    def __iter__(self):
+        return iter(range(1000))
+
+    def __len__(self):
+        return 1000
+
+
+_TABLE = _LazyTable()
+
+
+class _Proxy:  # an object whose attributes fail until something initialises it (wandb-like)
+    def __getattr__(self, name):
+        raise RuntimeError("not initialised")
+
+
+_PROXY = _Proxy()
+
+
+def test_what_an_eval_step_names_is_searched_without_reading_it_or_breaking_the_evaluation():
+    def eval_step(batch):
+        return {"x": batch + len(_TABLE) * 0 + (0 if _PROXY is None else 0)}
+
+    evaluator = InMemoryEvaluatorHook(eval_step, lambda: [torch.ones(())], every_n_iter=1)
+    train([evaluator], 3)
+    assert [v["x"] for _, v in history(evaluator)] == [1.0] * 5
+    assert _LazyTable.reads == 0  # no item of a mapping other than a dict is read

@@ -124,28 +124,60 @@ def test_a_metric_the_training_step_updates_too_is_left_alone_and_named(caplog) 
                                    "updates when this session began")
 
 
-def test_a_model_metric_no_hook_reads_is_reset_or_named_by_the_callback(caplog) -> None:
+def test_a_model_metric_no_hook_reads_is_never_reset_only_named_if_it_accumulates(
+        caplog) -> None:
     class Unread(Classifier):
-        def __init__(self, shared: bool) -> None:
-            super().__init__(log_metric=False)
-            self.shared = shared
-
         def training_step(self, batch, batch_idx):
-            if self.shared:
-                x, y = batch
-                self.val_acc.update(self.layer(x), y)
+            x, y = batch
+            self.train_acc.update(self.layer(x), y)  # a training metric: left alone
             return super().training_step(batch, batch_idx)
 
-    for shared in (False, True):
-        model = Unread(shared)
-        with caplog.at_level(logging.WARNING, logger="lightning_finalops"):
-            make_trainer(max_epochs=2, callbacks=[HookCallback(
-                evaluation_hooks=[FinalOpsHook({"loss": "val_loss"})])]).fit(model)
-        named = [r.getMessage() for r in caplog.records if "accumulates" in r.getMessage()]
-        assert len(named) == shared, named
-        if not shared:  # reset at the second validation's start: 4 updates, not 8
-            assert model.val_acc.update_count == 4
-        caplog.clear()
+    model = Unread(log_metric=False)
+    model.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=2)
+    with caplog.at_level(logging.WARNING, logger="lightning_finalops"):
+        make_trainer(max_epochs=2, callbacks=[HookCallback(
+            evaluation_hooks=[FinalOpsHook({"loss": "val_loss"})])]).fit(model)
+    named = [r.getMessage() for r in caplog.records if "accumulates" in r.getMessage()]
+    assert named == ["HookCallback: the metric MulticlassAccuracy had 4 updates when this "
+                     "evaluation started and was updated in it: its value accumulates across "
+                     "evaluations. Reset it when an evaluation starts (TF re-initialised "
+                     "metrics for each evaluation), or log it with self.log(name, metric) so "
+                     "that Lightning resets it."]
+    assert model.val_acc.update_count == 8  # the model's own: named, not reset
+    assert model.train_acc.update_count == 8
+
+
+def test_a_best_so_far_and_a_tracker_keep_their_values_across_validations(caplog) -> None:
+    class Best(Classifier):
+        def __init__(self) -> None:
+            super().__init__(log_metric=False, reset="start")
+            self.best = torchmetrics.MaxMetric()
+            self.tracker = torchmetrics.MetricTracker(torchmetrics.MeanMetric(), maximize=True)
+
+        def on_train_epoch_start(self) -> None:
+            self.tracker.increment()
+
+        def on_validation_epoch_end(self) -> None:
+            acc = self.val_acc.compute()
+            self.best.update(acc)
+            if self.tracker.n_steps > 0:
+                self.tracker.update(acc)
+
+    model = Best()
+    with caplog.at_level(logging.WARNING, logger="lightning_finalops"):
+        history = fit_with(model, {"acc": model.val_acc, "best": model.best})
+    accs = [float(values["acc"]) for _, values in history[:3]]
+    assert [float(values["best"]) for _, values in history[:3]] == pytest.approx(
+        [max(accs[:i + 1]) for i in range(3)])
+    assert model.tracker.n_steps == 3
+    assert [float(v) for v in model.tracker.compute_all()] == pytest.approx(accs)
+    assert "accumulates" not in caplog.text
+
+
+def fit_with(model, final_ops) -> list:
+    collect = HookCallback(final_ops=final_ops)
+    make_trainer(max_epochs=3, callbacks=[collect]).fit(model)
+    return collect.final_ops_hook.final_ops_history
 
 
 @pytest.mark.parametrize("sanity", [0, 2])

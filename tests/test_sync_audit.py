@@ -159,6 +159,8 @@ SYNCING = {
     "cpu": lambda t: t.cpu(),
     "to('cpu')": lambda t: t.to("cpu"),
 }
+# The controls that are host reads (HOST_READS): one count each, whatever they do inside.
+HOST_READ_CONTROLS = {"str", "f-string", "format spec", "tolist", "numpy", "cpu", "to('cpu')"}
 # Each takes the same tensor and queues work on its device only.
 DEVICE_SIDE = [
     lambda t: torch.isnan(t).any(),
@@ -255,10 +257,22 @@ def test_a_hooks_worker_threads_are_counted_and_charged_to_the_hook():
             self.pending = threading.Thread(target=lambda: bool(_T[0]))
             self.pending.start()
 
-    hook = Threads()
-    audit = _audited_runs(hook, runs=3)
-    hook.pending.join()
+        def end(self, session):
+            self.pending.join()
+
+    audit = _audited_runs(Threads(), runs=3)
     assert audit.counts == {("Threads", "after_run"): 9}, audit.table()
+
+
+def test_a_thread_still_running_when_the_audit_ends_is_named(caplog):
+    release = threading.Event()
+    with caplog.at_level("WARNING", logger="lightning_finalops"):
+        with audit_syncs(log=False):
+            worker = threading.Thread(target=release.wait, name="slow-worker")
+            worker.start()
+    release.set()
+    worker.join()
+    assert "1 thread(s) it started still run (slow-worker)" in caplog.text
 
 
 def test_the_user_step_is_the_users_whatever_hooks_run_and_the_audit_starts_cuda_never():
@@ -295,12 +309,16 @@ def test_an_evaluations_step_is_the_users_and_its_hooks_are_theirs():
 
 @requires_cuda
 @pytest.mark.parametrize("name", sorted(SYNCING))
-def test_on_cuda_each_control_is_counted_once_per_run_and_torch_reports_it_syncing(name):
+def test_on_cuda_each_control_is_counted_as_torch_reports_it_once_per_run(name):
     on_cuda = _T.cuda()
+    reported = _torch_reported_syncs(lambda: SYNCING[name](on_cuda))
+    assert reported >= 1  # it really syncs
     audit = _audited_runs(Does(lambda: SYNCING[name](on_cuda)))
-    assert audit.of("Does", "after_run") == 3, audit.table()
-    assert sum(audit.counts.values()) == 3, audit.table()  # torch's own report not again
-    assert _torch_reported_syncs(lambda: SYNCING[name](on_cuda)) >= 1  # it really syncs
+    # a host read counts once however many waits it makes inside; an operator counts as
+    # torch's own report does (the dispatcher's count is not added to it)
+    expected = 3 if name in HOST_READ_CONTROLS else 3 * reported
+    assert audit.of("Does", "after_run") == expected, audit.table()
+    assert sum(audit.counts.values()) == expected, audit.table()
 
 
 @requires_cuda
@@ -333,3 +351,24 @@ def test_an_audit_of_cpu_tensors_leaves_cuda_uninitialised():
             "assert audit.of('user code') == 1, audit.table()\n"
             "assert not torch.cuda.is_initialized()\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_an_audit_changes_nothing_a_run_does_with_str_feeds_or_a_step_fn():
+    class FeedsX(SessionRunHook):  # a str feed for a fetch of its own, not for the step
+        def before_run(self, run_context):
+            return SessionRunArgs(lambda x: x, feed_dict={"x": 1})
+
+    def step():
+        return {"loss": torch.tensor(1.0)}
+
+    audit = _audited_runs(FeedsX(), runs=2, step=step)  # the step takes no x: not given one
+    assert audit.counts == {}, audit.table()
+
+    def step_fn(step_context):
+        _T[0].item()  # the user's own code, outside run_with_hooks
+        return step_context.run_with_hooks(lambda: _T[1].item())
+
+    with audit_syncs(log=False) as audit:
+        with MonitoredSession([Does(lambda: _T.tolist())]) as sess:
+            sess.run_step_fn(step_fn)
+    assert audit.counts == {("user code", "step"): 2, ("Does", "after_run"): 1}, audit.table()

@@ -12,6 +12,7 @@ from lightning_finalops import (
     CheckpointSaverHook,
     FinalOpsHook,
     HookCallback,
+    InMemoryEvaluatorHook,
     LoggingTensorHook,
     MonitoredSession,
     MonitoredTrainingSession,
@@ -82,10 +83,12 @@ def test_an_early_stopping_hook_among_evaluation_hooks_is_refused_saying_where_i
     evaluator = FinalOpsHook({"loss": "val_loss"})
     stopper = stop_if_no_decrease_hook(evaluator, "loss", 10)
     for argument in ("evaluation_hooks", "prediction_hooks"):
-        with pytest.raises(ValueError, match=f"{argument} holds an early-stopping hook.*"
-                                             "Put it in training_hooks"):
+        with pytest.raises(ValueError, match=rf"{argument}\[1\] is an early-stopping hook "
+                                             r"\(EarlyStoppingHook\).*training_hooks"):
             HookCallback(**{argument: [evaluator, stopper]})
     HookCallback(training_hooks=[stopper], evaluation_hooks=[evaluator])
+    with pytest.raises(ValueError, match=r"hooks\[0\] is an early-stopping hook"):
+        InMemoryEvaluatorHook(lambda batch: {}, lambda: [], hooks=[stopper])
 
 
 def test_a_lightning_save_by_the_hooks_logs_no_weights_only_line(tmp_path, caplog) -> None:

@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import warnings
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from lightning_finalops.fetches import is_scalar, to_host
 from lightning_finalops.hooks.final_ops import FinalOpsHook
@@ -44,6 +44,7 @@ __all__ = [
     "EarlyStoppingHook",
     "make_early_stopping_hook",
     "read_eval_metrics",
+    "refuse_in_evaluation",
     "stop_if_higher_hook",
     "stop_if_lower_hook",
     "stop_if_no_decrease_hook",
@@ -362,6 +363,23 @@ class EarlyStoppingHook(SessionRunHook):
                 f"{self.state_key} expects the state {{'stop': bool}}, got {dict(state_dict)!r}."
             )
         self._stopped = state_dict["stop"]
+
+
+def refuse_in_evaluation(hooks: Sequence[SessionRunHook], argument: str) -> None:
+    """Refuse an early-stopping hook among evaluation hooks: there it stops no training.
+
+    Raises:
+        ValueError: ``hooks[i]`` is an :class:`EarlyStoppingHook`.
+    """
+    for i, hook in enumerate(hooks):
+        if isinstance(hook, EarlyStoppingHook):
+            raise ValueError(
+                f"{argument}[{i}] is an early-stopping hook ({type(hook).__name__}): among "
+                "evaluation hooks it could only cut an evaluation short while training runs "
+                "on. Put it with the training hooks (HookCallback(training_hooks=...), the "
+                "MonitoredSession's hooks): it reads the evaluations' results (an evaluator's "
+                "history, or eval_dir) and stops training, as in TF."
+            )
 
 
 def make_early_stopping_hook(

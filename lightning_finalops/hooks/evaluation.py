@@ -19,6 +19,7 @@ from lightning_finalops.evaluation_loop import (
 from lightning_finalops.fetches import is_scalar, to_host
 from lightning_finalops.hook_state import check_hooks, latest_results, new_results
 from lightning_finalops.hooked_session import HookedSession
+from lightning_finalops.hooks.early_stopping import refuse_in_evaluation
 from lightning_finalops.hooks.summary import SummaryWriterCache
 from lightning_finalops.hooks.timers import SecondOrStepTimer
 from lightning_finalops.session_run_hook import (
@@ -76,12 +77,14 @@ class InMemoryEvaluatorHook(SessionRunHook):
     rules, and their raw session's ``global_step`` fixed at the training step evaluated. A
     hook's ``request_stop()`` ends that evaluation after the current batch, and so does the
     end of the data (a ``StopIteration`` from ``eval_step`` too: it never reaches the training
-    loop; one raised by a hook is a ``RuntimeError``). Every torchmetrics metric the
-    evaluation reaches (on ``modules``, among the final ops of ``hooks``, in the closures or
-    globals of ``eval_step`` and of the fetched callables) is reset when each evaluation
-    starts, as TF's evaluation started from fresh metric variables, unless something else
-    than evaluations updated it since the last one (a training metric of the same model);
-    a metric that accumulates across evaluations all the same is named in a warning.
+    loop; one raised by a hook is a ``RuntimeError``). The torchmetrics metrics the
+    evaluation's values come from (the final ops of ``hooks``, also inside the functions
+    they fetch, and the metrics ``eval_step`` holds in its closure or names as globals) are
+    reset when each evaluation starts, as TF's evaluation started from fresh metric
+    variables, if an evaluation updated them and nothing else did since. The metrics of
+    ``modules`` are never reset (a training metric of the same model stays whole); one that
+    accumulates across evaluations is named in a warning. ``MaxMetric``, ``MinMetric`` and
+    ``MetricTracker`` keep values across evaluations by design and are never touched.
 
     The results of an evaluation are ``{name: value}``: the mean over its batches of every
     scalar tensor or number in the dict ``eval_step`` returns (kept on the device: no host
@@ -116,7 +119,8 @@ class InMemoryEvaluatorHook(SessionRunHook):
 
     Raises:
         ValueError: ``invalid every_n_iter=...`` or ``Must specify steps > 0, given: ...``
-            (TF's messages), an empty ``name``, or one hook listed twice.
+            (TF's messages), an empty ``name``, one hook listed twice, or an early-stopping
+            hook among ``hooks`` (it stops training: it belongs with the training hooks).
         TypeError: ``Hooks must be a SessionRunHook, given: ...`` (TF's message),
             ``eval_step``/``input_fn`` not callable, a non-int ``every_n_iter``/``steps``, a
             non-str ``name``, or ``modules`` that are not modules.
@@ -149,6 +153,7 @@ class InMemoryEvaluatorHook(SessionRunHook):
                 if not isinstance(hook, SessionRunHook):
                     raise TypeError(f"Hooks must be a SessionRunHook, given: {hook}")  # TF's
         hooks = list(check_hooks(() if hooks is None else hooks, "hooks"))
+        refuse_in_evaluation(hooks, "hooks")
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str or None, got {describe(name)}.")
         if name == "":
@@ -255,10 +260,9 @@ class InMemoryEvaluatorHook(SessionRunHook):
         global_step = training.global_step
         engine = _EvaluationEngine(training, global_step, modules)
         listed = modules_of(modules, "the session's modules")
-        self._metrics.start(
-            metrics_reached(*listed, *hooks_final_ops(self._hooks), self._eval_step),
-            self._hooks,
-        )
+        read = metrics_reached(*hooks_final_ops(self._hooks))
+        self._metrics.start(metrics_reached(*read, self._eval_step), metrics_reached(*listed),
+                            read)
         before = latest_results(self._hooks)
         sums: Dict[str, Any] = {}
         counts: Dict[str, int] = {}

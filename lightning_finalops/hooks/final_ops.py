@@ -305,7 +305,10 @@ class FinalOpsHook(SessionRunHook):
             updates, before = metric.update_count, self._updates_at_start.get(id(metric))
             if before and updates > before and id(metric) not in _NAMED_ACCUMULATING:
                 _NAMED_ACCUMULATING.add(id(metric))  # once per metric, whichever hook reads it
-                weakref.finalize(metric, _NAMED_ACCUMULATING.discard, id(metric))
+                try:  # the id is free again once the metric is gone
+                    weakref.finalize(metric, _NAMED_ACCUMULATING.discard, id(metric))
+                except TypeError:  # not weakly referable: its id stays named
+                    pass
                 logger.warning(
                     "FinalOpsHook: %s (%s) had %d updates when this session began and %d at "
                     "its end: it was not reset, so its value accumulates across sessions "
