@@ -190,6 +190,7 @@ def MonitoredTrainingSession(  # noqa: N802 - TF's name, kept so ported code rea
                                 allow_empty=True) or None
     summary_dir = check_path(summary_dir, "summary_dir", allow_none=True, allow_empty=True)
     max_to_keep = check_int(max_to_keep, "max_to_keep", minimum=0, allow_none=True)
+    check_bool(async_save, "async_save")  # the saver checks it only when there is one
     if summary_op is not None and not (summary_dir or checkpoint_dir):
         raise ValueError(
             "summary_op is written to summary_dir (default: checkpoint_dir); pass one of them."

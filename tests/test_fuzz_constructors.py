@@ -158,6 +158,8 @@ CASES: List[Tuple[str, Callable[[Any], Any], Callable[[Any], bool]]] = [
     ("log_step_count_steps", lambda v: MonitoredTrainingSession(log_step_count_steps=v),
      period_steps),
     ("max_to_keep", lambda v: MonitoredTrainingSession(max_to_keep=v), count_or_none),
+    ("async_save", lambda v: MonitoredTrainingSession(async_save=v), flag),
+    ("async_save", lambda v: CheckpointSaverHook("ckpt", save_steps=1, async_save=v), flag),
     ("max_history", lambda v: FinalOpsHook("loss", max_history=v), steps),
     ("history_on_host", lambda v: FinalOpsHook("loss", history_on_host=v), flag),
     ("include_sanity_check", lambda v: HookCallback(include_sanity_check=v), flag),
