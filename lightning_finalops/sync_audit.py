@@ -223,17 +223,6 @@ class SyncAudit:
         return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def _counted() -> Iterator[None]:
-    """One sync counted: what the operation does inside is not counted again."""
-    state = _state
-    paused, state.paused = state.paused, True
-    try:
-        yield
-    finally:
-        state.paused = paused
-
-
 class _Reads(TorchFunctionMode):
     """The host reads that never reach the dispatcher (:data:`HOST_READS`)."""
 
@@ -249,7 +238,7 @@ class _Reads(TorchFunctionMode):
                 or not (name in HOST_READS or (name == "to" and _to_cpu(args, kwargs)))):
             return func(*args, **kwargs)
         self._audit.record(skip=2)
-        with _counted():
+        with host_values():  # one read: what it dispatches inside is not counted again
             return func(*args, **kwargs)
 
 
@@ -320,9 +309,16 @@ def _to_cpu(args: Any, kwargs: Dict[str, Any]) -> bool:
 
 @contextlib.contextmanager
 def host_values() -> Iterator[None]:
-    """Reads inside are of values already on the host (pinned copies): never counted."""
-    with _counted():
+    """Reads inside are of values already on the host (pinned copies): never counted.
+
+    A counted host read runs inside it too, so what it does inside is not counted again.
+    """
+    state = _state
+    paused, state.paused = state.paused, True
+    try:
         yield
+    finally:
+        state.paused = paused
 
 
 def note_sync() -> None:
